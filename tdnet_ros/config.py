@@ -1,0 +1,125 @@
+"""Model configuration: one dataclass selects the TDNet variant, its widths and input size."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a TDNet model.
+
+    The published checkpoints are `td4-psp18` and `td2-psp50`; the other variants are
+    narrower versions built by the same code (for the bundled model and small devices).
+    """
+
+    name: str = "td4-psp18"
+    num_paths: int = 4  # N: sub-networks taking turns over consecutive frames
+    block: str = "basic"  # "basic" (ResNet-18/34) or "bottleneck" (ResNet-50)
+    layers: tuple[int, int, int, int] = (2, 2, 2, 2)  # residual blocks per stage
+    deep_stem: bool = False  # three 3x3 convs (ResNet-50 "deep base") instead of one 7x7
+    base_width: int = 64  # channels of the first stage; the last has 8x (times 4 for bottlenecks)
+    key_channels: int = 64  # d_k of queries and keys
+    value_channels: int = 512  # d_v of values and of the head input
+    head_reduction: int = 4  # head's hidden channels = d_v / head_reduction
+    pyramid_groups: int = 2  # P: each sub-network keeps one of P channel groups of its PSP output
+    cache_stride: int = 4  # cached q, k, v are taken every cache_stride-th feature row and column
+    num_classes: int = 19
+    input_size: tuple[int, int] = (769, 1537)  # (height, width) the model was trained at
+    class_names: tuple[str, ...] = field(default=(), compare=False)  # empty: Cityscapes
+    class_colors: tuple[tuple[int, int, int], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_paths < 1:
+            raise ValueError(f"num_paths must be >= 1, got {self.num_paths}")
+        if self.block not in ("basic", "bottleneck"):
+            raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+        if self.feature_channels % (4 * self.pyramid_groups):
+            raise ValueError("feature channels must divide into 4 pyramid branches per group")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"{len(self.class_names)} class names given for {self.num_classes} classes"
+            )
+
+    @property
+    def expansion(self) -> int:
+        return 4 if self.block == "bottleneck" else 1
+
+    @property
+    def feature_channels(self) -> int:
+        """C: channels of the backbone output and of the pyramid pooling output."""
+        return self.base_width * 8 * self.expansion
+
+    @property
+    def feature_size(self) -> tuple[int, int]:
+        """Feature map size (stride 8) for the configured input size."""
+        return feature_size_for(self.input_size)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """The configuration of a named variant, optionally with some fields replaced."""
+        if name not in VARIANTS:
+            known = ", ".join(sorted(VARIANTS))
+            raise ValueError(f"unknown model {name!r}; known models: {known}")
+        return dataclasses.replace(VARIANTS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model configuration keys: {unknown}")
+        values = dict(values)
+        for key in ("layers", "input_size", "class_names"):
+            if key in values:
+                values[key] = tuple(values[key])
+        if "class_colors" in values:
+            values["class_colors"] = tuple(tuple(c) for c in values["class_colors"])
+        return cls(**values)
+
+
+def feature_size_for(input_size: tuple[int, int]) -> tuple[int, int]:
+    """Size of the stride-8 feature map: stem conv /2, max-pool /2, layer2 /2 (each rounds up)."""
+
+    def down(n: int) -> int:
+        return (n - 1) // 2 + 1
+
+    return tuple(down(down(down(n))) for n in input_size)  # type: ignore[return-value]
+
+
+VARIANTS: dict[str, ModelConfig] = {
+    "td4-psp18": ModelConfig(),
+    "td2-psp50": ModelConfig(
+        name="td2-psp50",
+        num_paths=2,
+        block="bottleneck",
+        layers=(3, 4, 6, 3),
+        deep_stem=True,
+        value_channels=512,
+        head_reduction=2,
+    ),
+    # Narrow TD4 (ResNet-18 layout at 1/4 width): the bundled default model's architecture.
+    "td4-r18-narrow": ModelConfig(
+        name="td4-r18-narrow",
+        base_width=16,
+        key_channels=32,
+        value_channels=128,
+        head_reduction=2,
+        input_size=(256, 512),
+    ),
+    # Tiny TD4 for tests: fast enough to run many frames on a CPU in a unit test.
+    "td4-tiny": ModelConfig(
+        name="td4-tiny",
+        layers=(1, 1, 1, 1),
+        base_width=8,
+        key_channels=16,
+        value_channels=32,
+        head_reduction=2,
+        input_size=(128, 256),
+    ),
+}

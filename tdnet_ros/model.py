@@ -1,0 +1,280 @@
+"""TDNet: N shallow sub-networks taking turns over frames, recomposed by attention.
+
+One time step (frame t, sub-network i = t mod N):
+    features = backbone_i(frame)                         # (B, C, h, w), stride 8
+    z = pyramid_i(features)                              # (B, C, h, w), channel group i mod P
+    q, v = encoding_i(z) at full resolution              # (B, h*w, d_k), (B, d_v, h, w)
+    the cached frames' (q, k, v), oldest to newest, are propagated onto this frame by
+    N-1 attention steps; the head sees layer_norm(propagated + v).
+The cached q, k, v are taken on z subsampled every `cache_stride` rows and columns.
+
+The model holds no state: `step` takes the cache tensors and returns what to cache, so
+the caller (the segmenter, the trainer) owns temporal state per stream.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import DilatedResNet
+from .config import ModelConfig
+
+PYRAMID_BINS = (1, 2, 3, 6)
+
+StageTimer = Callable[[str], ContextManager]
+
+
+def _no_timer(_: str) -> ContextManager:
+    return nullcontext()
+
+
+class PyramidPooling(nn.Module):
+    """PSP module that keeps one channel group of the features and of each pooled branch."""
+
+    def __init__(self, channels: int, groups: int, group_index: int) -> None:
+        super().__init__()
+        branch_channels = channels // 4
+        self.branches = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(channels, branch_channels, 1, bias=False),
+                nn.BatchNorm2d(branch_channels),
+                nn.ReLU(inplace=True),
+            )
+            for _ in PYRAMID_BINS
+        )
+        group = channels // groups
+        self.feature_slice = slice(group_index * group, (group_index + 1) * group)
+        branch_group = branch_channels // groups
+        self.branch_slice = slice(group_index * branch_group, (group_index + 1) * branch_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        parts = [x[:, self.feature_slice]]  # (B, C/P, h, w)
+        for bins, branch in zip(PYRAMID_BINS, self.branches):
+            pooled = branch(F.adaptive_avg_pool2d(x, bins))[:, self.branch_slice]  # (B, C/4P, bins, bins)
+            parts.append(F.interpolate(pooled, size, mode="bilinear", align_corners=True))
+        return torch.cat(parts, dim=1)  # (B, C, h, w)
+
+
+def _query_or_key(in_channels: int, key_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, key_channels, 1),
+        nn.BatchNorm2d(key_channels),
+        nn.LeakyReLU(0.01),
+        nn.Conv2d(key_channels, key_channels, 1),
+    )
+
+
+class Encoding(nn.Module):
+    """Query, key and value projections (1x1 convs) of a sub-network's PSP output."""
+
+    def __init__(self, in_channels: int, key_channels: int, value_channels: int, cache_stride: int) -> None:
+        super().__init__()
+        self.query = _query_or_key(in_channels, key_channels)
+        self.key = _query_or_key(in_channels, key_channels)
+        self.value = nn.Conv2d(in_channels, value_channels, 1)
+        self.cache_stride = cache_stride
+
+    def forward(self, z: torch.Tensor):
+        """Returns the current frame's full-resolution q and v, and the (q, k, v) to cache.
+
+        All projections are pointwise, so the subsampled q and v are slices of the
+        full-resolution ones; only the key needs its own (small) pass.
+        """
+        s = self.cache_stride
+        q_map = self.query(z)  # (B, d_k, h, w)
+        v_map = self.value(z)  # (B, d_v, h, w)
+        k_small = self.key(z[:, :, ::s, ::s])  # (B, d_k, h', w')
+        q = _to_tokens(q_map)  # (B, h*w, d_k)
+        cached = (
+            _to_tokens(q_map[:, :, ::s, ::s]),  # (B, h'*w', d_k)
+            _to_tokens(k_small),  # (B, h'*w', d_k)
+            _to_tokens(v_map[:, :, ::s, ::s]),  # (B, h'*w', d_v)
+        )
+        return q, v_map, cached
+
+
+def _to_tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+
+
+class AttentionStep(nn.Module):
+    """softmax(q k^T / sqrt(d_k)) v, then a 1x1 projection of the values."""
+
+    def __init__(self, value_channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(value_channels, value_channels, 1)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        # query (B, Lq, d_k), key (B, Lk, d_k), value (B, Lk, d_v) -> (B, Lq, d_v)
+        attended = F.scaled_dot_product_attention(query, key, value)
+        return F.linear(attended, self.proj.weight.flatten(1), self.proj.bias)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over (h, w) whose affine parameters are resized to other feature sizes.
+
+    The published checkpoints' parameters are (97, 193), which pins them to a 769x1537
+    input; for other sizes the parameters are bilinearly resized to the feature map.
+    """
+
+    def __init__(self, feature_size: tuple[int, int]) -> None:
+        super().__init__(list(feature_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(x.shape[-2:])
+        if size == tuple(self.normalized_shape):
+            return super().forward(x)
+        params = torch.stack([self.weight, self.bias])[None]  # (1, 2, h0, w0)
+        weight, bias = F.interpolate(params, size, mode="bilinear", align_corners=True)[0]  # (h, w) each
+        return F.layer_norm(x, size, weight, bias, eps=self.eps)
+
+
+class Head(nn.Sequential):
+    """3x3 conv + BN + ReLU + dropout + 1x1 conv to class logits."""
+
+    def __init__(self, in_channels: int, reduction: int, num_classes: int) -> None:
+        hidden = in_channels // reduction
+        super().__init__(
+            nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(0.1),
+            nn.Conv2d(hidden, num_classes, 1),
+        )
+
+
+class SubNetwork(nn.Module):
+    """Sub-network i: its backbone, pyramid, encoding, its N-1 attention steps and its head."""
+
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        c = config.feature_channels
+        self.backbone = DilatedResNet(config.block, config.layers, config.base_width, config.deep_stem)
+        self.pyramid = PyramidPooling(c, config.pyramid_groups, index % config.pyramid_groups)
+        self.encoding = Encoding(c, config.key_channels, config.value_channels, config.cache_stride)
+        self.propagation = nn.ModuleList(
+            AttentionStep(config.value_channels) for _ in range(config.num_paths - 1)
+        )
+        self.layer_norm = LayerNorm2d(config.feature_size)
+        self.head = Head(config.value_channels, config.head_reduction, config.num_classes)
+
+
+# (query, key, value) of one cached frame: (B, L, d_k), (B, L, d_k), (B, L, d_v)
+CachedFrame = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # (B, K, h, w): head output at stride 8
+    cache_entry: CachedFrame  # this frame's subsampled (q, k, v), to cache
+    value: torch.Tensor  # (B, d_v, h, w): this frame's own value features
+    head_input: torch.Tensor  # (B, d_v, h, w): layer-normed features fed to the head
+    layer3: torch.Tensor | None  # (B, C3, h, w) when asked for (auxiliary loss)
+
+
+class TDNet(nn.Module):
+    """The TDNet model: `num_paths` sub-networks and the attention propagation between them."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.paths = nn.ModuleList(SubNetwork(config, i) for i in range(config.num_paths))
+
+    @property
+    def num_paths(self) -> int:
+        return self.config.num_paths
+
+    def cache_order(self, path: int) -> list[int]:
+        """Paths of the cached frames, oldest first, when frame `path` runs.
+
+        Frame t runs path t mod N, so the previous N-1 frames ran paths t+1 ... t+N-1 (mod N).
+        """
+        return [(path + j) % self.num_paths for j in range(1, self.num_paths)]
+
+    def step(
+        self,
+        x: torch.Tensor,
+        path: int,
+        cached: Sequence[CachedFrame] | None,
+        *,
+        timer: StageTimer = _no_timer,
+        with_layer3: bool = False,
+    ) -> StepOutput:
+        """Runs one frame through sub-network `path`.
+
+        Args:
+            x: (B, 3, H, W) normalized frames.
+            path: which sub-network runs (0..N-1).
+            cached: the last N-1 frames' (q, k, v), oldest first, or None while the cache
+                is not yet full (then the attention term is left out, as in the published model).
+            timer: called with a stage name, returns a context manager timing that stage.
+            with_layer3: also return layer3's features, for training's auxiliary head.
+        """
+        net = self.paths[path]
+        with timer("backbone"):
+            out = net.backbone(x, with_layer3=with_layer3)
+            features, layer3 = out if with_layer3 else (out, None)
+            z = net.pyramid(features)  # (B, C, h, w)
+        with timer("encoding"):
+            query, value, cache_entry = net.encoding(z)
+        with timer("attention"):
+            combined = value
+            if cached is not None and len(cached) == self.num_paths - 1:
+                combined = value + self.propagate(path, cached, query, value.shape)
+            head_input = net.layer_norm(combined)
+        with timer("head"):
+            logits = net.head(head_input)
+        return StepOutput(logits, cache_entry, value, head_input, layer3)
+
+    def propagate(
+        self, path: int, cached: Sequence[CachedFrame], query: torch.Tensor, value_shape: torch.Size
+    ) -> torch.Tensor:
+        """Attention propagation of the cached frames onto the current one.
+
+        u_{j+1} = A_j(key=k_j, value=w_j, query=q_{j+1}), w_1 = v_1, w_j = u_j + v_j; the last
+        step's query is the current frame's full-resolution query.
+        """
+        steps = self.paths[path].propagation
+        carried = cached[0][2]  # (B, L, d_v)
+        for j, step in enumerate(steps):
+            key = cached[j][1]
+            target_query = cached[j + 1][0] if j + 1 < len(cached) else query
+            carried = step(target_query, key, carried)  # (B, Lq, d_v)
+            if j + 1 < len(cached):
+                carried = carried + cached[j + 1][2]
+        b, d_v, h, w = value_shape
+        return carried.transpose(1, 2).reshape(b, d_v, h, w)  # (B, h*w, d_v) -> (B, d_v, h, w)
+
+    def forward_clip(self, clip: Sequence[torch.Tensor], first_path: int, *, with_layer3: bool = False):
+        """Training forward over a clip of N frames: frame j runs path (first_path + j) mod N.
+
+        Returns the StepOutput of every frame; the last one carries the attention-composed
+        logits, the others their single-frame logits.
+        """
+        if len(clip) != self.num_paths:
+            raise ValueError(f"a clip must have {self.num_paths} frames, got {len(clip)}")
+        outputs: list[StepOutput] = []
+        for j, frame in enumerate(clip):
+            path = (first_path + j) % self.num_paths
+            cached = [o.cache_entry for o in outputs] if j == len(clip) - 1 else None
+            outputs.append(self.step(frame, path, cached, with_layer3=with_layer3))
+        return outputs
+
+
+def build_model(config: ModelConfig) -> TDNet:
+    """Builds a randomly initialized TDNet (He-initialized convs, unit BatchNorm)."""
+    model = TDNet(config)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model.eval()
+
