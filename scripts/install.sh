@@ -18,3 +18,5 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" $torch_spec
 "${pip[@]}" -r "$repo/requirements.txt"
 "${pip[@]}" --no-deps --no-build-isolation -e "$repo"
+# The package's ROS 2 messages (msg/*.msg), generated from the PyPI ROS wheels.
+bash "$repo/scripts/build_msgs.sh" "$venv"
