@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "tdnet-bench = tdnet_ros.benchmark:main",
+            "segmenter_node = tdnet_ros.ros.node:main",
         ],
     },
 )

@@ -1,0 +1,424 @@
+"""One camera of the segmentation node: its newest-frame slot, outputs, counters, diagnostics."""
+
+from __future__ import annotations
+
+import array
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+from sensor_msgs.msg import Image
+from sensor_msgs.msg import RegionOfInterest
+
+from tdnet_ros.image_encoding import (
+    ImageEncodingError,
+    compressed_to_rgb,
+    image_msg_to_rgb,
+    labels_to_image_fields,
+)
+from tdnet_ros.masks import class_regions, color_lut, colorize, overlay
+
+if TYPE_CHECKING:
+    from tdnet_ros.ros.node import SegmenterNode
+
+#: Frames kept for the latency percentiles in diagnostics.
+LATENCY_WINDOW = 300
+
+
+@dataclass
+class FrameJob:
+    """A received message waiting for the worker."""
+
+    msg: Any
+    received_ns: int  # time.monotonic_ns() at reception
+    wall_received_ns: int  # time.time_ns() at reception
+
+
+def output_namespaces(topics: list[str], output_namespace: str) -> list[str]:
+    """Where each camera's outputs go: ``<topic's namespace>/<output_namespace>``.
+
+    ``/front/image_raw`` gives ``/front/segmentation``; a ``/compressed`` suffix is ignored.
+    Cameras that would share a namespace get their topic's last name appended.
+    """
+
+    def parent(topic: str) -> str:
+        if topic.endswith("/compressed"):
+            topic = topic[: -len("/compressed")]
+        return topic.rsplit("/", 1)[0]
+
+    def base(topic: str) -> str:
+        if topic.endswith("/compressed"):
+            topic = topic[: -len("/compressed")]
+        return topic.rsplit("/", 1)[1]
+
+    first = [f"{parent(t)}/{output_namespace}" for t in topics]
+    return [
+        f"{ns}/{base(t)}" if first.count(ns) > 1 else ns for t, ns in zip(topics, first)
+    ]
+
+
+def _stamp_ns(stamp: Any) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def _percentiles(values: Any) -> tuple[float, float, float]:
+    data = np.fromiter(values, dtype=np.float64)
+    if data.size == 0:
+        return (float("nan"),) * 3  # type: ignore[return-value]
+    p50, p95, p99 = np.percentile(data, [50, 95, 99])
+    return float(p50), float(p95), float(p99)
+
+
+class CameraStream:
+    """State of one camera. ``offer`` runs in the executor thread, the rest in the worker."""
+
+    def __init__(self, *, topic: str, output_namespace: str, node: "SegmenterNode") -> None:
+        self.topic = topic
+        self.output_namespace = output_namespace
+        self.node = node
+        self.subscription: Any = None
+        self.reset_service: Any = None
+        self._lock = threading.Lock()
+        self._pending: Optional[FrameJob] = None
+        self._reset_requested = False
+        # Counters (cumulative).
+        self.received = 0
+        self.processed = 0
+        self.dropped = 0  # replaced while waiting for the model
+        self.lost = 0  # lost in transport (DDS message-lost events)
+        self.invalid = 0  # bad input, refused
+        self.errors = 0  # failures while processing a valid frame
+        self.skipped_idle = 0  # no subscriber to any output
+        self.resets = 0
+        self.rendered = {"labels": 0, "color": 0, "overlay": 0, "masks": 0, "timing": 0}
+        self.last_error = ""
+        self._error_logged_at: dict[str, float] = {}
+        # Temporal state of the stream as last processed.
+        self._last_stamp_ns: Optional[int] = None
+        self._last_size: Optional[tuple[int, int]] = None
+        self._last_frame_id: Optional[str] = None
+        # Windows for diagnostics.
+        self._latencies: dict[str, deque] = {}
+        self._received_times: deque = deque(maxlen=1000)
+        self._published_times: deque = deque(maxlen=1000)
+        self._last_received_monotonic: Optional[float] = None
+        self._started = time.monotonic()
+        self._lut: Optional[np.ndarray] = None
+
+    # --- executor thread ---------------------------------------------------------------
+
+    def offer(self, job: FrameJob) -> None:
+        """Makes ``job`` the camera's pending frame; a frame still waiting is dropped."""
+        with self._lock:
+            self.received += 1
+            self._received_times.append(time.monotonic())
+            self._last_received_monotonic = time.monotonic()
+            if self._pending is not None:
+                self.dropped += 1
+            self._pending = job
+
+    def count_lost(self, count: int) -> None:
+        with self._lock:
+            self.lost += int(count)
+
+    def request_reset(self) -> None:
+        with self._lock:
+            self._reset_requested = True
+
+    # --- worker thread -----------------------------------------------------------------
+
+    def take(self) -> Optional[FrameJob]:
+        with self._lock:
+            job, self._pending = self._pending, None
+            return job
+
+    def create_outputs(self, output_qos: Any, latched_qos: Any) -> None:
+        node, ns, msgs = self.node, self.output_namespace, self.node.msgs
+        self.pub_labels = node.create_publisher(Image, f"{ns}/labels", output_qos)
+        self.pub_color = node.create_publisher(Image, f"{ns}/color", output_qos)
+        self.pub_overlay = node.create_publisher(Image, f"{ns}/overlay", output_qos)
+        self.pub_masks = node.create_publisher(msgs.ClassMasks, f"{ns}/masks", output_qos)
+        self.pub_timing = node.create_publisher(msgs.SegmentationTiming, f"{ns}/timing", output_qos)
+        self.pub_class_table = node.create_publisher(msgs.ClassTable, f"{ns}/class_table", latched_qos)
+
+    def publish_class_table(self, msgs: Any, names: list[str], colors: np.ndarray, config: Any) -> None:
+        table = msgs.ClassTable()
+        table.header.stamp = self.node.get_clock().now().to_msg()
+        table.model = config.model
+        table.checkpoint = config.checkpoint or "bundled default"
+        for class_id, (name, color) in enumerate(zip(names, colors)):
+            table.classes.append(
+                msgs.ClassInfo(id=class_id, name=name, color=[int(c) for c in color])
+            )
+        self.pub_class_table.publish(table)
+
+    def report_error(self, kind: str, problem: str) -> None:
+        """Counts a bad frame and logs it, at most once per period per ``kind``."""
+        now = time.monotonic()
+        with self._lock:
+            if kind == "processing":
+                self.errors += 1
+            else:
+                self.invalid += 1
+            self.last_error = problem
+            last = self._error_logged_at.get(kind)
+            period = self.node.config.error_log_period_s
+            if last is not None and now - last < period:
+                return
+            self._error_logged_at[kind] = now
+        self.node.get_logger().error(f"topic '{self.topic}': {problem}")
+
+    def _decode(self, msg: Any) -> np.ndarray:
+        config = self.node.config
+        if isinstance(msg, Image):
+            rgb = image_msg_to_rgb(msg, max_pixels=config.max_image_pixels)
+        else:
+            rgb = compressed_to_rgb(msg.format, msg.data, max_pixels=config.max_image_pixels)
+        height, width = rgb.shape[:2]
+        if min(height, width) < config.min_image_size:
+            raise ImageEncodingError(
+                f"image {width}x{height} is smaller than min_image_size "
+                f"{config.min_image_size}"
+            )
+        return rgb
+
+    def _reset_reason(self, stamp_ns: int, size: tuple[int, int], frame_id: str) -> Optional[str]:
+        with self._lock:
+            requested, self._reset_requested = self._reset_requested, False
+        if requested:
+            return "reset service called"
+        if self._last_stamp_ns is None:
+            return None  # first frame: the segmenter starts the stream itself
+        if size != self._last_size:
+            return f"image size changed from {self._last_size[1]}x{self._last_size[0]} to {size[1]}x{size[0]}"
+        if frame_id != self._last_frame_id:
+            return f"frame_id changed from '{self._last_frame_id}' to '{frame_id}'"
+        jump = (stamp_ns - self._last_stamp_ns) / 1e9
+        if jump < 0:
+            return f"timestamp jumped backwards by {-jump:.3f} s"
+        if jump > self.node.config.reset_time_jump_s:
+            return (
+                f"timestamp jumped forward by {jump:.3f} s (> reset_time_jump_s "
+                f"{self.node.config.reset_time_jump_s})"
+            )
+        return None
+
+    def _subscribed(self) -> dict[str, bool]:
+        return {
+            "labels": self.pub_labels.get_subscription_count() > 0,
+            "color": self.pub_color.get_subscription_count() > 0,
+            "overlay": self.pub_overlay.get_subscription_count() > 0,
+            "masks": self.pub_masks.get_subscription_count() > 0,
+            "timing": self.pub_timing.get_subscription_count() > 0,
+        }
+
+    def process(self, job: FrameJob, segmenter: Any, names: list[str], colors: np.ndarray, msgs: Any) -> None:
+        """Decodes, segments and publishes one frame (worker thread)."""
+        start_ns = time.monotonic_ns()
+        msg = job.msg
+        try:
+            rgb = self._decode(msg)
+        except ImageEncodingError as error:
+            self.report_error(f"input:{type(msg).__name__}", str(error))
+            return
+        decoded_ns = time.monotonic_ns()
+
+        wanted = self._subscribed()
+        if not any(wanted.values()):
+            self.skipped_idle += 1
+            return
+
+        stamp_ns = _stamp_ns(msg.header.stamp)
+        size = rgb.shape[:2]
+        reason = self._reset_reason(stamp_ns, size, msg.header.frame_id)
+        if reason:
+            segmenter.reset(stream=self.topic)
+            self.resets += 1
+            self.node.get_logger().info(f"topic '{self.topic}': feature cache reset ({reason})")
+        try:
+            result = segmenter.segment(rgb, stream=self.topic)
+        except ValueError as error:
+            self.report_error("segment", f"segmenter refused the frame: {error}")
+            return
+        segmented_ns = time.monotonic_ns()
+        self._last_stamp_ns, self._last_size, self._last_frame_id = stamp_ns, size, msg.header.frame_id
+
+        labels = result.labels  # (H, W) class ids at the camera's resolution
+        header = msg.header
+        if wanted["labels"]:
+            self.pub_labels.publish(self._image(header, *labels_to_image_fields(labels)))
+            self.rendered["labels"] += 1
+        if wanted["color"] or wanted["overlay"]:
+            if self._lut is None:
+                self._lut = color_lut(colors)
+            color = colorize(labels, colors, self._lut)  # (H, W, 3) RGB
+            if wanted["color"]:
+                self.pub_color.publish(self._rgb_image(header, color))
+                self.rendered["color"] += 1
+            if wanted["overlay"]:
+                blended = overlay(rgb, color, self.node.config.overlay_alpha)
+                self.pub_overlay.publish(self._rgb_image(header, blended))
+                self.rendered["overlay"] += 1
+        if wanted["masks"]:
+            self.pub_masks.publish(self._masks(msgs, header, labels, names))
+            self.rendered["masks"] += 1
+        published_ns = time.monotonic_ns()
+        wall_now_ns = time.time_ns()
+
+        stages = {f"segmenter/{k}": float(v) for k, v in result.timings.items()}
+        stages.update(
+            queue=(start_ns - job.received_ns) / 1e6,
+            decode=(decoded_ns - start_ns) / 1e6,
+            segment=(segmented_ns - decoded_ns) / 1e6,
+            publish=(published_ns - segmented_ns) / 1e6,
+            node=(published_ns - job.received_ns) / 1e6,
+            end_to_end=(wall_now_ns - stamp_ns) / 1e6,
+        )
+        if wanted["timing"]:
+            timing = msgs.SegmentationTiming()
+            timing.header = header
+            timing.path = int(result.path)
+            timing.cache_warm = bool(result.cache_warm)
+            timing.stage_names = list(result.timings.keys())
+            timing.stage_ms = [float(v) for v in result.timings.values()]
+            timing.queue_ms = stages["queue"]
+            timing.decode_ms = stages["decode"]
+            timing.segment_ms = stages["segment"]
+            timing.publish_ms = stages["publish"]
+            timing.node_ms = stages["node"]
+            timing.end_to_end_ms = (time.time_ns() - stamp_ns) / 1e6
+            timing.dropped_frames = self.dropped
+            timing.cache_resets = self.resets
+            self.pub_timing.publish(timing)
+            self.rendered["timing"] += 1
+        with self._lock:
+            self.processed += 1
+            self._published_times.append(time.monotonic())
+            for stage, value in stages.items():
+                self._latencies.setdefault(stage, deque(maxlen=LATENCY_WINDOW)).append(value)
+
+    @staticmethod
+    def _image(header: Any, height: int, width: int, encoding: str, step: int, data: bytes) -> Image:
+        image = Image()
+        image.header = header
+        image.height, image.width, image.encoding, image.step = height, width, encoding, step
+        image.is_bigendian = 0
+        image.data = array.array("B", data)
+        return image
+
+    def _rgb_image(self, header: Any, rgb: np.ndarray) -> Image:
+        height, width = rgb.shape[:2]
+        image = Image()
+        image.header = header
+        image.height, image.width, image.encoding, image.step = height, width, "rgb8", width * 3
+        data = array.array("B")
+        data.frombytes(memoryview(np.ascontiguousarray(rgb)).cast("B"))
+        image.data = data
+        return image
+
+    @staticmethod
+    def _masks(msgs: Any, header: Any, labels: np.ndarray, names: list[str]) -> Any:
+        message = msgs.ClassMasks()
+        message.header = header
+        message.height, message.width = labels.shape
+        for region in class_regions(labels, num_classes=len(names)):
+            entry = msgs.ClassMask()
+            entry.class_id = region.class_id
+            entry.class_name = names[region.class_id]
+            entry.pixel_count = region.pixel_count
+            entry.roi = RegionOfInterest(
+                x_offset=region.x, y_offset=region.y, width=region.width, height=region.height
+            )
+            mask = array.array("B")
+            mask.frombytes(memoryview(region.mask).cast("B"))
+            entry.mask = mask
+            message.masks.append(entry)
+        return message
+
+    # --- diagnostics (executor thread) ----------------------------------------------------
+
+    def diagnostic_status(self, segmenter: Any) -> DiagnosticStatus:
+        config = self.node.config
+        now = time.monotonic()
+        with self._lock:
+            window = 5.0  # seconds over which rates are measured
+            input_rate = sum(1 for t in self._received_times if now - t <= window) / min(
+                window, max(now - self._started, 1e-3)
+            )
+            output_rate = sum(1 for t in self._published_times if now - t <= window) / min(
+                window, max(now - self._started, 1e-3)
+            )
+            latencies = {stage: list(values) for stage, values in self._latencies.items()}
+            last_received = self._last_received_monotonic
+            counters = dict(
+                frames_received=self.received,
+                frames_processed=self.processed,
+                frames_dropped=self.dropped,
+                frames_lost_in_transport=self.lost,
+                frames_invalid=self.invalid,
+                processing_errors=self.errors,
+                frames_skipped_no_subscribers=self.skipped_idle,
+                cache_resets=self.resets,
+            )
+            last_error = self.last_error
+
+        level, message = DiagnosticStatus.OK, "ok"
+        silent_for = now - (last_received if last_received is not None else self._started)
+        if silent_for > config.input_timeout_s:
+            level = DiagnosticStatus.ERROR
+            message = (
+                f"no images on {self.topic} for {silent_for:.1f} s"
+                if last_received is not None
+                else f"no images received on {self.topic} yet"
+            )
+        elif config.expected_rate_hz > 0 and now - self._started > 5.0 and output_rate < config.expected_rate_hz:
+            level = DiagnosticStatus.WARN
+            message = f"output rate {output_rate:.1f} Hz below expected_rate_hz {config.expected_rate_hz:.1f}"
+        elif last_error and counters["frames_invalid"] + counters["processing_errors"] > 0:
+            level = DiagnosticStatus.WARN
+            message = f"bad input: {last_error}"
+
+        values = [
+            KeyValue(key="topic", value=self.topic),
+            KeyValue(key="output_namespace", value=self.output_namespace),
+            KeyValue(key="input_rate_hz", value=f"{input_rate:.2f}"),
+            KeyValue(key="output_rate_hz", value=f"{output_rate:.2f}"),
+        ]
+        values += [KeyValue(key=k, value=str(v)) for k, v in counters.items()]
+        values += [KeyValue(key=f"rendered_{k}", value=str(v)) for k, v in self.rendered.items()]
+        for stage, samples in sorted(latencies.items()):
+            p50, p95, p99 = _percentiles(samples)
+            values += [
+                KeyValue(key=f"latency_ms/{stage}/p50", value=f"{p50:.3f}"),
+                KeyValue(key=f"latency_ms/{stage}/p95", value=f"{p95:.3f}"),
+                KeyValue(key=f"latency_ms/{stage}/p99", value=f"{p99:.3f}"),
+            ]
+        values.append(KeyValue(key="device", value=str(segmenter.device)))
+        values.append(KeyValue(key="precision", value=str(segmenter.precision)))
+        if segmenter.device.type == "cuda":
+            import torch
+
+            values.append(
+                KeyValue(
+                    key="gpu_memory_allocated_mb",
+                    value=f"{torch.cuda.memory_allocated(segmenter.device) / 2**20:.1f}",
+                )
+            )
+            values.append(
+                KeyValue(
+                    key="gpu_memory_reserved_mb",
+                    value=f"{torch.cuda.memory_reserved(segmenter.device) / 2**20:.1f}",
+                )
+            )
+        values.append(KeyValue(key="last_error", value=last_error))
+        return DiagnosticStatus(
+            level=level,
+            name=f"{self.node.get_name()}: {self.topic}",
+            message=message,
+            hardware_id=str(segmenter.device),
+            values=values,
+        )

@@ -1,0 +1,344 @@
+"""The segmentation node: camera images in; labels, colours, overlay, masks, timing out.
+
+One model serves every camera; each camera is its own stream of the segmenter (its own
+feature cache). Subscription callbacks only store the newest message of their camera; a
+single worker thread runs the model on the newest pending frame of each camera in turn, so
+frames that arrive while the model is busy replace the waiting one and are counted as
+dropped, never queued.
+
+Run it:
+    .venv/bin/segmenter_node --ros-args --params-file config/segmenter.yaml \
+        -r image:=/camera/image_raw
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+# Camera images over best effort are lost with Fast DDS's default transports (its
+# shared-memory segments are ~0.5 MB): use its large-data builtin transports unless the
+# user chose otherwise. Must happen before rclpy creates the DDS participant.
+os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
+
+import numpy as np  # noqa: E402
+import rclpy  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rcl_interfaces.msg import SetParametersResult  # noqa: E402
+from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import (  # noqa: E402
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+)
+from rclpy.signals import SignalHandlerOptions  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
+
+from tdnet_ros.ros.camera import CameraStream, FrameJob, output_namespaces  # noqa: E402
+from tdnet_ros.ros.interfaces import load_messages  # noqa: E402
+from tdnet_ros.ros.parameters import (  # noqa: E402
+    NodeConfig,
+    ParameterError,
+    apply_parameters,
+    declare_parameters,
+)
+
+NODE_NAME = "segmenter_node"
+
+
+class FatalError(RuntimeError):
+    """The node cannot run with its configuration; the message says why."""
+
+
+def _reliability(name: str) -> ReliabilityPolicy:
+    return ReliabilityPolicy.RELIABLE if name == "reliable" else ReliabilityPolicy.BEST_EFFORT
+
+
+def load_class_table(path: str, num_classes: int) -> tuple[list[str], np.ndarray]:
+    """Reads a class table YAML (``classes: [{id, name, color}]``).
+
+    Raises:
+        FatalError: unreadable file, bad entries, or a class count other than the model's.
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as stream:
+            content = yaml.safe_load(stream)
+        entries = sorted(content["classes"], key=lambda entry: int(entry["id"]))
+        names = [str(entry["name"]) for entry in entries]
+        colors = np.array([[int(c) for c in entry["color"]] for entry in entries], np.int64)
+        ids = [int(entry["id"]) for entry in entries]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as error:
+        raise FatalError(f"class table '{path}': cannot read it ({error})") from error
+    if ids != list(range(num_classes)):
+        raise FatalError(
+            f"class table '{path}': has ids {ids[:5]}... ({len(ids)} classes), the model "
+            f"predicts ids 0..{num_classes - 1}"
+        )
+    if colors.shape != (num_classes, 3) or colors.min() < 0 or colors.max() > 255:
+        raise FatalError(f"class table '{path}': colours must be [r, g, b] in 0..255")
+    return names, colors.astype(np.uint8)
+
+
+def load_segmenter(config: NodeConfig, logger: Any) -> Any:
+    """Builds the core segmenter from the node's parameters.
+
+    Raises:
+        FatalError: missing/incompatible checkpoint, unknown model, unusable device.
+    """
+    import torch
+
+    from tdnet_ros import CheckpointError, ModelConfig, Segmenter
+
+    if config.model:
+        try:
+            ModelConfig.from_name(config.model)
+        except ValueError as error:
+            raise FatalError(f"parameter 'model': {error}") from error
+    if config.device == "auto" and not torch.cuda.is_available():
+        logger.warning("parameter 'device' is auto and CUDA is not available: running on the CPU")
+    try:
+        if config.checkpoint:
+            return Segmenter.from_checkpoint(
+                config.checkpoint,
+                model=config.model or None,
+                device=config.device,
+                precision=config.precision,
+            )
+        if config.model:
+            raise FatalError(
+                f"parameter 'model' is '{config.model}' but 'checkpoint' is empty: set "
+                "'checkpoint' to a file of that model, or leave 'model' empty to use the "
+                "bundled default model"
+            )
+        return Segmenter.default(device=config.device, precision=config.precision)
+    except FatalError:
+        raise
+    except CheckpointError as error:
+        raise FatalError(f"parameter 'checkpoint': {error}") from error
+    except FileNotFoundError as error:
+        raise FatalError(f"parameter 'checkpoint': {error}") from error
+    except ValueError as error:
+        raise FatalError(f"parameter 'model'/'checkpoint': {error}") from error
+    except RuntimeError as error:
+        raise FatalError(f"parameter 'device' is '{config.device}': {error}") from error
+
+
+class SegmenterNode(Node):
+    """Runs the TDNet segmenter on one or more camera topics.
+
+    Raises (from ``__init__``):
+        FatalError / ParameterError: the configuration cannot work; nothing is left running.
+    """
+
+    def __init__(self, *, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self.config = declare_parameters(self)
+        self.segmenter = load_segmenter(self.config, self.get_logger())
+        self.class_names = list(self.segmenter.class_names)
+        self.class_colors = np.asarray(self.segmenter.class_colors, dtype=np.uint8)
+        if self.config.class_table:
+            self.class_names, self.class_colors = load_class_table(
+                self.config.class_table, self.segmenter.num_classes
+            )
+        self.msgs = load_messages()
+
+        self._wakeup = threading.Condition()
+        self._stopping = threading.Event()
+        self._next_camera = 0
+
+        input_qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=self.config.qos_depth,
+            reliability=_reliability(self.config.qos_reliability),
+            durability=DurabilityPolicy.VOLATILE,
+        )
+        output_qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=self.config.output_depth,
+            reliability=_reliability(self.config.output_reliability),
+            durability=DurabilityPolicy.VOLATILE,
+        )
+        latched_qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=1,
+            reliability=ReliabilityPolicy.RELIABLE,
+            durability=DurabilityPolicy.TRANSIENT_LOCAL,
+        )
+
+        resolved = [self.resolve_topic_name(topic) for topic in self.config.cameras]
+        namespaces = output_namespaces(resolved, self.config.output_namespace)
+        self.cameras: list[CameraStream] = []
+        for topic, namespace in zip(resolved, namespaces):
+            camera = CameraStream(topic=topic, output_namespace=namespace, node=self)
+            compressed = topic.endswith("/compressed")
+            events = SubscriptionEventCallbacks(
+                incompatible_qos=lambda info, c=camera: self._on_incompatible_qos(c, info),
+                message_lost=lambda info, c=camera: c.count_lost(info.total_count_change),
+            )
+            message_type = CompressedImage if compressed else Image
+            callback = lambda msg, c=camera: self._on_image(c, msg)  # noqa: E731
+            try:
+                camera.subscription = self.create_subscription(
+                    message_type, topic, callback, input_qos, event_callbacks=events
+                )
+            except UnsupportedEventTypeError:  # an RMW without message-lost events
+                events.message_lost = None
+                camera.subscription = self.create_subscription(
+                    message_type, topic, callback, input_qos, event_callbacks=events
+                )
+            camera.create_outputs(output_qos, latched_qos)
+            camera.reset_service = self.create_service(
+                Trigger,
+                f"{namespace}/reset",
+                lambda request, response, c=camera: self._on_reset(response, [c]),
+            )
+            camera.publish_class_table(self.msgs, self.class_names, self.class_colors, self.config)
+            self.cameras.append(camera)
+            self.get_logger().info(
+                f"camera '{topic}' ({'CompressedImage' if compressed else 'Image'}, "
+                f"{self.config.qos_reliability}) -> {namespace}/"
+                "{labels,color,overlay,masks,timing,class_table}"
+            )
+        self.reset_all_service = self.create_service(
+            Trigger, "~/reset", lambda request, response: self._on_reset(response, self.cameras)
+        )
+        self.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.diagnostics_timer = self.create_timer(1.0, self._publish_diagnostics)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        self._worker = threading.Thread(target=self._work, name="segmenter-worker", daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f"segmenting with {self.segmenter.num_classes} classes on "
+            f"{self.segmenter.device} ({self.segmenter.precision})"
+        )
+
+    # --- callbacks (executor thread): never wait on the model ---------------------------
+
+    def _on_image(self, camera: CameraStream, msg: Any) -> None:
+        camera.offer(FrameJob(msg=msg, received_ns=time.monotonic_ns(), wall_received_ns=time.time_ns()))
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def _on_incompatible_qos(self, camera: CameraStream, info: Any) -> None:
+        self.get_logger().warning(
+            f"topic '{camera.topic}': a publisher with incompatible QoS was found (policy "
+            f"{info.last_policy_kind.name}); it cannot deliver images to this node, which "
+            f"subscribes {self.config.qos_reliability} with depth {self.config.qos_depth}. "
+            "Match the publisher, e.g. set parameter qos_reliability to best_effort."
+        )
+
+    def _on_reset(self, response: Any, cameras: list[CameraStream]) -> Any:
+        for camera in cameras:
+            camera.request_reset()
+        response.success = True
+        response.message = "cache reset requested for " + ", ".join(c.topic for c in cameras)
+        return response
+
+    def _on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
+        reason = apply_parameters(self.config, parameters)
+        if reason:
+            self.get_logger().warning(f"parameter change refused: {reason}")
+        return SetParametersResult(successful=reason is None, reason=reason or "")
+
+    def _publish_diagnostics(self) -> None:
+        message = DiagnosticArray()
+        message.header.stamp = self.get_clock().now().to_msg()
+        message.status = [camera.diagnostic_status(self.segmenter) for camera in self.cameras]
+        self.diagnostics_publisher.publish(message)
+
+    # --- the worker thread ---------------------------------------------------------------
+
+    def _take_next(self) -> Optional[tuple[CameraStream, FrameJob]]:
+        """The oldest-served camera with a pending frame, and that frame (round robin)."""
+        count = len(self.cameras)
+        for offset in range(count):
+            camera = self.cameras[(self._next_camera + offset) % count]
+            job = camera.take()
+            if job is not None:
+                self._next_camera = (self._next_camera + offset + 1) % count
+                return camera, job
+        return None
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            with self._wakeup:
+                item = self._take_next()
+                if item is None:
+                    self._wakeup.wait(timeout=0.1)
+                    continue
+            camera, job = item
+            try:
+                camera.process(job, self.segmenter, self.class_names, self.class_colors, self.msgs)
+            except Exception as error:  # keep serving the other cameras whatever happens
+                if self._stopping.is_set():
+                    return
+                camera.report_error("processing", f"unexpected error: {error!r}")
+
+    def stop(self, timeout: float = 1.0) -> bool:
+        """Stops the worker; True when it ended within ``timeout`` seconds."""
+        self._stopping.set()
+        with self._wakeup:
+            self._wakeup.notify_all()
+        self._worker.join(timeout)
+        return not self._worker.is_alive()
+
+
+def main(args: Optional[list[str]] = None) -> int:
+    """Console script ``segmenter_node``: runs the node until SIGINT/SIGTERM (exit 0).
+
+    Returns 1, after one error message, when the configuration cannot work.
+    """
+    # Our own handlers: the executor is spun in short slices, so the process reacts to
+    # SIGINT/SIGTERM within ~0.1 s even while the worker is in the middle of a frame.
+    rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop_requested.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    logger = rclpy.logging.get_logger(NODE_NAME)
+    try:
+        node = SegmenterNode()
+    except (FatalError, ParameterError) as error:
+        logger.error(f"cannot start: {error}")
+        rclpy.try_shutdown()
+        return 1
+
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    clean = True
+    try:
+        while not stop_requested.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        clean = node.stop(timeout=1.0)
+        executor.shutdown(timeout_sec=0.2)
+        node.destroy_node()
+        rclpy.try_shutdown()
+    if not clean:
+        # The worker is inside a long model call: do not wait for it (the shutdown
+        # deadline matters more than a frame nobody will receive).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Parameters of the segmentation node: one dataclass, its ROS descriptors and validation."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+)
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+
+@dataclass
+class NodeConfig:
+    """Settings of :class:`tdnet_ros.ros.node.SegmenterNode` (ROS parameters of the same names)."""
+
+    model: str = ""  # variant name for published .pkl checkpoints; "" = from the checkpoint
+    checkpoint: str = ""  # "" = the bundled default model
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "float32"  # float32 | float16 | bfloat16 (weights and activations)
+    class_table: str = ""  # YAML class table overriding the checkpoint's names/colours
+    cameras: list[str] = field(default_factory=lambda: ["image"])  # input topics
+    qos_reliability: str = "best_effort"  # input subscriptions
+    qos_depth: int = 1
+    output_namespace: str = "segmentation"  # outputs: <camera namespace>/<this>/...
+    output_reliability: str = "reliable"
+    output_depth: int = 1
+    overlay_alpha: float = 0.5
+    reset_time_jump_s: float = 0.5  # forward stamp jump that resets a camera's cache
+    min_image_size: int = 16  # smaller width or height is refused
+    max_image_pixels: int = 4096 * 4096  # larger images are refused
+    expected_rate_hz: float = 0.0  # diagnostics WARN below this output rate (0: off)
+    input_timeout_s: float = 2.0  # diagnostics ERROR after this long without input
+    error_log_period_s: float = 5.0  # throttle of bad-input errors per camera and kind
+
+
+@dataclass(frozen=True)
+class _Spec:
+    description: str
+    read_only: bool = False
+    float_range: Optional[tuple[float, float]] = None
+    int_range: Optional[tuple[int, int]] = None
+    choices: Optional[tuple[str, ...]] = None
+
+
+_SPECS: dict[str, _Spec] = {
+    "model": _Spec(
+        "Model variant (e.g. td4-psp18, td2-psp50); needed only for published .pkl "
+        "checkpoints, empty = from the checkpoint.",
+        read_only=True,
+    ),
+    "checkpoint": _Spec(
+        "Checkpoint file; empty = the bundled default model.", read_only=True
+    ),
+    "device": _Spec(
+        "auto (CUDA when available, else CPU with a warning), cpu, cuda or cuda:N.",
+        read_only=True,
+    ),
+    "precision": _Spec(
+        "Numeric precision of the model: float32, float16 (CUDA) or bfloat16.",
+        read_only=True,
+        choices=("float32", "float16", "bfloat16"),
+    ),
+    "class_table": _Spec(
+        "YAML class table (classes: [{id, name, color}]) overriding the checkpoint's class "
+        "names and colours; empty = the checkpoint's.",
+        read_only=True,
+    ),
+    "cameras": _Spec(
+        "Input image topics, one per camera (relative names resolve in the node's "
+        "namespace and follow remapping). Topics ending in /compressed are "
+        "sensor_msgs/CompressedImage.",
+        read_only=True,
+    ),
+    "qos_reliability": _Spec(
+        "Reliability of the input subscriptions: best_effort (sensor-data profile) or "
+        "reliable.",
+        read_only=True,
+        choices=("best_effort", "reliable"),
+    ),
+    "qos_depth": _Spec(
+        "History depth (keep last) of the input subscriptions.", read_only=True, int_range=(1, 100)
+    ),
+    "output_namespace": _Spec(
+        "Outputs are published under <camera namespace>/<output_namespace>/.", read_only=True
+    ),
+    "output_reliability": _Spec(
+        "Reliability of the output publishers: reliable (also serves best-effort "
+        "subscribers) or best_effort.",
+        read_only=True,
+        choices=("best_effort", "reliable"),
+    ),
+    "output_depth": _Spec(
+        "History depth (keep last) of the output publishers.", read_only=True, int_range=(1, 100)
+    ),
+    "overlay_alpha": _Spec(
+        "Weight of the class colours in the overlay image (0 = camera only, 1 = colours only).",
+        float_range=(0.0, 1.0),
+    ),
+    "reset_time_jump_s": _Spec(
+        "A camera's temporal cache resets when its stamp jumps forward by more than this "
+        "(seconds); backwards jumps, size and frame_id changes always reset.",
+        float_range=(0.001, 3600.0),
+    ),
+    "min_image_size": _Spec(
+        "Images narrower or lower than this (pixels) are refused as bad input.",
+        int_range=(1, 4096),
+    ),
+    "max_image_pixels": _Spec(
+        "Images with more pixels than this are refused as bad input.",
+        int_range=(1, 2**31 - 1),
+    ),
+    "expected_rate_hz": _Spec(
+        "Diagnostics report WARN when a camera's output rate falls below this (0 = no "
+        "expectation).",
+        float_range=(0.0, 1000.0),
+    ),
+    "input_timeout_s": _Spec(
+        "Diagnostics report ERROR when a camera sent no image for this long (seconds).",
+        float_range=(0.01, 3600.0),
+    ),
+    "error_log_period_s": _Spec(
+        "Bad-input errors are logged at most once per period, per camera and kind of error.",
+        float_range=(0.0, 3600.0),
+    ),
+}
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_TOPIC_PATTERN = re.compile(r"^[~/]?[A-Za-z_{][A-Za-z0-9_/{}~]*$")
+
+
+def _descriptor(name: str, default: Any) -> ParameterDescriptor:
+    spec = _SPECS[name]
+    descriptor = ParameterDescriptor(
+        name=name, description=spec.description, read_only=spec.read_only
+    )
+    if spec.choices:
+        descriptor.additional_constraints = "one of: " + ", ".join(spec.choices)
+    if spec.float_range:
+        descriptor.floating_point_range = [
+            FloatingPointRange(from_value=spec.float_range[0], to_value=spec.float_range[1])
+        ]
+    if spec.int_range:
+        descriptor.integer_range = [
+            IntegerRange(from_value=spec.int_range[0], to_value=spec.int_range[1], step=1)
+        ]
+    if isinstance(default, list):
+        descriptor.type = ParameterType.PARAMETER_STRING_ARRAY
+    return descriptor
+
+
+def check_value(name: str, value: Any) -> Optional[str]:
+    """Why ``value`` is not acceptable for parameter ``name``, or None when it is.
+
+    Covers what descriptors cannot express (choices, formats); ranges are checked too so
+    that values from a parameter file get the same message as runtime changes.
+    """
+    spec = _SPECS.get(name)
+    if spec is None:
+        return None
+    if spec.choices and value not in spec.choices:
+        return f"parameter '{name}': '{value}' is not one of {', '.join(spec.choices)}"
+    if spec.float_range and not spec.float_range[0] <= float(value) <= spec.float_range[1]:
+        low, high = spec.float_range
+        return f"parameter '{name}': {value} is outside [{low}, {high}]"
+    if spec.int_range and not spec.int_range[0] <= int(value) <= spec.int_range[1]:
+        low, high = spec.int_range
+        return f"parameter '{name}': {value} is outside [{low}, {high}]"
+    if name == "device" and not _DEVICE_PATTERN.match(value):
+        return f"parameter 'device': '{value}' is not auto, cpu, cuda or cuda:N"
+    if name == "cameras":
+        if not value:
+            return "parameter 'cameras': needs at least one topic"
+        for topic in value:
+            if not _TOPIC_PATTERN.match(topic) or "//" in topic or topic.endswith("/"):
+                return f"parameter 'cameras': '{topic}' is not a valid topic name"
+        if len(set(value)) != len(value):
+            return f"parameter 'cameras': duplicate topics in {list(value)}"
+    if name == "output_namespace" and (not value or not re.match(r"^[A-Za-z_][A-Za-z0-9_/]*$", value)):
+        return f"parameter 'output_namespace': '{value}' is not a valid relative namespace"
+    return None
+
+
+class ParameterError(ValueError):
+    """A parameter has a value the node cannot start with."""
+
+
+def declare_parameters(node: Node) -> NodeConfig:
+    """Declares every :class:`NodeConfig` field on ``node`` and returns the values.
+
+    Raises:
+        ParameterError: a value (from a parameter file or the command line) is invalid;
+            the message names the parameter.
+    """
+    config = NodeConfig()
+    for item in fields(NodeConfig):
+        default = getattr(config, item.name)
+        try:
+            parameter = node.declare_parameter(
+                item.name, default, _descriptor(item.name, default)
+            )
+        except Exception as error:  # rclpy raises several types for bad overrides
+            raise ParameterError(f"parameter '{item.name}': {error}") from error
+        value = parameter.value
+        if isinstance(default, list):
+            value = list(value)
+        elif isinstance(default, float) and isinstance(value, int):
+            value = float(value)
+        reason = check_value(item.name, value)
+        if reason:
+            raise ParameterError(reason)
+        setattr(config, item.name, value)
+    return config
+
+
+def apply_parameters(config: NodeConfig, parameters: list[Parameter]) -> Optional[str]:
+    """Validates a runtime change and applies it to ``config`` when every value is valid.
+
+    Returns:
+        None on success, else the reason the change is refused (nothing is applied).
+    """
+    updates = {}
+    for parameter in parameters:
+        if parameter.name not in _SPECS:
+            continue  # e.g. use_sim_time: handled by rclpy
+        spec = _SPECS[parameter.name]
+        if spec.read_only:
+            return f"parameter '{parameter.name}' is read-only: restart the node to change it"
+        value = parameter.value
+        current = getattr(config, parameter.name)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(current):
+            return (
+                f"parameter '{parameter.name}': expected {type(current).__name__}, got "
+                f"{type(value).__name__}"
+            )
+        reason = check_value(parameter.name, value)
+        if reason:
+            return reason
+        updates[parameter.name] = value
+    for name, value in updates.items():
+        setattr(config, name, value)
+    return None
