@@ -27,6 +27,8 @@ setup(
         "console_scripts": [
             "tdnet-bench = tdnet_ros.benchmark:main",
             "segmenter_node = tdnet_ros.ros.node:main",
+            "tdnet-eval = tdnet_ros.evaluation.cli:main",
+            "tdnet-generate = tdnet_ros.data.generate_cli:main",
         ],
     },
 )

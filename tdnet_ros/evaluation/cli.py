@@ -1,0 +1,199 @@
+"""``tdnet-eval``: evaluate a segmentation model on a recording.
+
+    tdnet-eval BAG --image-topic /camera/image_raw [--label-topic /camera/labels_gt |
+               --label-dir DIR] [--out DIR] [--json FILE]
+               [--checkpoint model.pt --model td4-psp18 --device cpu]
+
+Writes report.md, results.json, PNG figures and an overlay video into the output folder and
+prints its path and a short summary. Exit status: 0 done, 1 no frame could be evaluated,
+2 the recording, a topic, the model or an option is unusable (the message says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tdnet_ros.evaluation.bag import BagError, Recording
+from tdnet_ros.evaluation.offline import OfflineResult, OfflineSettings, evaluate_offline
+from tdnet_ros.evaluation.report import Provenance, write_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tdnet-eval",
+        description="Replay a recording through a TDNet segmenter and report accuracy, "
+                    "temporal consistency and latency.",
+    )
+    parser.add_argument("bag", type=Path,
+                        help="rosbag2 folder (MCAP or sqlite3), .mcap/.db3 file, or ROS 1 .bag")
+    parser.add_argument("--image-topic", help="camera topic (sensor_msgs/Image or "
+                        "CompressedImage); omit with --list-topics")
+    truth = parser.add_mutually_exclusive_group()
+    truth.add_argument("--label-topic", help="ground-truth topic: mono8 class ids, matched to "
+                       "frames by header stamp")
+    truth.add_argument("--label-dir", type=Path, help="folder of Cityscapes-style label PNGs "
+                       "(*_labelTrainIds.png, *_labelIds.png or <number>.png)")
+    parser.add_argument("--label-match", choices=("index", "stamp"), default="index",
+                        help="how --label-dir files match frames: the number in the file "
+                             "name is the frame's position on the topic (index) or its "
+                             "header stamp in ns (stamp); default: index")
+    parser.add_argument("--label-offset", type=int, default=0,
+                        help="added to a frame's position before matching --label-dir files")
+    parser.add_argument("--label-tolerance-ms", type=float, default=1.0,
+                        help="largest stamp difference for a label message to match a frame")
+    parser.add_argument("--require-labels", action="store_true",
+                        help="fail when the label topic is missing (default: evaluate "
+                             "without accuracy and say so in the report)")
+    parser.add_argument("--out", type=Path, help="output folder (default: outputs/eval-<bag>-"
+                        "<time>)")
+    parser.add_argument("--json", type=Path, help="also write the JSON results here")
+    parser.add_argument("--checkpoint", help="checkpoint file (default: the bundled model)")
+    parser.add_argument("--model", help="model name for the checkpoint, e.g. td4-psp18 "
+                        "(default: from the checkpoint)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    parser.add_argument("--precision", default="float32",
+                        choices=("float32", "bfloat16", "float16"),
+                        help="weights and activations (default: float32)")
+    parser.add_argument("--max-frames", type=int, help="evaluate at most this many frames")
+    parser.add_argument("--max-gap", type=float, default=0.5,
+                        help="a forward stamp jump above this many seconds resets the "
+                             "temporal state (default 0.5)")
+    parser.add_argument("--flow-max-side", type=int, default=640,
+                        help="optical flow for temporal consistency runs at most at this "
+                             "size (pixels, longer side; 0: full size)")
+    parser.add_argument("--no-video", action="store_true", help="skip the overlay video")
+    parser.add_argument("--output-bag", type=Path,
+                        help="write a copy of the recording with the predicted labels topic")
+    parser.add_argument("--output-bag-storage", choices=("mcap", "sqlite3"), default="mcap")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--list-topics", action="store_true",
+                        help="print the recording's topics and exit")
+    return parser
+
+
+def load_segmenter(checkpoint: str | None, model: str | None, device: str,
+                   precision: str = "float32") -> tuple[Any, Provenance]:
+    """The segmenter to evaluate and what identifies it (the command is filled in later)."""
+    from tdnet_ros import Segmenter
+    from tdnet_ros.checkpoint import file_sha256
+
+    if checkpoint:
+        segmenter = Segmenter.from_checkpoint(checkpoint, model=model, device=device,
+                                              precision=precision)
+        checkpoint_label = str(checkpoint)
+        digest: str | None = file_sha256(checkpoint)
+    else:
+        segmenter = Segmenter.default(device=device, precision=precision)
+        source = getattr(segmenter, "checkpoint", None)
+        checkpoint_label = f"bundled default ({source})" if source else "bundled default"
+        digest = file_sha256(source) if source and Path(source).is_file() else None
+    digest = getattr(segmenter, "checkpoint_sha256", None) or digest
+    name = getattr(getattr(segmenter, "config", None), "name", None) or model or "unknown"
+    provenance = Provenance(
+        model=str(name), checkpoint=checkpoint_label, checkpoint_sha256=digest,
+        device=str(getattr(segmenter, "device", device)),
+        precision=str(getattr(segmenter, "precision", "float32")), command="",
+    )
+    return segmenter, provenance
+
+
+def default_output_folder(bag: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("outputs") / f"eval-{bag.resolve().name}-{stamp}"
+
+
+def summary_lines(results: dict[str, Any], out_dir: Path) -> list[str]:
+    """The terminal summary: mIoU, temporal consistency, latency, skips, output folder."""
+
+    def fmt(value: Any, suffix: str = "") -> str:
+        return "n/a" if value is None else f"{value:.1f}{suffix}"
+
+    total = results.get("latency_ms", {}).get("total", {})
+    lines = [
+        f"frames {results['frames']} ({results['frames_with_ground_truth']} with ground truth), "
+        f"skipped {results['skipped']['total']}",
+        f"mIoU {fmt(results.get('miou'), ' %')}   pixel accuracy "
+        f"{fmt(results.get('pixel_accuracy'), ' %')}   temporal consistency "
+        f"{fmt(results.get('temporal_consistency'), ' %')}",
+        f"latency p50 {fmt(total.get('p50'), ' ms')}  p95 {fmt(total.get('p95'), ' ms')}  "
+        f"p99 {fmt(total.get('p99'), ' ms')}   {fmt(results.get('fps'))} fps",
+    ]
+    if "dropped_frames" in results:
+        lines.append(f"dropped frames {results['dropped_frames']}")
+    lines.append(f"report: {out_dir / 'report.md'}")
+    return lines
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    if args.list_topics:
+        with Recording(args.bag) as recording:
+            print(recording.describe_topics())
+        return 0
+    if not args.image_topic:
+        with Recording(args.bag) as recording:
+            topics = recording.describe_topics()
+        raise BagError(f"--image-topic is required; {topics}")
+    out_dir = args.out or default_output_folder(args.bag)
+    if args.output_bag is not None and args.output_bag.exists():
+        raise ValueError(f"--output-bag {args.output_bag} exists already; choose a new path")
+    # Open the recording and check the topic before loading the model: fail fast.
+    with Recording(args.bag) as recording:
+        recording.check_topic(args.image_topic, "image",
+                              ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage"))
+    segmenter, provenance = load_segmenter(args.checkpoint, args.model, args.device,
+                                           args.precision)
+    provenance = Provenance(**{**provenance.__dict__, "command": command})
+    settings = OfflineSettings(
+        image_topic=args.image_topic, label_topic=args.label_topic, label_dir=args.label_dir,
+        label_match=args.label_match, label_index_offset=args.label_offset,
+        label_tolerance_ms=args.label_tolerance_ms, require_labels=args.require_labels,
+        max_gap_s=args.max_gap, max_frames=args.max_frames,
+        flow_max_side=args.flow_max_side or None,
+        video_path=None if args.no_video else out_dir / "overlay.mp4",
+        output_bag=args.output_bag, output_bag_storage=args.output_bag_storage,
+        progress=not args.no_progress,
+    )
+    result = evaluate_offline(args.bag, segmenter, settings)
+    results = write_offline_report(result, provenance, out_dir, args.json)
+    print("\n".join(summary_lines(results, out_dir)))
+    return 0 if results["frames"] > 0 else 1
+
+
+def write_offline_report(result: OfflineResult, provenance: Provenance, out_dir: Path,
+                         json_path: Path | None = None) -> dict[str, Any]:
+    """Writes the report of an offline evaluation; returns the JSON results."""
+    extra = {
+        "mode": "offline",
+        "recording": str(result.recording),
+        "image_topic": result.image_topic,
+        "ground_truth": result.ground_truth,
+        "wall_time_s": result.wall_time_s,
+        "output_bag": str(result.output_bag) if result.output_bag else None,
+        "recording_topics": result.topics,
+    }
+    return write_report(result.recorder, provenance, out_dir, extra=extra,
+                        video=result.video_path, json_path=json_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    command = shlex.join(["tdnet-eval", *argv])
+    try:
+        return run(args, command)
+    except (BagError, ValueError, FileNotFoundError) as error:
+        # CheckpointError is a ValueError: a bad checkpoint or model name lands here too.
+        print(f"tdnet-eval: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tdnet-eval: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Offline evaluation: every camera frame of a recording, in order, through the segmenter.
+
+Deterministic and free of any ROS runtime: the recording is read with ``rosbags``, each
+frame is segmented in the calling process, and the :class:`EvaluationRecorder` measures
+accuracy (against a label topic or a label folder), temporal consistency and latency.
+Content that cannot be used is skipped, counted and named; only an unreadable recording or
+a missing camera topic raises :class:`BagError`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tdnet_ros.evaluation.bag import IMAGE_TYPES, BagError, DecodeFailure, Recording
+from tdnet_ros.evaluation.labels import FolderGroundTruth, GroundTruth, TopicGroundTruth
+from tdnet_ros.evaluation.output_bag import PredictionBagWriter
+from tdnet_ros.evaluation.recorder import EvaluationRecorder
+from tdnet_ros.evaluation.video import OverlayVideoWriter
+
+
+class SegmenterLike(Protocol):
+    """What the evaluation needs of :class:`tdnet_ros.Segmenter`."""
+
+    num_classes: int
+    class_names: Sequence[str]
+    class_colors: Any
+
+    def segment(self, frame: np.ndarray, stream: str = ...) -> Any: ...
+
+    def reset(self, stream: str | None = None) -> None: ...
+
+
+@dataclass
+class OfflineSettings:
+    """What to evaluate and how (the CLI's options).
+
+    Attributes:
+        image_topic: camera topic (``sensor_msgs/Image`` or ``CompressedImage``).
+        label_topic: ground-truth topic (mono8 class ids), matched by header stamp.
+        label_dir: folder of Cityscapes-style label PNGs (instead of ``label_topic``).
+        label_match: for ``label_dir``: ``"index"`` (frame position) or ``"stamp"``.
+        label_index_offset: for ``label_dir`` with ``"index"``: added to the frame position.
+        label_tolerance_ms: a label message matches a frame within this stamp difference.
+        require_labels: fail (instead of evaluating without accuracy) when the label topic
+            is missing.
+        max_gap_s: a forward stamp jump larger than this resets the temporal state.
+        max_frames: stop after this many evaluated frames (None: all).
+        flow_max_side: resolution limit of the optical flow for temporal consistency.
+        stream: stream name used with the segmenter.
+        video_path: write the overlay video here (None: no video).
+        output_bag: write a copy of the recording with the predictions here (None: no bag).
+        output_bag_storage: ``"mcap"`` or ``"sqlite3"`` for ``output_bag``.
+        progress: show a progress bar on stderr.
+    """
+
+    image_topic: str
+    label_topic: str | None = None
+    label_dir: Path | None = None
+    label_match: str = "index"
+    label_index_offset: int = 0
+    label_tolerance_ms: float = 1.0
+    require_labels: bool = False
+    max_gap_s: float = 0.5
+    max_frames: int | None = None
+    flow_max_side: int | None = 640
+    stream: str = "evaluation"
+    video_path: Path | None = None
+    output_bag: Path | None = None
+    output_bag_storage: str = "mcap"
+    progress: bool = True
+
+
+@dataclass
+class OfflineResult:
+    """What an offline evaluation produced."""
+
+    recorder: EvaluationRecorder
+    recording: Path
+    image_topic: str
+    ground_truth: str  # description of the ground-truth source, or "none"
+    wall_time_s: float
+    video_path: Path | None = None
+    output_bag: Path | None = None
+    topics: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _recorded_frame_rate(recording: Recording, frame_count: int) -> float:
+    """Camera rate estimated from the recording's duration (for the overlay video)."""
+    duration_s = recording.reader.duration / 1e9
+    if frame_count < 2 or duration_s <= 0:
+        return 10.0
+    return float(min(max((frame_count - 1) / duration_s, 1.0), 60.0))
+
+
+def _open_ground_truth(recording: Recording, settings: OfflineSettings,
+                       recorder: EvaluationRecorder) -> GroundTruth | None:
+    if settings.label_topic and settings.label_dir:
+        raise ValueError("give either a label topic or a label folder, not both")
+    if settings.label_dir:
+        return FolderGroundTruth(
+            Path(settings.label_dir), match=settings.label_match,
+            index_offset=settings.label_index_offset,
+        )
+    if settings.label_topic:
+        try:
+            return TopicGroundTruth(
+                recording, settings.label_topic,
+                tolerance_ns=int(settings.label_tolerance_ms * 1e6),
+            )
+        except BagError as error:
+            if settings.require_labels:
+                raise
+            recorder.skip(settings.label_topic, "(topic)", None, "label_topic_missing",
+                          str(error))
+            recorder.note(f"label topic {settings.label_topic} unusable: accuracy not measured")
+    return None
+
+
+def evaluate_offline(recording_path: str | Path, segmenter: SegmenterLike,
+                     settings: OfflineSettings) -> OfflineResult:
+    """Runs every frame of ``settings.image_topic`` through ``segmenter`` and measures it.
+
+    Raises:
+        BagError: the recording is unreadable, or the camera topic is missing or of the
+            wrong type (the message lists the recording's topics).
+        ValueError: contradictory settings.
+    """
+    from tqdm import tqdm
+
+    recording_path = Path(recording_path)
+    started = time.perf_counter()
+    recorder = EvaluationRecorder(
+        num_classes=int(segmenter.num_classes), class_names=tuple(segmenter.class_names),
+        flow_max_side=settings.flow_max_side,
+    )
+    topic = settings.image_topic
+    video = None
+    if settings.video_path is not None:
+        video = OverlayVideoWriter(settings.video_path, np.asarray(segmenter.class_colors))
+    prediction_bag = None
+    if settings.output_bag is not None:
+        prediction_bag = PredictionBagWriter(
+            Path(settings.output_bag), topic, storage=settings.output_bag_storage
+        )
+
+    with Recording(recording_path) as recording:
+        frame_count = recording.check_topic(topic, "image", IMAGE_TYPES)
+        ground_truth = _open_ground_truth(recording, settings, recorder)
+        if video is not None:
+            video.fps = _recorded_frame_rate(recording, frame_count)
+        segmenter.reset(settings.stream)
+        last_stamp: int | None = None
+        last_frame_id: str | None = None
+        progress = tqdm(
+            total=frame_count if settings.max_frames is None
+            else min(frame_count, settings.max_frames),
+            desc=f"evaluating {topic}", unit="frame", disable=not settings.progress,
+            file=sys.stderr, dynamic_ncols=True,
+        )
+        try:
+            for frame in recording.images(topic):
+                if settings.max_frames is not None and len(recorder.frames) >= settings.max_frames:
+                    break
+                progress.update(1)
+                item = f"#{frame.index}"
+                if isinstance(frame.data, DecodeFailure):
+                    recorder.skip(topic, item, frame.stamp_ns, "decode", frame.data.reason)
+                    recorder.break_sequence()
+                    continue
+                if frame.stamp_ns is None:
+                    recorder.skip(topic, item, None, "no_stamp", "message has no header stamp")
+                    recorder.break_sequence()
+                    continue
+                if last_stamp is not None and frame.stamp_ns < last_stamp:
+                    recorder.skip(
+                        topic, item, frame.stamp_ns, "stamp_backwards",
+                        f"stamp {frame.stamp_ns} ns is {(last_stamp - frame.stamp_ns) / 1e6:.3f}"
+                        f" ms before the previous frame's {last_stamp} ns",
+                    )
+                    continue
+                if last_stamp is not None and frame.stamp_ns == last_stamp:
+                    recorder.skip(topic, item, frame.stamp_ns, "duplicate_stamp",
+                                  f"same stamp {frame.stamp_ns} ns as the previous frame")
+                    continue
+                if last_stamp is not None:
+                    gap_s = (frame.stamp_ns - last_stamp) / 1e9
+                    if gap_s > settings.max_gap_s:
+                        segmenter.reset(settings.stream)
+                        recorder.reset_stream(
+                            f"frame {item}: gap of {gap_s:.3f} s (> {settings.max_gap_s} s)"
+                        )
+                    elif last_frame_id is not None and frame.frame_id != last_frame_id:
+                        segmenter.reset(settings.stream)
+                        recorder.reset_stream(
+                            f"frame {item}: frame_id changed from '{last_frame_id}' to "
+                            f"'{frame.frame_id}'"
+                        )
+                last_stamp, last_frame_id = frame.stamp_ns, frame.frame_id
+                rgb = frame.data
+
+                truth = None
+                if ground_truth is not None:
+                    lookup = ground_truth.lookup(frame.index, frame.stamp_ns)
+                    truth = lookup.labels
+                    if truth is None and lookup.reason:
+                        recorder.skip(ground_truth.description, item, frame.stamp_ns,
+                                      "label", lookup.reason)
+                    elif truth is not None and truth.shape != rgb.shape[:2]:
+                        recorder.skip(
+                            ground_truth.description, item, frame.stamp_ns,
+                            "label_size_mismatch",
+                            f"label map is {truth.shape[1]}x{truth.shape[0]}, the frame "
+                            f"{rgb.shape[1]}x{rgb.shape[0]}",
+                        )
+                        truth = None
+
+                tick = time.perf_counter()
+                try:
+                    output = segmenter.segment(rgb, stream=settings.stream)
+                except (ValueError, RuntimeError) as error:
+                    recorder.skip(topic, item, frame.stamp_ns, "segmenter",
+                                  f"the segmenter refused the frame: {error}")
+                    recorder.break_sequence()
+                    continue
+                latency_ms = (time.perf_counter() - tick) * 1000.0
+                labels = np.asarray(output.labels)
+                record = recorder.add_frame(
+                    frame.index, frame.stamp_ns, rgb, labels, truth, latency_ms,
+                    timings_ms=dict(getattr(output, "timings", {}) or {}),
+                    path=getattr(output, "path", None),
+                    cache_warm=getattr(output, "cache_warm", None),
+                )
+                if video is not None:
+                    caption = f"#{frame.index}  {latency_ms:.0f} ms"
+                    if record.miou is not None:
+                        caption += f"  mIoU {record.miou:.1f}%"
+                    video.add(rgb, labels, caption)
+                if prediction_bag is not None:
+                    prediction_bag.add(frame.index, frame.stamp_ns, frame.frame_id, labels)
+        finally:
+            progress.close()
+
+        if ground_truth is not None:
+            for item_name, reason in ground_truth.problems():
+                recorder.skip(ground_truth.description, item_name, None, "label", reason)
+            unmatched = ground_truth.unmatched()
+            for key in unmatched[:1000]:
+                recorder.skip(ground_truth.description, str(key), None, "label_unmatched",
+                              "no evaluated camera frame matches this label map")
+        topics = [t.__dict__ for t in recording.topics()]
+
+    result = OfflineResult(
+        recorder=recorder, recording=recording_path, image_topic=topic,
+        ground_truth=ground_truth.description if ground_truth is not None else "none",
+        wall_time_s=0.0, topics=topics,
+    )
+    if video is not None:
+        result.video_path = video.close()
+    if prediction_bag is not None:
+        result.output_bag, remarks = prediction_bag.write(recording_path)
+        for remark in remarks:
+            recorder.note(remark)
+    result.wall_time_s = time.perf_counter() - started
+    return result
+

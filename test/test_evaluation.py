@@ -1,0 +1,371 @@
+"""Offline evaluation of recordings written here with rosbags, through a real (tiny) model.
+
+The model has random weights, so its labels mean nothing, but every step is the real one:
+bag reading and decoding, the segmenter, metrics, report, figures, video and output bag.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tdnet_ros import ModelConfig, Segmenter, build_model, save_checkpoint
+from tdnet_ros.evaluation import BagError, OfflineSettings, Recording, evaluate_offline
+from tdnet_ros.evaluation.cli import main as tdnet_eval
+from tdnet_ros.evaluation.labels import cityscapes_train_id_to_label_id_lut
+
+HEIGHT, WIDTH = 72, 96
+CAMERA = "/camera/image_raw"
+TRUTH = "/camera/labels_gt"
+START_NS = 1_700_000_000 * 1_000_000_000
+PERIOD_NS = 100_000_000  # 10 Hz
+
+
+# ------------------------------------------------------------------------------------
+# Fixtures: a tiny model, and recordings written with rosbags
+# ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "td4-tiny.pt"
+    save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmenter(checkpoint) -> Segmenter:
+    return Segmenter.from_checkpoint(checkpoint, device="cpu")
+
+
+def moving_scene(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """RGB frames of a textured scene panning right, and blobby class-id maps (0..18)."""
+    rng = np.random.default_rng(seed)
+    big = (HEIGHT + 10, WIDTH + 4 * count)
+    texture = cv2.GaussianBlur(rng.integers(0, 256, (*big, 3)).astype(np.uint8), (0, 0), 1.2)
+    field = cv2.GaussianBlur(rng.random(big).astype(np.float32), (0, 0), 6)
+    labels = ((field - field.min()) / (np.ptp(field) + 1e-9) * 18.99).astype(np.uint8)
+    frames = [np.ascontiguousarray(texture[5:5 + HEIGHT, 4 * i:4 * i + WIDTH]) for i in range(count)]
+    truths = [np.ascontiguousarray(labels[5:5 + HEIGHT, 4 * i:4 * i + WIDTH]) for i in range(count)]
+    return frames, truths
+
+
+class BagWriter:
+    """Writes sensor_msgs/Image and CompressedImage messages into a rosbag2 or ROS 1 bag."""
+
+    def __init__(self, path: Path, storage: str = "mcap") -> None:
+        from rosbags.typesys import Stores, get_typestore
+
+        self.storage = storage
+        if storage == "ros1":
+            from rosbags.rosbag1 import Writer
+
+            self.typestore = get_typestore(Stores.ROS1_NOETIC)
+            self.writer = Writer(path)
+        else:
+            from rosbags.rosbag2 import StoragePlugin, Writer
+
+            self.typestore = get_typestore(Stores.LATEST)
+            plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+            self.writer = Writer(path, version=Writer.VERSION_LATEST, storage_plugin=plugin)
+        self.writer.open()
+        self.connections: dict[str, object] = {}
+
+    def _header(self, stamp_ns: int):
+        types = self.typestore.types
+        stamp = types["builtin_interfaces/msg/Time"](
+            sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
+        if self.storage == "ros1":
+            return types["std_msgs/msg/Header"](seq=0, stamp=stamp, frame_id="camera")
+        return types["std_msgs/msg/Header"](stamp=stamp, frame_id="camera")
+
+    def _write(self, topic: str, msgtype: str, message, stamp_ns: int) -> None:
+        if topic not in self.connections:
+            self.connections[topic] = self.writer.add_connection(
+                topic, msgtype, typestore=self.typestore)
+        if self.storage == "ros1":
+            raw = self.typestore.serialize_ros1(message, msgtype)
+        else:
+            raw = self.typestore.serialize_cdr(message, msgtype)
+        self.writer.write(self.connections[topic], stamp_ns, raw)
+
+    def image(self, topic: str, stamp_ns: int, pixels: np.ndarray, encoding: str,
+              height: int | None = None, width: int | None = None, step: int | None = None,
+              bag_time_ns: int | None = None) -> None:
+        pixels = np.ascontiguousarray(pixels)
+        height = pixels.shape[0] if height is None else height
+        width = pixels.shape[1] if width is None else width
+        if step is None:
+            step = pixels.shape[1] * (pixels.shape[2] if pixels.ndim == 3 else 1) * pixels.itemsize
+        message = self.typestore.types["sensor_msgs/msg/Image"](
+            header=self._header(stamp_ns), height=height, width=width, encoding=encoding,
+            is_bigendian=0, step=step, data=pixels.view(np.uint8).reshape(-1))
+        self._write(topic, "sensor_msgs/msg/Image", message, bag_time_ns or stamp_ns)
+
+    def compressed(self, topic: str, stamp_ns: int, rgb: np.ndarray) -> None:
+        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        assert ok
+        message = self.typestore.types["sensor_msgs/msg/CompressedImage"](
+            header=self._header(stamp_ns), format="jpeg", data=jpeg.reshape(-1))
+        self._write(topic, "sensor_msgs/msg/CompressedImage", message, stamp_ns)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def encode(rgb: np.ndarray, encoding: str) -> np.ndarray:
+    if encoding == "rgb8":
+        return rgb
+    if encoding == "bgr8":
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    if encoding == "mono8":
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    raise ValueError(encoding)
+
+
+def write_sequence(path: Path, storage: str, encoding: str, count: int = 6,
+                   with_truth: bool = True, compressed: bool = False) -> tuple[list, list]:
+    frames, truths = moving_scene(count)
+    bag = BagWriter(path, storage)
+    for i, (rgb, truth) in enumerate(zip(frames, truths)):
+        stamp = START_NS + i * PERIOD_NS
+        # Ground truth is recorded a little after its frame, as a labelling node would.
+        if compressed:
+            bag.compressed(CAMERA, stamp, rgb)
+        else:
+            bag.image(CAMERA, stamp, encode(rgb, encoding), encoding)
+        if with_truth:
+            bag.image(TRUTH, stamp, truth, "mono8", bag_time_ns=stamp + 5_000_000)
+    bag.close()
+    return frames, truths
+
+
+def settings(**overrides) -> OfflineSettings:
+    values = dict(image_topic=CAMERA, label_topic=TRUTH, progress=False)
+    values.update(overrides)
+    return OfflineSettings(**values)
+
+
+# ------------------------------------------------------------------------------------
+# Offline evaluation over storage formats and encodings
+# ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage,encoding", [
+    ("mcap", "rgb8"), ("sqlite3", "bgr8"), ("mcap", "mono8"), ("sqlite3", "jpeg"),
+    ("ros1", "rgb8"),
+])
+def test_offline_evaluation_formats_and_encodings(tmp_path, segmenter, storage, encoding):
+    bag_path = tmp_path / ("recording.bag" if storage == "ros1" else "recording")
+    frames, truths = write_sequence(bag_path, storage, encoding, count=5,
+                                    compressed=encoding == "jpeg")
+    result = evaluate_offline(bag_path, segmenter, settings())
+    recorder = result.recorder
+    assert len(recorder.frames) == 5
+    assert recorder.frames_with_ground_truth == 5
+    assert recorder.skipped == []
+    # The predictions equal those of the segmenter run directly on the decoded frames.
+    segmenter.reset("direct")
+    expected = np.zeros((19, 19), dtype=np.int64)
+    from tdnet_ros.metrics import confusion_matrix
+
+    for rgb, truth in zip(frames, truths):
+        if encoding == "mono8":
+            rgb = cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        if encoding == "jpeg":
+            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+            rgb = cv2.cvtColor(cv2.imdecode(jpeg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        labels = segmenter.segment(rgb, stream="direct").labels
+        expected += confusion_matrix(labels, truth, 19)
+    np.testing.assert_array_equal(recorder.scores.matrix, expected)
+    summary = recorder.summary()
+    assert 0.0 <= summary["miou"] <= 100.0
+    assert summary["temporal_pairs"] == 4
+    assert 0.0 <= summary["temporal_consistency"] <= 100.0
+    assert set(summary["latency_ms"]["total"]) >= {"p50", "p95", "p99"}
+
+
+def test_bad_content_is_skipped_counted_and_named(tmp_path, segmenter):
+    frames, truths = moving_scene(8)
+    bag_path = tmp_path / "bad"
+    bag = BagWriter(bag_path, "mcap")
+    t = [START_NS + i * PERIOD_NS for i in range(8)]
+    bag.image(CAMERA, t[0], frames[0], "rgb8")
+    bag.image(TRUTH, t[0], truths[0], "mono8")
+    bag.image(CAMERA, t[1], frames[1][:10], "rgb8", height=HEIGHT)  # truncated data
+    bag.image(CAMERA, t[2], frames[2], "weird42")  # unknown encoding
+    bag.image(CAMERA, t[3], frames[3], "rgb8")
+    bag.image(TRUTH, t[3], truths[3][:, :50], "mono8")  # label of the wrong size
+    bag.image(CAMERA, t[1] - 1, frames[4], "rgb8", bag_time_ns=t[4])  # stamp goes back
+    bag.image(CAMERA, t[5], frames[5], "rgb8")
+    bag.image(TRUTH, t[5], truths[5], "mono16")  # wrong dtype for mono16 data: truncated
+    bag.image(CAMERA, t[6], frames[6][:, :, 0], "mono8")
+    bag.image(TRUTH, t[6], truths[6], "mono8")
+    bag.image(TRUTH, t[7] + 3 * PERIOD_NS, truths[7], "mono8")  # matches no frame
+    bag.close()
+
+    result = evaluate_offline(bag_path, segmenter, settings())
+    recorder = result.recorder
+    assert [f.index for f in recorder.frames] == [0, 3, 5, 6]
+    assert recorder.frames_with_ground_truth == 2  # frames 0 and 6
+    categories = sorted(item.category for item in recorder.skipped)
+    assert categories == sorted(["decode", "decode", "stamp_backwards", "label_size_mismatch",
+                                 "label", "label_unmatched"])
+    reasons = {item.item + " " + item.category: item.reason for item in recorder.skipped}
+    assert "bytes" in reasons["#1 decode"]  # truncated: names the byte counts
+    assert "weird42" in reasons["#2 decode"]
+    assert "before the previous frame" in reasons["#4 stamp_backwards"]
+    assert "96x72" in reasons["#3 label_size_mismatch"]
+
+    out = tmp_path / "report"
+    from tdnet_ros.evaluation.cli import write_offline_report
+    from tdnet_ros.evaluation.report import Provenance
+
+    provenance = Provenance("td4-tiny", "x.pt", "ab" * 32, "cpu", "float32", "pytest")
+    results = write_offline_report(result, provenance, out)
+    assert results["skipped"]["total"] == 6
+    assert results["skipped"]["by_category"]["decode"] == 2
+    report = (out / "report.md").read_text()
+    assert "weird42" in report and "stamp_backwards" in report
+
+
+def test_missing_label_topic_is_named_not_fatal(tmp_path, segmenter):
+    bag_path = tmp_path / "nolabels"
+    write_sequence(bag_path, "mcap", "rgb8", count=3, with_truth=False)
+    result = evaluate_offline(bag_path, segmenter, settings())
+    recorder = result.recorder
+    assert len(recorder.frames) == 3 and recorder.frames_with_ground_truth == 0
+    (item,) = recorder.skipped
+    assert item.category == "label_topic_missing"
+    assert TRUTH in item.reason and CAMERA in item.reason  # names it and lists the topics
+    summary = recorder.summary()
+    assert summary["miou"] is None and summary["per_class_iou"] == {}
+    with pytest.raises(BagError, match=CAMERA):
+        evaluate_offline(bag_path, segmenter, settings(require_labels=True))
+
+
+def test_gap_resets_temporal_state(tmp_path, segmenter):
+    frames, _ = moving_scene(4)
+    bag_path = tmp_path / "gap"
+    bag = BagWriter(bag_path, "sqlite3")
+    for i, stamp in enumerate([0, 1, 30, 31]):  # 2.9 s gap between frames 1 and 2
+        bag.image(CAMERA, START_NS + stamp * PERIOD_NS, frames[i], "rgb8")
+    bag.close()
+    result = evaluate_offline(bag_path, segmenter, settings(label_topic=None))
+    assert len(result.recorder.stream_resets) == 1
+    assert "gap of 2.900 s" in result.recorder.stream_resets[0]
+    assert len(result.recorder.temporal.pair_scores) == 2  # (0,1) and (2,3), none across
+
+
+def test_label_folder_cityscapes_style(tmp_path, segmenter):
+    bag_path = tmp_path / "rec"
+    frames, truths = write_sequence(bag_path, "mcap", "rgb8", count=4, with_truth=False)
+    folder = tmp_path / "gtFine" / "val" / "street"
+    folder.mkdir(parents=True)
+    to_label_id = cityscapes_train_id_to_label_id_lut()
+    # Frames 1 and 3 annotated; frame numbers in the names start at 100.
+    cv2.imwrite(str(folder / "street_000000_000101_gtFine_labelIds.png"), to_label_id[truths[1]])
+    cv2.imwrite(str(folder / "street_000000_000103_gtFine_labelTrainIds.png"), truths[3])
+    result = evaluate_offline(bag_path, segmenter, settings(
+        label_topic=None, label_dir=tmp_path / "gtFine", label_index_offset=100))
+    recorder = result.recorder
+    assert recorder.frames_with_ground_truth == 2
+    assert recorder.skipped == []
+    predicted = [f for f in recorder.frames if f.miou is not None]
+    assert [f.index for f in predicted] == [1, 3]
+
+
+def test_unreadable_bag_and_missing_topic_fail_clearly(tmp_path, segmenter):
+    broken = tmp_path / "broken.bag"
+    broken.write_bytes(b"not a bag at all")
+    with pytest.raises(BagError, match="cannot read recording"):
+        evaluate_offline(broken, segmenter, settings())
+    with pytest.raises(BagError, match="does not exist"):
+        evaluate_offline(tmp_path / "nowhere", segmenter, settings())
+    bag_path = tmp_path / "rec"
+    write_sequence(bag_path, "mcap", "rgb8", count=2)
+    with pytest.raises(BagError) as error:
+        evaluate_offline(bag_path, segmenter, settings(image_topic="/front/image"))
+    message = str(error.value)
+    assert "/front/image" in message and CAMERA in message and TRUTH in message
+    with Recording(bag_path) as recording:
+        assert {t.name for t in recording.topics()} == {CAMERA, TRUTH}
+
+
+# ------------------------------------------------------------------------------------
+# The command line: output folder, JSON, figures, video, prediction bag
+# ------------------------------------------------------------------------------------
+
+
+def test_cli_writes_report_json_plots_video_and_bag(tmp_path, checkpoint, capsys):
+    bag_path = tmp_path / "rec"
+    write_sequence(bag_path, "mcap", "bgr8", count=6)
+    out = tmp_path / "out"
+    json_path = tmp_path / "results.json"
+    prediction_bag = tmp_path / "with_predictions"
+    status = tdnet_eval([
+        str(bag_path), "--image-topic", CAMERA, "--label-topic", TRUTH, "--out", str(out),
+        "--json", str(json_path), "--checkpoint", str(checkpoint), "--model", "td4-tiny",
+        "--device", "cpu", "--no-progress", "--output-bag", str(prediction_bag),
+    ])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and str(out / "report.md") in printed
+
+    results = json.loads(json_path.read_text())
+    for key in ("miou", "per_class_iou", "pixel_accuracy", "temporal_consistency",
+                "latency_ms", "fps", "frames", "skipped", "model", "checkpoint_sha256",
+                "device", "precision", "command"):
+        assert key in results, key
+    assert results["frames"] == 6
+    assert results["model"] == "td4-tiny" and results["device"] == "cpu"
+    from tdnet_ros.checkpoint import file_sha256
+
+    assert results["checkpoint_sha256"] == file_sha256(checkpoint)
+    assert results["command"].startswith("tdnet-eval ")
+    assert set(results["per_class_iou"]) == set(Segmenter.from_checkpoint(checkpoint).class_names)
+    for stage in ("total",):
+        assert {"p50", "p95", "p99"} <= set(results["latency_ms"][stage])
+    assert len(results["latency_ms"]) > 1  # per-stage timings from the segmenter
+
+    for name in ("report.md", "results.json", "per_class_iou.png", "latency_histogram.png",
+                 "per_frame.png", "overlay.mp4"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert cv2.imread(str(out / "per_class_iou.png")) is not None
+    video = cv2.VideoCapture(str(out / "overlay.mp4"))
+    assert video.get(cv2.CAP_PROP_FRAME_COUNT) == 6
+    assert int(video.get(cv2.CAP_PROP_FRAME_WIDTH)) == WIDTH
+    report = (out / "report.md").read_text()
+    # Beside every figure: model, checkpoint hash, device, precision, command.
+    assert report.count(results["checkpoint_sha256"]) >= 4
+    assert report.count("*Command* `tdnet-eval") >= 4
+    assert "float32" in report
+
+    with Recording(prediction_bag) as recording:
+        topics = {t.name: t.count for t in recording.topics()}
+        assert topics == {CAMERA: 6, TRUTH: 6, "/camera/labels": 6}
+        labels = list(recording.labels("/camera/labels"))
+    assert all(frame.data.shape == (HEIGHT, WIDTH) for frame in labels)
+    assert [f.stamp_ns for f in labels] == [START_NS + i * PERIOD_NS for i in range(6)]
+
+
+def test_cli_errors_list_the_topics(tmp_path, checkpoint, capsys):
+    bag_path = tmp_path / "rec"
+    write_sequence(bag_path, "sqlite3", "rgb8", count=2)
+    status = tdnet_eval([str(bag_path), "--image-topic", "/nope", "--checkpoint",
+                         str(checkpoint), "--no-progress", "--out", str(tmp_path / "o")])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "/nope" in error and CAMERA in error and TRUTH in error
+    status = tdnet_eval([str(tmp_path / "missing"), "--image-topic", CAMERA])
+    assert status == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert tdnet_eval([str(bag_path), "--list-topics"]) == 0
+    assert CAMERA in capsys.readouterr().out
