@@ -1,0 +1,56 @@
+"""Per-stream feature cache: the subsampled (q, k, v) of the last N-1 frames."""
+
+from __future__ import annotations
+
+import torch
+
+from .model import CachedFrame
+
+
+class FeatureCache:
+    """Preallocated, fixed-shape storage of the cached frames' query, key and value.
+
+    Frame t runs sub-network t mod N and is stored in slot t mod N (a ring of N slots):
+    the slot it overwrites held frame t-N, the one that just fell out of the window, so
+    the N-1 other slots always hold the previous N-1 frames. Shapes never change after
+    allocation, so a captured CUDA graph or a compiled step can read and write it.
+    """
+
+    def __init__(
+        self,
+        num_paths: int,
+        cached_tokens: int,
+        key_channels: int,
+        value_channels: int,
+        *,
+        batch: int = 1,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.num_paths = num_paths
+        shape = (num_paths, batch, cached_tokens)
+        self.query = torch.zeros(*shape, key_channels, device=device, dtype=dtype)  # (N, B, L, d_k)
+        self.key = torch.zeros(*shape, key_channels, device=device, dtype=dtype)  # (N, B, L, d_k)
+        self.value = torch.zeros(*shape, value_channels, device=device, dtype=dtype)  # (N, B, L, d_v)
+        self.frames_written = 0
+
+    @property
+    def warm(self) -> bool:
+        """True once it holds N-1 frames, so that the next frame gets the attention term."""
+        return self.frames_written >= self.num_paths - 1 and self.num_paths > 1
+
+    def write(self, slot: int, entry: CachedFrame) -> None:
+        query, key, value = entry
+        self.query[slot].copy_(query)  # (B, L, d_k)
+        self.key[slot].copy_(key)
+        self.value[slot].copy_(value)  # (B, L, d_v)
+        self.frames_written += 1
+
+    def read(self, slots: list[int]) -> list[CachedFrame] | None:
+        """The cached frames in `slots` order (oldest first), or None while not warm."""
+        if not self.warm:
+            return None
+        return [(self.query[s], self.key[s], self.value[s]) for s in slots]
+
+    def reset(self) -> None:
+        self.frames_written = 0

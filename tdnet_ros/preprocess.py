@@ -1,0 +1,90 @@
+"""Frame checks, resizing, normalization and label upsampling (torch and numpy only)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_frame(frame: object) -> np.ndarray:
+    """Returns the frame if it is an HxWx3 uint8 C-contiguous array, else raises ValueError."""
+    if not isinstance(frame, np.ndarray):
+        raise ValueError(f"frame must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise ValueError(f"frame must be uint8 RGB, got dtype {frame.dtype}")
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"frame must have shape (H, W, 3) (RGB), got {frame.shape}")
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise ValueError(f"frame is empty: shape {frame.shape}")
+    if not frame.flags.c_contiguous:
+        raise ValueError(
+            "frame must be C-contiguous (a flipped or strided view was given); "
+            "pass np.ascontiguousarray(frame)"
+        )
+    return frame
+
+
+def check_normalized(x: object, size: tuple[int, int] | None) -> torch.Tensor:
+    """Checks a (1, 3, H, W) float32 tensor already normalized at the model input size."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"normalized input must be a torch tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"normalized input must be float32, got {x.dtype}")
+    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
+        raise ValueError(f"normalized input must have shape (1, 3, H, W), got {tuple(x.shape)}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"normalized input is empty: shape {tuple(x.shape)}")
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        raise ValueError(f"normalized input must be {size[0]}x{size[1]} (the model input size), got {tuple(x.shape[-2:])}")
+    return x
+
+
+def resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a uint8 frame to (height, width), as the published pipeline does."""
+    if frame.shape[:2] == tuple(size):
+        return frame
+    return cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+class Normalizer:
+    """uint8 HxWx3 frame -> normalized (1, 3, H, W) tensor on the model's device.
+
+    The frame is uploaded as uint8 (a quarter of the float bytes) and converted there.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, channels_last: bool) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.scale = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1).to(device)
+        self.shift = (torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1).to(device)
+
+    def __call__(self, frame: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(frame).to(self.device, non_blocking=True)
+        x = pixels.permute(2, 0, 1)[None].float()  # (H, W, 3) -> (1, 3, H, W)
+        x = x.mul_(self.scale).sub_(self.shift)  # (x / 255 - mean) / std
+        return x.to(dtype=self.dtype, memory_format=self.memory_format)
+
+
+def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Upsamples (1, K, h, w) logits bilinearly (align_corners=True) to `size` and takes argmax.
+
+    Returns an HxW uint8 array (uint16 when there are more than 255 classes).
+    """
+    upsampled = F.interpolate(logits, size, mode="bilinear", align_corners=True)  # (1, K, H, W)
+    labels = upsampled.argmax(dim=1)[0]  # (H, W)
+    dtype = torch.uint8 if logits.shape[1] <= 255 else torch.int32
+    labels = labels.to(dtype).cpu().numpy()
+    return labels if dtype == torch.uint8 else labels.astype(np.uint16)
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label image to (height, width)."""
+    if labels.shape == tuple(size):
+        return labels
+    return cv2.resize(labels, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)

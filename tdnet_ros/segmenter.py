@@ -1,0 +1,240 @@
+"""Streaming segmentation: one model, any number of streams, a feature cache per stream."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache import FeatureCache
+from .checkpoint import file_sha256, load_model
+from .config import ModelConfig, feature_size_for
+from .data.classes import CLASS_COLORS, CLASS_NAMES
+from .model import TDNet
+from .preprocess import Normalizer, check_frame, check_normalized, labels_from_logits, resize_frame, resize_labels
+from .timing import StageTimes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PATH = Path(__file__).parent / "models" / "default.pt"
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class SegmentResult:
+    labels: np.ndarray  # (H, W) uint8 class ids (uint16 above 255 classes)
+    logits: torch.Tensor  # (K, h, w): head output at 1/8 of the model input, before upsampling
+    path: int  # which sub-network ran (0..N-1)
+    timings: dict[str, float]  # stage -> milliseconds
+    cache_warm: bool  # whether the attention term over the cached frames was used
+    cache_reset: bool  # whether this frame started a new temporal sequence
+
+
+@dataclass
+class _Stream:
+    cache: FeatureCache
+    input_size: tuple[int, int]
+    frame_index: int = 0  # frames since the last reset; decides the sub-network
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"cpu", "cuda[:n]" or "auto" (CUDA when available, else the CPU with a warning)."""
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.warning("device 'auto': CUDA is not available, running on the CPU")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise RuntimeError(
+            f"device {name!r} was requested but CUDA is not available (torch {torch.__version__}, {build}); "
+            "use device 'cpu' or 'auto'"
+        )
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use 'cpu', 'cuda' or 'auto'")
+    return resolved
+
+
+class Segmenter:
+    """Runs TDNet over frame streams.
+
+    Args:
+        model: a loaded TDNet.
+        device: "cpu", "cuda", "cuda:N" or "auto".
+        precision: "float32" (default), "bfloat16" or "float16" (weights and activations).
+        input_size: size frames are resized to before the network: None for the model's
+            own training size (exact for published checkpoints), (height, width) for another
+            fixed size, or "frame" to run at each frame's own size. Sizes other than the
+            training size resize the LayerNorm's affine parameters to the feature map.
+        channels_last: use the channels-last memory format (faster convolutions on CPU and GPU).
+        checkpoint: path the weights came from (for reports).
+    """
+
+    def __init__(
+        self,
+        model: TDNet,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "float32",
+        input_size: tuple[int, int] | str | None = None,
+        channels_last: bool = True,
+        checkpoint: str | Path | None = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}")
+        if isinstance(input_size, str) and input_size != "frame":
+            raise ValueError(f"input_size must be (height, width), None or 'frame', got {input_size!r}")
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            log.warning("float16 on the CPU is slow; bfloat16 is the CPU's reduced precision")
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.eval().to(self.device, self.dtype, memory_format=memory_format)
+        self.config: ModelConfig = model.config
+        self.input_size = tuple(input_size) if isinstance(input_size, (tuple, list)) else input_size
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self._normalize = Normalizer(self.device, self.dtype, channels_last)
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # streams may be served from several threads
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, model: str | None = None, device: str = "cpu", **options: Any
+    ) -> "Segmenter":
+        """Loads a published `.pkl` (model name given or inferred) or a project checkpoint."""
+        device_resolved = resolve_device(device)  # fail on the device before reading weights
+        return cls(load_model(path, model), device=device_resolved, checkpoint=path, **options)
+
+    @classmethod
+    def default(cls, device: str = "cpu", **options: Any) -> "Segmenter":
+        """The bundled default model (a small TD4 trained by this project)."""
+        if not DEFAULT_MODEL_PATH.is_file():
+            raise FileNotFoundError(
+                f"no bundled default model at {DEFAULT_MODEL_PATH}; "
+                "give a checkpoint explicitly (Segmenter.from_checkpoint)"
+            )
+        return cls.from_checkpoint(DEFAULT_MODEL_PATH, device=device, **options)
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.config.class_names:
+            return list(self.config.class_names)
+        if self.num_classes == len(CLASS_NAMES):
+            return list(CLASS_NAMES)
+        return [f"class {i}" for i in range(self.num_classes)]
+
+    @property
+    def class_colors(self) -> np.ndarray:
+        """(K, 3) uint8 RGB colours."""
+        if self.config.class_colors:
+            return np.asarray(self.config.class_colors, dtype=np.uint8)
+        if self.num_classes == len(CLASS_COLORS):
+            return np.asarray(CLASS_COLORS, dtype=np.uint8)
+        rng = np.random.default_rng(0)
+        return rng.integers(0, 256, (self.num_classes, 3), dtype=np.uint8)
+
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        return file_sha256(self.checkpoint) if self.checkpoint else None
+
+    def model_input_size(self, frame_size: tuple[int, int]) -> tuple[int, int]:
+        if self.input_size == "frame":
+            return tuple(frame_size)  # type: ignore[return-value]
+        return tuple(self.input_size or self.config.input_size)  # type: ignore[return-value]
+
+    # -- streaming --------------------------------------------------------------------
+
+    def reset(self, stream: str | None = None) -> None:
+        """Forgets the temporal state of one stream, or of all streams."""
+        with self._lock:
+            if stream is None:
+                for state in self._streams.values():
+                    state.cache.reset()
+                    state.frame_index = 0
+            elif stream in self._streams:
+                self._streams[stream].cache.reset()
+                self._streams[stream].frame_index = 0
+
+    def segment(self, frame: np.ndarray, stream: str = "default") -> SegmentResult:
+        """Segments one HxWx3 uint8 RGB frame; labels come back at the frame's resolution."""
+        start = time.perf_counter()
+        frame = check_frame(frame)
+        times = StageTimes(self.device)
+        with times("preprocess"):
+            size = self.model_input_size(frame.shape[:2])
+            x = self._normalize(resize_frame(frame, size))
+        return self._run(x, stream, frame.shape[:2], times, start)
+
+    def segment_normalized(self, x: torch.Tensor, stream: str = "default") -> SegmentResult:
+        """Segments a (1, 3, H, W) float32 tensor already normalized at the model input size."""
+        start = time.perf_counter()
+        size = None if self.input_size == "frame" else self.model_input_size((0, 0))
+        x = check_normalized(x, size)
+        times = StageTimes(self.device)
+        memory_format = self._normalize.memory_format
+        x = x.to(self.device, self.dtype, memory_format=memory_format)
+        return self._run(x, stream, tuple(x.shape[-2:]), times, start)
+
+    def _run(
+        self, x: torch.Tensor, stream: str, out_size: tuple[int, int], times: StageTimes, start: float
+    ) -> SegmentResult:
+        with self._lock:
+            state, was_reset = self._stream_state(stream, tuple(x.shape[-2:]))
+            path = state.frame_index % self.config.num_paths
+            with torch.inference_mode():
+                cached = state.cache.read(self.model.cache_order(path))
+                step = self.model.step(x, path, cached, timer=times)
+                state.cache.write(path, step.cache_entry)
+                state.frame_index += 1
+                logits = step.logits.float()
+                with times("postprocess"):
+                    # Labels at the model input size, then nearest to the frame's: the
+                    # published pipeline's order, and 19x fewer pixels to interpolate.
+                    labels = labels_from_logits(logits, tuple(x.shape[-2:]))
+                    labels = resize_labels(labels, out_size)
+        times.ms["total"] = (time.perf_counter() - start) * 1e3
+        return SegmentResult(labels, logits[0], path, times.ms, cached is not None, was_reset)
+
+    def _stream_state(self, stream: str, input_size: tuple[int, int]) -> tuple[_Stream, bool]:
+        """The stream's state, (re)allocated on its first frame and when its input size changes."""
+        state = self._streams.get(stream)
+        if state is not None and state.input_size == input_size:
+            return state, state.frame_index == 0
+        if state is not None:
+            log.info("stream %r changed input size %s -> %s: cache reset", stream, state.input_size, input_size)
+        h, w = feature_size_for(input_size)
+        s = self.config.cache_stride
+        cached_tokens = ((h - 1) // s + 1) * ((w - 1) // s + 1)
+        cache = FeatureCache(
+            self.config.num_paths,
+            cached_tokens,
+            self.config.key_channels,
+            self.config.value_channels,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        state = self._streams[stream] = _Stream(cache, input_size)
+        return state, True
+
+    def streams(self) -> list[str]:
+        return list(self._streams)

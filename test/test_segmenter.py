@@ -1,0 +1,203 @@
+"""The streaming segmenter and checkpoint loading on a tiny model (no shared vectors needed)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from tdnet_ros import CheckpointError, ModelConfig, Segmenter, build_model, load_model, save_checkpoint
+from tdnet_ros.checkpoint import published_to_internal, read_checkpoint
+
+
+def tiny_segmenter(**options) -> Segmenter:
+    torch.manual_seed(0)
+    return Segmenter(build_model(ModelConfig.from_name("td4-tiny")), device="cpu", **options)
+
+
+def random_frames(count: int, height: int = 96, width: int = 160, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (np.zeros((8, 8, 3), np.float32), "uint8"),
+        (np.zeros((8, 8, 4), np.uint8), "(H, W, 3)"),
+        (np.zeros((8, 8), np.uint8), "(H, W, 3)"),
+        (np.zeros((0, 8, 3), np.uint8), "empty"),
+        (np.zeros((8, 16, 3), np.uint8)[:, ::2], "C-contiguous"),
+        ([[0, 0, 0]], "numpy array"),
+    ],
+)
+def test_bad_frames_raise_value_error(frame, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_segmenter().segment(frame)
+
+
+def test_bad_normalized_input_raises_value_error():
+    seg = tiny_segmenter()
+    with pytest.raises(ValueError, match="float32"):
+        seg.segment_normalized(torch.zeros(1, 3, 128, 256, dtype=torch.float64))
+    with pytest.raises(ValueError, match="model input size"):
+        seg.segment_normalized(torch.zeros(1, 3, 64, 64))
+
+
+def test_schedule_cache_and_output_sizes():
+    seg = tiny_segmenter()
+    results = [seg.segment(f, stream="cam") for f in random_frames(6)]
+    assert [r.path for r in results] == [0, 1, 2, 3, 0, 1]
+    assert [r.cache_warm for r in results] == [False, False, False, True, True, True]
+    assert [r.cache_reset for r in results] == [True] + [False] * 5
+    for r in results:
+        assert r.labels.shape == (96, 160) and r.labels.dtype == np.uint8
+        assert r.logits.shape == (19, 16, 32)  # stride 8 of the 128x256 model input
+        assert {"preprocess", "backbone", "attention", "head", "postprocess", "total"} <= set(r.timings)
+
+
+def test_cache_is_preallocated_and_reused():
+    seg = tiny_segmenter()
+    frames = random_frames(8)
+    seg.segment(frames[0], stream="cam")
+    cache = seg._streams["cam"].cache
+    pointers = (cache.query.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr())
+    for frame in frames[1:]:
+        seg.segment(frame, stream="cam")
+    assert seg._streams["cam"].cache is cache
+    assert (cache.query.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr()) == pointers
+
+
+def test_streams_are_independent():
+    frames_a, frames_b = random_frames(6, seed=1), random_frames(6, seed=2)
+    seg = tiny_segmenter()
+    interleaved = []
+    for a, b in zip(frames_a, frames_b):
+        interleaved.append((seg.segment(a, stream="a").labels, seg.segment(b, stream="b").labels))
+    alone_a = [r.labels for r in map(lambda f: seg.segment(f, stream="c"), frames_a)]
+    assert all(np.array_equal(x[0], y) for x, y in zip(interleaved, alone_a))
+
+
+def test_reset_restarts_the_schedule():
+    seg = tiny_segmenter()
+    frames = random_frames(5)
+    first = [seg.segment(f, stream="cam") for f in frames]
+    seg.reset(stream="cam")
+    again = [seg.segment(f, stream="cam") for f in frames]
+    assert [r.path for r in again] == [0, 1, 2, 3, 0]
+    assert again[0].cache_reset
+    for x, y in zip(first, again):
+        assert torch.equal(x.logits, y.logits)
+
+
+def test_size_change_resets_the_cache_and_keeps_frame_size():
+    seg = tiny_segmenter(input_size="frame")
+    for f in random_frames(4, 96, 160):
+        seg.segment(f, stream="cam")
+    result = seg.segment(random_frames(1, 64, 200)[0], stream="cam")
+    assert result.cache_reset and result.path == 0 and not result.cache_warm
+    assert result.labels.shape == (64, 200)
+    assert result.logits.shape == (19, 8, 25)
+
+
+def test_resized_layer_norm_matches_at_trained_size():
+    """At the trained size the resized-LayerNorm path is the identity on the parameters."""
+    seg = tiny_segmenter()
+    norm = seg.model.paths[0].layer_norm
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(1, 32, 16, 32)
+    params = torch.stack([norm.weight, norm.bias])[None]
+    resized = torch.nn.functional.interpolate(params, (16, 32), mode="bilinear", align_corners=True)[0]
+    assert torch.allclose(resized[0], norm.weight)
+    doubled = norm(torch.randn(1, 32, 32, 64))
+    assert doubled.shape == (1, 32, 32, 64)
+    assert torch.allclose(norm(x), torch.nn.functional.layer_norm(x, (16, 32), norm.weight, norm.bias), atol=1e-6)
+
+
+def test_project_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("td4-tiny"))
+    path = save_checkpoint(model, tmp_path / "tiny.pt", iteration=7)
+    loaded = load_model(path)
+    assert loaded.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+    frame = random_frames(1)[0]
+    a = Segmenter(model).segment(frame).labels
+    b = Segmenter.from_checkpoint(path).segment(frame).labels
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "module", "state_dict", "model_state"])
+def test_published_layout_wrappers_load(tmp_path, wrap):
+    from published_vectors import filled_state_dict
+
+    state = filled_state_dict("td4-psp18", seed=3)
+    if wrap == "module":
+        state = {f"module.{k}": v for k, v in state.items()}
+    content = {wrap: state} if wrap in ("state_dict", "model_state") else state
+    path = tmp_path / "td4.pkl"
+    torch.save(content, path)
+    model = load_model(path)  # model name inferred from the keys
+    assert model.config.name == "td4-psp18"
+    expected = published_to_internal(filled_state_dict("td4-psp18", seed=3), 4)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key])
+
+
+def test_checkpoint_errors_name_the_file_and_the_problem(tmp_path):
+    from published_vectors import filled_state_dict
+
+    with pytest.raises(CheckpointError, match="not found: .*nothing.pkl"):
+        Segmenter.from_checkpoint(tmp_path / "nothing.pkl", model="td4-psp18")
+    corrupt = tmp_path / "corrupt.pkl"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*corrupt.pkl"):
+        Segmenter.from_checkpoint(corrupt, model="td4-psp18")
+    td2 = tmp_path / "td2.pkl"
+    torch.save(filled_state_dict("td2-psp50", seed=1), td2)
+    with pytest.raises(CheckpointError, match=r"td2.pkl does not fit model 'td4-psp18': missing keys: .*unexpected keys"):
+        Segmenter.from_checkpoint(td2, model="td4-psp18")
+    wrong_shape = filled_state_dict("td4-psp18", seed=1)
+    wrong_shape["head1.conv5.4.weight"] = torch.zeros(21, 128, 1, 1)
+    torch.save(wrong_shape, tmp_path / "td4_21.pkl")
+    with pytest.raises(CheckpointError, match=r"mismatched shapes: paths.0.head.4.weight: checkpoint \(21, 128, 1, 1\)"):
+        Segmenter.from_checkpoint(tmp_path / "td4_21.pkl", model="td4-psp18")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("checkpoint code ran",))
+
+
+def test_loading_never_runs_code(tmp_path, capsys):
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"weight": _RunsCode()}, f)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(path)
+    assert "checkpoint code ran" not in capsys.readouterr().out
+
+
+def test_unknown_model_and_device_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'td9-psp1'"):
+        ModelConfig.from_name("td9-psp1")
+    with pytest.raises(ValueError, match="unknown precision"):
+        tiny_segmenter(precision="int4")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device 'cuda' was requested but CUDA is not available"):
+            Segmenter(build_model(ModelConfig.from_name("td4-tiny")), device="cuda")
+        assert Segmenter(build_model(ModelConfig.from_name("td4-tiny")), device="auto").device.type == "cpu"
+
+
+def test_bfloat16_agrees_with_float32():
+    frames = random_frames(6, 128, 256, seed=5)
+    full = tiny_segmenter()
+    reduced = tiny_segmenter(precision="bfloat16")
+    for frame in frames:
+        a = full.segment(frame, stream="s").labels
+        b = reduced.segment(frame, stream="s").labels
+        assert (a == b).mean() >= 0.9  # random tiny weights: near-flat logits, so a loose bound
