@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import re
 import threading
 import time
 from collections import deque
@@ -122,8 +123,17 @@ class CameraStream:
             self._pending = job
 
     def count_lost(self, count: int) -> None:
+        """Counts messages the middleware reports lost in transport (best effort)."""
         with self._lock:
             self.lost += int(count)
+        self.report_error(
+            "lost",
+            f"{count} message(s) lost in transport (total {self.lost}): best-effort "
+            "subscriptions lose messages whose fragments do not all arrive; large images need "
+            "FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA in the publisher's process too, or "
+            "qos_reliability reliable",
+            count=False,
+        )
 
     def request_reset(self) -> None:
         with self._lock:
@@ -156,11 +166,13 @@ class CameraStream:
             )
         self.pub_class_table.publish(table)
 
-    def report_error(self, kind: str, problem: str) -> None:
+    def report_error(self, kind: str, problem: str, *, count: bool = True) -> None:
         """Counts a bad frame and logs it, at most once per period per ``kind``."""
         now = time.monotonic()
         with self._lock:
-            if kind == "processing":
+            if not count:
+                pass
+            elif kind == "processing":
                 self.errors += 1
             else:
                 self.invalid += 1
@@ -223,7 +235,8 @@ class CameraStream:
         try:
             rgb = self._decode(msg)
         except ImageEncodingError as error:
-            self.report_error(f"input:{type(msg).__name__}", str(error))
+            # Throttled per kind of problem: the message with its numbers masked.
+            self.report_error("input:" + re.sub(r"\d+", "#", str(error)), str(error))
             return
         decoded_ns = time.monotonic_ns()
 
