@@ -350,8 +350,8 @@ def test_cli_writes_report_json_plots_video_and_bag(tmp_path, checkpoint, capsys
 
     with Recording(prediction_bag) as recording:
         topics = {t.name: t.count for t in recording.topics()}
-        assert topics == {CAMERA: 6, TRUTH: 6, "/camera/labels": 6}
-        labels = list(recording.labels("/camera/labels"))
+        assert topics == {CAMERA: 6, TRUTH: 6, "/camera/segmentation/labels": 6}
+        labels = list(recording.labels("/camera/segmentation/labels"))
     assert all(frame.data.shape == (HEIGHT, WIDTH) for frame in labels)
     assert [f.stamp_ns for f in labels] == [START_NS + i * PERIOD_NS for i in range(6)]
 
@@ -369,3 +369,54 @@ def test_cli_errors_list_the_topics(tmp_path, checkpoint, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert tdnet_eval([str(bag_path), "--list-topics"]) == 0
     assert CAMERA in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------
+# Live mode: the recording played over DDS into segmenter_node in its own process
+# ------------------------------------------------------------------------------------
+
+
+def test_live_evaluation_over_dds(tmp_path, checkpoint, segmenter, capsys):
+    pytest.importorskip("rclpy")
+    # Camera-sized frames (the shared note: small images hide the large-data trap).
+    rng = np.random.default_rng(5)
+    scene = cv2.GaussianBlur(rng.integers(0, 256, (520, 720, 3)).astype(np.uint8), (0, 0), 1.5)
+    field = cv2.GaussianBlur(rng.random((520, 720)).astype(np.float32), (0, 0), 20)
+    scene_labels = ((field - field.min()) / (np.ptp(field) + 1e-9) * 18.99).astype(np.uint8)
+    bag_path = tmp_path / "live"
+    bag = BagWriter(bag_path, "mcap")
+    count = 8
+    for i in range(count):
+        stamp = START_NS + i * 200_000_000  # 5 Hz
+        rgb = np.ascontiguousarray(scene[10:490, 8 * i:8 * i + 640])
+        bag.image(CAMERA, stamp, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), "bgr8")
+        bag.image(TRUTH, stamp, scene_labels[10:490, 8 * i:8 * i + 640], "mono8",
+                  bag_time_ns=stamp + 2_000_000)
+    bag.close()
+
+    out = tmp_path / "out"
+    status = tdnet_eval([
+        str(bag_path), "--image-topic", CAMERA, "--label-topic", TRUTH, "--live",
+        "--checkpoint", str(checkpoint), "--device", "cpu", "--out", str(out), "--no-progress",
+    ])
+    log = (out / "node.log").read_text() if (out / "node.log").exists() else ""
+    assert status == 0, capsys.readouterr().err + log
+    printed = capsys.readouterr().out
+    assert "dropped frames" in printed and "end-to-end" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["mode"] == "live"
+    assert results["published_frames"] == count
+    assert results["frames"] + results["dropped_frames"] == count
+    assert results["frames"] >= 1
+    assert results["node_exit_code"] == 0
+    assert {"p50", "p95", "p99"} <= set(results["end_to_end_latency_ms"])
+    assert results["end_to_end_latency_ms"]["p50"] > 0
+    assert "backbone" in results["latency_ms"]  # the node's stage timings arrived
+    assert results["frames_with_ground_truth"] == results["frames"]
+    for name in ("report.md", "per_class_iou.png", "latency_histogram.png", "per_frame.png",
+                 "overlay.mp4"):
+        assert (out / name).is_file(), name
+    if results["dropped_frames"] == 0:
+        # Every frame went through the node in order: its labels are the core's labels.
+        offline = evaluate_offline(bag_path, segmenter, settings())
+        assert results["confusion_matrix"] == offline.recorder.scores.matrix.tolist()

@@ -20,6 +20,7 @@ from typing import Any
 
 from tdnet_ros.evaluation.bag import BagError, Recording
 from tdnet_ros.evaluation.offline import OfflineResult, OfflineSettings, evaluate_offline
+from tdnet_ros.evaluation.live import LiveEvaluationError  # rclpy is imported only when run
 from tdnet_ros.evaluation.report import Provenance, write_report
 
 
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write a copy of the recording with the predicted labels topic")
     parser.add_argument("--output-bag-storage", choices=("mcap", "sqlite3"), default="mcap")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--live", action="store_true",
+                        help="live mode: play the recording into ROS 2 topics and evaluate "
+                             "segmenter_node running as its own process (default: offline)")
+    parser.add_argument("--rate", type=float, default=1.0,
+                        help="live mode: playback speed, a multiple of the recorded rate")
+    parser.add_argument("--startup-timeout", type=float, default=120.0,
+                        help="live mode: seconds the node may take to start")
     parser.add_argument("--list-topics", action="store_true",
                         help="print the recording's topics and exit")
     return parser
@@ -124,7 +132,11 @@ def summary_lines(results: dict[str, Any], out_dir: Path) -> list[str]:
         f"p99 {fmt(total.get('p99'), ' ms')}   {fmt(results.get('fps'))} fps",
     ]
     if "dropped_frames" in results:
-        lines.append(f"dropped frames {results['dropped_frames']}")
+        end_to_end = results.get("end_to_end_latency_ms") or {}
+        lines.append(
+            f"dropped frames {results['dropped_frames']} of {results['published_frames']}   "
+            f"end-to-end from stamp p50 {fmt(end_to_end.get('p50'), ' ms')}  "
+            f"p95 {fmt(end_to_end.get('p95'), ' ms')}")
     lines.append(f"report: {out_dir / 'report.md'}")
     return lines
 
@@ -145,23 +157,69 @@ def run(args: argparse.Namespace, command: str) -> int:
     with Recording(args.bag) as recording:
         recording.check_topic(args.image_topic, "image",
                               ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage"))
-    segmenter, provenance = load_segmenter(args.checkpoint, args.model, args.device,
+    segmenter, provenance = load_segmenter(args.checkpoint, args.model,
+                                           "cpu" if args.live else args.device,
                                            args.precision)
     provenance = Provenance(**{**provenance.__dict__, "command": command})
-    settings = OfflineSettings(
-        image_topic=args.image_topic, label_topic=args.label_topic, label_dir=args.label_dir,
-        label_match=args.label_match, label_index_offset=args.label_offset,
-        label_tolerance_ms=args.label_tolerance_ms, require_labels=args.require_labels,
-        max_gap_s=args.max_gap, max_frames=args.max_frames,
-        flow_max_side=args.flow_max_side or None,
-        video_path=None if args.no_video else out_dir / "overlay.mp4",
-        output_bag=args.output_bag, output_bag_storage=args.output_bag_storage,
-        progress=not args.no_progress,
-    )
-    result = evaluate_offline(args.bag, segmenter, settings)
-    results = write_offline_report(result, provenance, out_dir, args.json)
+    if args.live:
+        if args.label_dir:
+            raise ValueError("--label-dir is offline only; live mode takes --label-topic")
+        provenance = Provenance(**{**provenance.__dict__, "device": args.device,
+                                   "precision": args.precision})
+        results = run_live_mode(args, segmenter, provenance, out_dir)
+    else:
+        settings = OfflineSettings(
+            image_topic=args.image_topic, label_topic=args.label_topic,
+            label_dir=args.label_dir, label_match=args.label_match,
+            label_index_offset=args.label_offset,
+            label_tolerance_ms=args.label_tolerance_ms, require_labels=args.require_labels,
+            max_gap_s=args.max_gap, max_frames=args.max_frames,
+            flow_max_side=args.flow_max_side or None,
+            video_path=None if args.no_video else out_dir / "overlay.mp4",
+            output_bag=args.output_bag, output_bag_storage=args.output_bag_storage,
+            progress=not args.no_progress,
+        )
+        result = evaluate_offline(args.bag, segmenter, settings)
+        results = write_offline_report(result, provenance, out_dir, args.json)
     print("\n".join(summary_lines(results, out_dir)))
     return 0 if results["frames"] > 0 else 1
+
+
+def run_live_mode(args: argparse.Namespace, segmenter: Any, provenance: Provenance,
+                  out_dir: Path) -> dict[str, Any]:
+    """Plays the recording into segmenter_node (own process) and reports what came back."""
+    import numpy as np
+
+    from tdnet_ros.evaluation.live import LiveSettings, measure_live, run_live
+    from tdnet_ros.evaluation.video import OverlayVideoWriter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = LiveSettings(
+        image_topic=args.image_topic, label_topic=args.label_topic, rate=args.rate,
+        checkpoint=args.checkpoint or "", model=args.model or "", device=args.device,
+        precision=args.precision, startup_timeout_s=args.startup_timeout,
+        max_frames=args.max_frames, log_path=out_dir / "node.log",
+        flow_max_side=args.flow_max_side or None,
+    )
+    if not args.no_progress:
+        print(f"live: starting segmenter_node and playing {args.bag} at x{args.rate}",
+              file=sys.stderr)
+    live = run_live(args.bag, settings)
+    video = None
+    if not args.no_video:
+        video = OverlayVideoWriter(out_dir / "overlay.mp4", np.asarray(segmenter.class_colors))
+    recorder, extra = measure_live(args.bag, live, settings, int(segmenter.num_classes),
+                                   tuple(segmenter.class_names), video=video)
+    if args.label_topic and not live.ground_truth:
+        recorder.note(f"no ground truth arrived on {args.label_topic}: accuracy not measured")
+    extra.update({
+        "recording": str(args.bag), "image_topic": args.image_topic,
+        "ground_truth": f"label topic {args.label_topic}" if args.label_topic else "none",
+        "node_log": str(settings.log_path),
+    })
+    return write_report(recorder, provenance, out_dir, extra=extra,
+                        video=video.close() if video is not None else None,
+                        json_path=args.json)
 
 
 def write_offline_report(result: OfflineResult, provenance: Provenance, out_dir: Path,
@@ -188,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, command)
     except (BagError, ValueError, FileNotFoundError) as error:
         # CheckpointError is a ValueError: a bad checkpoint or model name lands here too.
+        print(f"tdnet-eval: error: {error}", file=sys.stderr)
+        return 2
+    except LiveEvaluationError as error:
         print(f"tdnet-eval: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,12 +20,17 @@ import numpy as np
 from tdnet_ros.evaluation.bag import Recording
 
 
-def prediction_topic(image_topic: str, name: str = "labels") -> str:
-    """``<camera namespace>/<name>``: ``/camera/image_raw`` -> ``/camera/labels``."""
+def prediction_topic(image_topic: str, name: str = "labels",
+                     output_namespace: str = "segmentation") -> str:
+    """Where the node publishes a camera's ``name`` output: ``<camera namespace>/
+    <output_namespace>/<name>``, e.g. ``/camera/image_raw`` -> ``/camera/segmentation/labels``
+    (a ``/compressed`` suffix is ignored, as the node does)."""
+    if image_topic.endswith("/compressed"):
+        image_topic = image_topic[: -len("/compressed")]
     namespace = image_topic.rsplit("/", 1)[0] if "/" in image_topic else ""
-    if not namespace.startswith("/"):
-        namespace = "/" + namespace if namespace else ""
-    return f"{namespace}/{name}"
+    if namespace and not namespace.startswith("/"):
+        namespace = "/" + namespace
+    return f"{namespace}/{output_namespace}/{name}"
 
 
 @dataclass
@@ -84,7 +89,8 @@ class PredictionBagWriter:
             copy = not recording.is_ros1
             if copy and self.labels_topic in {c.topic for c in recording.reader.connections}:
                 taken = self.labels_topic
-                self.labels_topic = prediction_topic(self.image_topic, "predicted_labels")
+                self.labels_topic = prediction_topic(self.image_topic, "labels",
+                                                     "segmentation_evaluated")
                 remarks.append(
                     f"the source already has a topic {taken}: predictions are on "
                     f"{self.labels_topic}"

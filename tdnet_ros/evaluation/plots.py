@@ -97,6 +97,9 @@ def plot_timeline(recorder: EvaluationRecorder, path: Path, provenance: str) -> 
         top.legend(fontsize=8, loc="lower right")
     bottom.plot(indices, [f.latency_ms for f in recorder.frames], linewidth=1, color="#c44e52")
     bottom.set_xlabel("frame index on the camera topic")
+    from matplotlib.ticker import MaxNLocator
+
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.set_ylabel("latency (ms)")
     bottom.set_title("Per-frame latency")
     figure.tight_layout(rect=(0, 0.04, 1, 1))

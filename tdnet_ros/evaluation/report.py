@@ -119,8 +119,9 @@ def render_markdown(results: dict[str, Any], provenance: Provenance,
         f"| skipped items | {results['skipped']['total']} |",
         f"| temporal state resets | {results['stream_resets']['total']} |",
     ]
-    for key, label in (("dropped_frames", "dropped frames"),
-                       ("end_to_end_latency_ms", "end-to-end latency from stamp p50")):
+    for key, label in (("published_frames", "frames played"),
+                       ("dropped_frames", "dropped frames (no prediction)"),
+                       ("end_to_end_latency_ms", "end-to-end latency from stamp p50 (ms)")):
         if key in results:
             value = results[key]
             if isinstance(value, dict):
@@ -128,8 +129,14 @@ def render_markdown(results: dict[str, Any], provenance: Provenance,
             lines.append(f"| {label} | {_fmt(value, 1)} |")
     lines.append("")
 
-    lines += ["## Latency (ms)", "", "| stage | p50 | p95 | p99 | mean | max |",
-              "|---|---|---|---|---|---|"]
+    lines += ["## Latency (ms)", ""]
+    if results.get("mode") == "live":
+        lines += ["`total`: image stamp to the labels' arrival at the evaluator (end to end, "
+                  "over DDS); the other rows are the node's own stage timings.", ""]
+    else:
+        lines += ["`total`: the segmenter call for one frame, in this process; the other "
+                  "rows are its stages.", ""]
+    lines += ["| stage | p50 | p95 | p99 | mean | max |", "|---|---|---|---|---|---|"]
     for stage, summary in results.get("latency_ms", {}).items():
         if summary:
             lines.append(

@@ -1,0 +1,483 @@
+"""Live evaluation: the recording played into real ROS 2 topics, the node in its own process.
+
+Three parts, as deployed:
+
+* the **node** (``segmenter_node``) runs as its own process, subscribed to the camera topic;
+* the **player** (:class:`RecordingPlayer`, rclpy + ``rosbags``) publishes the camera and
+  ground-truth topics of the recording at the recorded rate times a factor, restamping the
+  headers onto the wall clock (so the node's and the evaluator's "end to end from the
+  image stamp" mean what they say) with one mapping shared by all topics, so a label and
+  its frame keep equal stamps;
+* the **evaluator** (:class:`LiveEvaluator`) subscribes to the node's label and timing
+  outputs and to the ground truth, and records what arrives and when.
+
+After playback, the received predictions are matched to the recording's frames by stamp and
+measured by the same :class:`EvaluationRecorder` as the offline mode, plus dropped frames and
+end-to-end latency. Metrics run after playback, never concurrently with the node, so they do
+not steal its CPU. This is the only evaluation module that imports rclpy (lazily).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from tdnet_ros.evaluation.bag import (
+    IMAGE_TYPES,
+    DecodeFailure,
+    Recording,
+    label_image_to_array,
+    stamp_to_ns,
+)
+from tdnet_ros.evaluation.output_bag import prediction_topic
+from tdnet_ros.evaluation.recorder import EvaluationRecorder, latency_summary
+from tdnet_ros.evaluation.video import OverlayVideoWriter
+
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
+
+
+class LiveEvaluationError(RuntimeError):
+    """The live evaluation could not run (the node did not start, nothing was received)."""
+
+
+@dataclass
+class LiveSettings:
+    """Options of the live mode.
+
+    Attributes:
+        image_topic: camera topic in the recording.
+        label_topic: ground-truth topic in the recording (mono8 class ids), or None.
+        rate: playback speed as a multiple of the recorded rate.
+        checkpoint: checkpoint for the node ("" = its bundled default model).
+        model: model name for the node ("" = from the checkpoint).
+        device: the node's device.
+        precision: the node's precision.
+        startup_timeout_s: how long the node may take to load and subscribe.
+        drain_timeout_s: after the last frame, how long to wait for outstanding outputs.
+        max_frames: play at most this many camera frames.
+        log_path: where the node's output is written.
+        flow_max_side: resolution limit of the optical flow for temporal consistency.
+    """
+
+    image_topic: str
+    label_topic: str | None = None
+    rate: float = 1.0
+    checkpoint: str = ""
+    model: str = ""
+    device: str = "cpu"
+    precision: str = "float32"
+    startup_timeout_s: float = 120.0
+    drain_timeout_s: float = 5.0
+    max_frames: int | None = None
+    log_path: Path | None = None
+    flow_max_side: int | None = 640
+
+
+@dataclass
+class PublishedFrame:
+    """A camera message the player published."""
+
+    index: int  # position on the camera topic
+    original_stamp_ns: int | None
+    live_stamp_ns: int | None
+    published_wall_ns: int
+
+
+@dataclass
+class ReceivedPrediction:
+    labels_png: bytes
+    received_wall_ns: int
+
+
+@dataclass
+class LiveResult:
+    """What a live run produced, before measuring (see :func:`measure_live`)."""
+
+    published: list[PublishedFrame] = field(default_factory=list)
+    predictions: dict[int, ReceivedPrediction] = field(default_factory=dict)  # live stamp ->
+    timings: dict[int, Any] = field(default_factory=dict)  # live stamp -> timing fields
+    ground_truth: dict[int, bytes] = field(default_factory=dict)  # live stamp -> PNG
+    node_dropped_frames: int | None = None
+    node_exit_code: int | None = None
+    node_log: str = ""
+    playback_s: float = 0.0
+    labels_topic: str = ""
+    live_image_topic: str = ""
+
+
+def _ros_time(stamp_ns: int) -> tuple[int, int]:
+    return divmod(int(stamp_ns), 1_000_000_000)
+
+
+def _byte_array(data: Any) -> array.array:
+    """Bytes as ``array('B')``: rclpy's fast path for uint8[] fields."""
+    buffer = array.array("B")
+    buffer.frombytes(np.asarray(data, dtype=np.uint8).tobytes())
+    return buffer
+
+
+class RecordingPlayer:
+    """Publishes camera and label messages of a recording at their recorded pace.
+
+    Args:
+        node: the rclpy node to publish from.
+        recording: the open recording.
+        topics: {recording topic: live topic} to play.
+        rate: playback speed factor.
+    """
+
+    def __init__(self, node: Any, recording: Recording, topics: dict[str, str],
+                 rate: float = 1.0) -> None:
+        from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import CompressedImage, Image
+
+        if rate <= 0:
+            raise ValueError(f"playback rate must be > 0, got {rate}")
+        self.node = node
+        self.recording = recording
+        self.rate = rate
+        self.topics = topics
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
+                         reliability=ReliabilityPolicy.RELIABLE)
+        self._types: dict[str, str] = {}
+        self.publishers: dict[str, Any] = {}
+        for topic, live_topic in topics.items():
+            msgtype = recording.reader.topics[topic].msgtype
+            if msgtype not in IMAGE_TYPES:
+                raise ValueError(f"can only play image topics; {topic} is {msgtype}")
+            self._types[topic] = msgtype
+            message_class = CompressedImage if msgtype == COMPRESSED_TYPE else Image
+            self.publishers[topic] = node.create_publisher(message_class, live_topic, qos)
+
+    def _to_ros(self, msgtype: str, message: Any, live_stamp_ns: int | None) -> Any:
+        """A rclpy message with the fields of a rosbags message (ROS 1 or 2), restamped."""
+        from sensor_msgs.msg import CompressedImage, Image
+
+        ros_message = CompressedImage() if msgtype == COMPRESSED_TYPE else Image()
+        if live_stamp_ns is not None:
+            sec, nanosec = _ros_time(live_stamp_ns)
+            ros_message.header.stamp.sec, ros_message.header.stamp.nanosec = sec, nanosec
+        ros_message.header.frame_id = str(message.header.frame_id)
+        if msgtype == COMPRESSED_TYPE:
+            ros_message.format = str(message.format)
+        else:
+            # Fields as recorded, even inconsistent ones: the node must cope with them.
+            ros_message.height = int(message.height) & 0xFFFFFFFF
+            ros_message.width = int(message.width) & 0xFFFFFFFF
+            ros_message.encoding = str(message.encoding)
+            ros_message.is_bigendian = int(message.is_bigendian) & 0xFF
+            ros_message.step = int(message.step) & 0xFFFFFFFF
+        ros_message.data = _byte_array(message.data)
+        return ros_message
+
+    def wait_for_subscribers(self, topic: str, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.publishers[topic].get_subscription_count() > 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def play(self, camera_topic: str, max_frames: int | None = None,
+             stop: threading.Event | None = None) -> list[PublishedFrame]:
+        """Plays the topics; returns the camera frames published (blocking).
+
+        Stamps move onto the wall clock with one affine map for all topics:
+        ``live = start_wall + (stamp - first_stamp) / rate``.
+        """
+        connections = [c for c in self.recording.reader.connections if c.topic in self.topics]
+        published: list[PublishedFrame] = []
+        first_bag_time: int | None = None
+        first_stamp: int | None = None
+        start_monotonic = time.monotonic()
+        start_wall_ns = time.time_ns()
+        camera_index = -1
+        for connection, bag_time, raw in self.recording.reader.messages(connections=connections):
+            if stop is not None and stop.is_set():
+                break
+            is_camera = connection.topic == camera_topic
+            if is_camera:
+                camera_index += 1
+                if max_frames is not None and camera_index >= max_frames:
+                    break
+            if first_bag_time is None:
+                first_bag_time = bag_time
+            due = start_monotonic + (bag_time - first_bag_time) / 1e9 / self.rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            try:
+                message = self.recording.reader.deserialize(raw, connection.msgtype)
+                stamp = stamp_to_ns(message.header.stamp)
+            except Exception:  # undecodable: nothing sensible to publish
+                if is_camera:
+                    published.append(PublishedFrame(camera_index, None, None, time.time_ns()))
+                continue
+            if first_stamp is None:
+                first_stamp = stamp
+            live_stamp = max(0, start_wall_ns + int((stamp - first_stamp) / self.rate))
+            ros_message = self._to_ros(connection.msgtype, message, live_stamp)
+            self.publishers[connection.topic].publish(ros_message)
+            if is_camera:
+                published.append(PublishedFrame(camera_index, stamp, live_stamp, time.time_ns()))
+        return published
+
+
+class LiveEvaluator:
+    """Subscribes to the node's labels and timing and to the ground truth; stores arrivals.
+
+    Args:
+        node: the rclpy node to subscribe from.
+        labels_topic: the node's label output (mono8 class ids).
+        timing_topic: the node's timing output (``tdnet_ros/SegmentationTiming``), or None.
+        truth_topic: the live ground-truth topic, or None.
+    """
+
+    def __init__(self, node: Any, labels_topic: str, timing_topic: str | None,
+                 truth_topic: str | None) -> None:
+        from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import Image
+
+        self.result_lock = threading.Lock()
+        self.predictions: dict[int, ReceivedPrediction] = {}
+        self.timings: dict[int, dict[str, Any]] = {}
+        self.ground_truth: dict[int, bytes] = {}
+        self.last_node_dropped: int | None = None
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                         reliability=ReliabilityPolicy.RELIABLE)
+        self.labels_subscription = node.create_subscription(Image, labels_topic,
+                                                            self._on_labels, qos)
+        self.timing_subscription = None
+        if timing_topic is not None:
+            try:
+                from tdnet_ros.ros.interfaces import load_messages
+
+                timing_type = load_messages().SegmentationTiming
+                self.timing_subscription = node.create_subscription(
+                    timing_type, timing_topic, self._on_timing, qos)
+            except ImportError:  # messages not built: labels and latency still work
+                self.timing_subscription = None
+        self.truth_subscription = None
+        if truth_topic is not None:
+            self.truth_subscription = node.create_subscription(Image, truth_topic,
+                                                               self._on_truth, qos)
+
+    @staticmethod
+    def _png(message: Any) -> bytes | None:
+        try:
+            labels = label_image_to_array(message.height, message.width, message.encoding,
+                                          message.step, message.is_bigendian, message.data)
+        except ValueError:
+            return None
+        ok, png = cv2.imencode(".png", labels)
+        return png.tobytes() if ok else None
+
+    def _on_labels(self, message: Any) -> None:
+        received = time.time_ns()
+        png = self._png(message)
+        if png is not None:
+            with self.result_lock:
+                self.predictions[stamp_to_ns(message.header.stamp)] = ReceivedPrediction(
+                    png, received)
+
+    def _on_timing(self, message: Any) -> None:
+        stages = dict(zip(message.stage_names, (float(v) for v in message.stage_ms)))
+        for name in ("queue", "decode", "publish"):
+            stages[f"node_{name}"] = float(getattr(message, f"{name}_ms"))
+        fields = {"stages": stages, "path": int(message.path),
+                  "cache_warm": bool(message.cache_warm),
+                  "node_end_to_end_ms": float(message.end_to_end_ms)}
+        with self.result_lock:
+            self.timings[stamp_to_ns(message.header.stamp)] = fields
+            self.last_node_dropped = int(message.dropped_frames)
+
+    def _on_truth(self, message: Any) -> None:
+        png = self._png(message)
+        if png is not None:
+            with self.result_lock:
+                self.ground_truth[stamp_to_ns(message.header.stamp)] = png
+
+    def received(self) -> int:
+        with self.result_lock:
+            return len(self.predictions)
+
+
+def node_arguments(settings: LiveSettings, live_topic: str) -> list[str]:
+    """``--ros-args`` for segmenter_node: the camera topic, model and device."""
+    arguments = ["-r", f"image:={live_topic}", "-p", f"device:={settings.device}",
+                 "-p", f"precision:={settings.precision}"]
+    if settings.checkpoint:
+        arguments += ["-p", f"checkpoint:={settings.checkpoint}"]
+    if settings.model:
+        arguments += ["-p", f"model:={settings.model}"]
+    return arguments
+
+
+def run_live(recording_path: str | Path, settings: LiveSettings,
+             progress: bool = True) -> LiveResult:
+    """Plays the recording into a freshly started node and records its outputs.
+
+    Raises:
+        BagError: unreadable recording or missing camera topic.
+        LiveEvaluationError: the node did not start or subscribe in time.
+    """
+    from tdnet_ros.ros.testing import GraphClient, NodeProcess, pick_domain_id
+
+    recording_path = Path(recording_path)
+    result = LiveResult()
+    with Recording(recording_path) as recording:
+        recording.check_topic(settings.image_topic, "image", IMAGE_TYPES)
+        camera_type = recording.reader.topics[settings.image_topic].msgtype
+        live_topic = settings.image_topic
+        if camera_type == COMPRESSED_TYPE and not live_topic.endswith("/compressed"):
+            live_topic += "/compressed"  # how the node tells CompressedImage topics apart
+        topics = {settings.image_topic: live_topic}
+        truth_live = None
+        if settings.label_topic and settings.label_topic in recording.reader.topics:
+            truth_live = settings.label_topic
+            topics[settings.label_topic] = truth_live
+        result.live_image_topic = live_topic
+        result.labels_topic = prediction_topic(live_topic, "labels")
+        timing_topic = prediction_topic(live_topic, "timing")
+
+        domain_id = pick_domain_id()
+        log_path = settings.log_path or Path("outputs") / "live-node.log"
+        node_process = NodeProcess(node_arguments(settings, live_topic), domain_id=domain_id,
+                                   log_path=log_path)
+        os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+        client = GraphClient("tdnet_live_evaluator", domain_id)
+        try:
+            evaluator = LiveEvaluator(client.node, result.labels_topic, timing_topic, truth_live)
+            player = RecordingPlayer(client.node, recording, topics, settings.rate)
+            deadline = time.monotonic() + settings.startup_timeout_s
+            ready = False
+            while time.monotonic() < deadline and node_process.alive():
+                camera_ready = player.publishers[settings.image_topic].get_subscription_count() > 0
+                outputs_ready = client.node.count_publishers(result.labels_topic) > 0
+                if camera_ready and outputs_ready:
+                    ready = True
+                    break
+                time.sleep(0.1)
+            if not ready:
+                state = "exited" if not node_process.alive() else "did not subscribe"
+                raise LiveEvaluationError(
+                    f"segmenter_node {state} within {settings.startup_timeout_s:.0f} s "
+                    f"(camera topic {live_topic}); its log ({log_path}):\n"
+                    + node_process.log()[-3000:]
+                )
+            time.sleep(0.5)  # let the remaining endpoints (timing, truth) match
+            started = time.monotonic()
+            result.published = player.play(settings.image_topic, settings.max_frames)
+            result.playback_s = time.monotonic() - started
+            expected = sum(1 for frame in result.published if frame.live_stamp_ns is not None)
+            # Wait for outputs in flight: until all arrived or nothing new for a while.
+            last_count, last_change = -1, time.monotonic()
+            while time.monotonic() - last_change < settings.drain_timeout_s:
+                count = evaluator.received()
+                if count >= expected:
+                    break
+                if count != last_count:
+                    last_count, last_change = count, time.monotonic()
+                time.sleep(0.05)
+            with evaluator.result_lock:
+                result.predictions = dict(evaluator.predictions)
+                result.timings = dict(evaluator.timings)
+                result.ground_truth = dict(evaluator.ground_truth)
+                result.node_dropped_frames = evaluator.last_node_dropped
+        finally:
+            client.close()
+            result.node_exit_code, _ = node_process.stop()
+            node_process.kill()
+            result.node_log = node_process.log()
+    return result
+
+
+def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSettings,
+                 num_classes: int, class_names: tuple[str, ...],
+                 video: OverlayVideoWriter | None = None
+                 ) -> tuple[EvaluationRecorder, dict[str, Any]]:
+    """Matches the received predictions to the recording's frames and measures them.
+
+    ``video``, if given, receives each frame with its received prediction.
+
+    Returns:
+        The recorder (accuracy, temporal consistency, latency) and the live-only results:
+        ``dropped_frames``, ``published_frames``, ``end_to_end_latency_ms`` and more.
+    """
+    recorder = EvaluationRecorder(num_classes, class_names, flow_max_side=settings.flow_max_side)
+    by_index = {frame.index: frame for frame in live.published}
+    dropped: list[int] = []
+    end_to_end: list[float] = []
+    with Recording(recording_path) as recording:
+        for frame in recording.images(settings.image_topic):
+            published = by_index.get(frame.index)
+            if published is None:
+                break  # playback stopped before this frame
+            item = f"#{frame.index}"
+            if isinstance(frame.data, DecodeFailure):
+                recorder.skip(settings.image_topic, item, frame.stamp_ns, "decode",
+                              frame.data.reason)
+                recorder.break_sequence()
+                continue
+            prediction = live.predictions.get(published.live_stamp_ns)
+            if prediction is None:
+                dropped.append(frame.index)
+                continue
+            labels = cv2.imdecode(np.frombuffer(prediction.labels_png, np.uint8),
+                                  cv2.IMREAD_UNCHANGED)
+            if labels.shape != frame.data.shape[:2]:
+                recorder.skip(live.labels_topic, item, frame.stamp_ns, "prediction_size",
+                              f"prediction is {labels.shape[1]}x{labels.shape[0]}, the frame "
+                              f"{frame.data.shape[1]}x{frame.data.shape[0]}")
+                continue
+            truth = None
+            truth_png = live.ground_truth.get(published.live_stamp_ns)
+            if truth_png is not None:
+                truth = cv2.imdecode(np.frombuffer(truth_png, np.uint8), cv2.IMREAD_UNCHANGED)
+                if truth.shape != labels.shape:
+                    recorder.skip(settings.label_topic or "", item, frame.stamp_ns,
+                                  "label_size_mismatch",
+                                  f"label map is {truth.shape[1]}x{truth.shape[0]}, the frame "
+                                  f"{labels.shape[1]}x{labels.shape[0]}")
+                    truth = None
+            latency_ms = (prediction.received_wall_ns - published.live_stamp_ns) / 1e6
+            end_to_end.append(latency_ms)
+            timing = live.timings.get(published.live_stamp_ns, {})
+            record = recorder.add_frame(
+                frame.index, frame.stamp_ns, frame.data, labels, truth, latency_ms,
+                timings_ms=timing.get("stages"), path=timing.get("path"),
+                cache_warm=timing.get("cache_warm"))
+            if video is not None:
+                caption = f"#{frame.index}  {latency_ms:.0f} ms from stamp"
+                if record.miou is not None:
+                    caption += f"  mIoU {record.miou:.1f}%"
+                video.add(frame.data, labels, caption)
+    published_count = sum(1 for f in live.published if f.live_stamp_ns is not None)
+    extra = {
+        "mode": "live",
+        "rate": settings.rate,
+        "published_frames": published_count,
+        "received_predictions": len(recorder.frames),
+        "dropped_frames": len(dropped),
+        "dropped_frame_indices": dropped[:1000],
+        "node_dropped_frames": live.node_dropped_frames,
+        "end_to_end_latency_ms": latency_summary(end_to_end),
+        "playback_s": live.playback_s,
+        "node_exit_code": live.node_exit_code,
+        # Output rate of the node over the playback (the offline "fps" is processing speed).
+        "fps": len(recorder.frames) / live.playback_s if live.playback_s > 0 else None,
+    }
+    if dropped:
+        recorder.note(
+            f"{len(dropped)} of {published_count} published frames got no prediction "
+            "(dropped by the node while busy, or lost): they are not in the accuracy"
+        )
+    return recorder, extra
