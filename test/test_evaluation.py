@@ -420,3 +420,60 @@ def test_live_evaluation_over_dds(tmp_path, checkpoint, segmenter, capsys):
         # Every frame went through the node in order: its labels are the core's labels.
         offline = evaluate_offline(bag_path, segmenter, settings())
         assert results["confusion_matrix"] == offline.recorder.scores.matrix.tolist()
+
+
+# ------------------------------------------------------------------------------------
+# The published Cityscapes protocol, on a tiny tree in the dataset's layout
+# ------------------------------------------------------------------------------------
+
+
+def test_cityscapes_sequence_protocol_on_a_tiny_tree(tmp_path, checkpoint, segmenter):
+    from tdnet_ros.evaluation.cityscapes import evaluate_cityscapes
+    from tdnet_ros.metrics import confusion_matrix
+
+    root = tmp_path / "cityscapes"
+    to_label_id = cityscapes_train_id_to_label_id_lut()
+    warmup = 3
+    frames, truths = moving_scene(warmup + 1, seed=1)
+    expected = np.zeros((19, 19), dtype=np.int64)
+    for city, annotated in (("aachen", 19), ("bremen", 119)):
+        sequence_dir = root / "leftImg8bit_sequence" / "val" / city
+        truth_dir = root / "gtFine" / "val" / city
+        sequence_dir.mkdir(parents=True)
+        truth_dir.mkdir(parents=True)
+        # The snippet's frames before the annotated one (only `warmup` of them are used).
+        for offset, rgb in enumerate(frames):
+            number = annotated - warmup + offset
+            cv2.imwrite(str(sequence_dir / f"{city}_000001_{number:06d}_leftImg8bit.png"),
+                        cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(truth_dir / f"{city}_000001_{annotated:06d}_gtFine_labelIds.png"),
+                    to_label_id[truths[-1]])
+        segmenter.reset("reference")
+        for rgb in frames:
+            labels = segmenter.segment(rgb, stream="reference").labels
+        expected += confusion_matrix(labels, truths[-1], 19)
+    # An annotation whose sequence frames are missing: skipped and named.
+    (root / "gtFine" / "val" / "cologne").mkdir()
+    cv2.imwrite(str(root / "gtFine" / "val" / "cologne" /
+                    "cologne_000002_000019_gtFine_labelIds.png"), to_label_id[truths[-1]])
+
+    result = evaluate_cityscapes(root, segmenter, warmup_frames=warmup, progress=False)
+    recorder = result.recorder
+    assert recorder.frames_with_ground_truth == 2
+    assert len(recorder.frames) == 2 * (warmup + 1)
+    np.testing.assert_array_equal(recorder.scores.matrix, expected)
+    (skipped,) = recorder.skipped
+    assert skipped.category == "missing_frames" and skipped.item == "cologne_000002_000019"
+    # Each annotated frame ran on the same sub-network: warm-up count mod N.
+    annotated_paths = {f.path for f in recorder.frames if f.miou is not None}
+    assert annotated_paths == {warmup % segmenter.config.num_paths}
+    # Snippets are separate sequences: no temporal pair spans two snippets.
+    assert len(recorder.temporal.pair_scores) == 2 * warmup
+
+    out = tmp_path / "out"
+    assert tdnet_eval([str(root), "--cityscapes", "--warmup-frames", str(warmup),
+                       "--checkpoint", str(checkpoint), "--out", str(out),
+                       "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["mode"] == "cityscapes" and results["frames_with_ground_truth"] == 2
+    assert (out / "report.md").is_file() and (out / "per_class_iou.png").is_file()

@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="live mode: playback speed, a multiple of the recorded rate")
     parser.add_argument("--startup-timeout", type=float, default=120.0,
                         help="live mode: seconds the node may take to start")
+    parser.add_argument("--cityscapes", action="store_true",
+                        help="BAG is a Cityscapes root: evaluate the published protocol on "
+                             "leftImg8bit_sequence (annotated 20th frame of each snippet, "
+                             "the model warmed on the frames before it)")
+    parser.add_argument("--split", default="val", help="Cityscapes split (default: val)")
+    parser.add_argument("--warmup-frames", type=int, default=19,
+                        help="Cityscapes: frames run before each annotated one (default 19)")
+    parser.add_argument("--max-snippets", type=int,
+                        help="Cityscapes: evaluate at most this many snippets")
     parser.add_argument("--list-topics", action="store_true",
                         help="print the recording's topics and exit")
     return parser
@@ -142,6 +151,8 @@ def summary_lines(results: dict[str, Any], out_dir: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace, command: str) -> int:
+    if args.cityscapes:
+        return run_cityscapes_mode(args, command)
     if args.list_topics:
         with Recording(args.bag) as recording:
             print(recording.describe_topics())
@@ -181,6 +192,28 @@ def run(args: argparse.Namespace, command: str) -> int:
         )
         result = evaluate_offline(args.bag, segmenter, settings)
         results = write_offline_report(result, provenance, out_dir, args.json)
+    print("\n".join(summary_lines(results, out_dir)))
+    return 0 if results["frames"] > 0 else 1
+
+
+def run_cityscapes_mode(args: argparse.Namespace, command: str) -> int:
+    """The published Cityscapes protocol over a dataset tree (no recording involved)."""
+    from tdnet_ros.evaluation.cityscapes import evaluate_cityscapes
+
+    if args.live or args.label_topic or args.label_dir or args.image_topic:
+        raise ValueError("--cityscapes takes the dataset root as BAG and no topics, "
+                         "labels or --live")
+    out_dir = args.out or default_output_folder(args.bag)
+    segmenter, provenance = load_segmenter(args.checkpoint, args.model, args.device,
+                                           args.precision)
+    provenance = Provenance(**{**provenance.__dict__, "command": command})
+    result = evaluate_cityscapes(
+        args.bag, segmenter, split=args.split, warmup_frames=args.warmup_frames,
+        max_snippets=args.max_snippets, flow_max_side=args.flow_max_side or None,
+        video_path=None if args.no_video else out_dir / "overlay.mp4",
+        progress=not args.no_progress,
+    )
+    results = write_offline_report(result, provenance, out_dir, args.json)
     print("\n".join(summary_lines(results, out_dir)))
     return 0 if results["frames"] > 0 else 1
 
@@ -226,7 +259,7 @@ def write_offline_report(result: OfflineResult, provenance: Provenance, out_dir:
                          json_path: Path | None = None) -> dict[str, Any]:
     """Writes the report of an offline evaluation; returns the JSON results."""
     extra = {
-        "mode": "offline",
+        "mode": result.mode,
         "recording": str(result.recording),
         "image_topic": result.image_topic,
         "ground_truth": result.ground_truth,

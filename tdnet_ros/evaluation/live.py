@@ -290,6 +290,9 @@ class LiveEvaluator:
 
     def _on_timing(self, message: Any) -> None:
         stages = dict(zip(message.stage_names, (float(v) for v in message.stage_ms)))
+        # "total" is the evaluator's end to end; the segmenter's own total is renamed.
+        if "total" in stages:
+            stages["segmenter_total"] = stages.pop("total")
         for name in ("queue", "decode", "publish"):
             stages[f"node_{name}"] = float(getattr(message, f"{name}_ms"))
         fields = {"stages": stages, "path": int(message.path),

@@ -89,6 +89,7 @@ class OfflineResult:
     video_path: Path | None = None
     output_bag: Path | None = None
     topics: list[dict[str, Any]] = field(default_factory=list)
+    mode: str = "offline"  # or "cityscapes" (the dataset protocol)
 
 
 def _recorded_frame_rate(recording: Recording, frame_count: int) -> float:
