@@ -543,8 +543,9 @@ class StreetScene:
     def _vehicle(self, rng: np.random.Generator, position: tuple[float, float, float], yaw: float,
                  owner: _Block | None = None, allow_urdf: bool = True) -> int:
         """A car, truck or bus standing on the road at ``position`` and heading ``yaw``."""
-        # pybullet_data's racecar and husky meshes cost 2-5 ms of render time each, so they stay rare.
-        kind = rng.choice(["car", "van", "truck", "bus", "urdf"], p=[0.68, 0.14, 0.07, 0.07, 0.04])
+        # pybullet_data's racecar mesh costs about 2 ms of render time per copy (on screen or
+        # not), ten times a primitive car, so it stays rare; the husky (5 ms) is not used.
+        kind = rng.choice(["car", "van", "truck", "bus", "urdf"], p=[0.695, 0.14, 0.07, 0.07, 0.025])
         if kind == "urdf" and not allow_urdf:
             kind = "car"
         paint = _hsv_color(rng, (0, 360), (0.0, 0.9), (0.15, 0.95))
@@ -553,10 +554,9 @@ class StreetScene:
         wheel_orn = pb.getQuaternionFromEuler([math.pi / 2, 0, 0])
         x, y, z = position
         if kind == "urdf":
-            name = rng.choice(["racecar/racecar.urdf", "husky/husky.urdf"], p=[0.75, 0.25])
-            scale = 4.5 if "racecar" in name else 2.6
             with _quiet_native_output():
-                body = pb.loadURDF(str(self._data_path / name), basePosition=[x, y, z], globalScaling=scale,
+                body = pb.loadURDF(str(self._data_path / "racecar/racecar.urdf"), basePosition=[x, y, z],
+                                   globalScaling=4.5,
                                    baseOrientation=_yaw_quaternion(yaw), useFixedBase=True,
                                    physicsClientId=self._client)
             return self._register(body, TrainId.CAR, owner)
