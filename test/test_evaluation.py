@@ -52,8 +52,10 @@ def moving_scene(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.n
     texture = cv2.GaussianBlur(rng.integers(0, 256, (*big, 3)).astype(np.uint8), (0, 0), 1.2)
     field = cv2.GaussianBlur(rng.random(big).astype(np.float32), (0, 0), 6)
     labels = ((field - field.min()) / (np.ptp(field) + 1e-9) * 18.99).astype(np.uint8)
-    frames = [np.ascontiguousarray(texture[5:5 + HEIGHT, 4 * i:4 * i + WIDTH]) for i in range(count)]
-    truths = [np.ascontiguousarray(labels[5:5 + HEIGHT, 4 * i:4 * i + WIDTH]) for i in range(count)]
+    frames = [np.ascontiguousarray(texture[5:5 + HEIGHT, 4 * i:4 * i + WIDTH])
+              for i in range(count)]
+    truths = [np.ascontiguousarray(labels[5:5 + HEIGHT, 4 * i:4 * i + WIDTH])
+              for i in range(count)]
     return frames, truths
 
 
@@ -297,6 +299,12 @@ def test_unreadable_bag_and_missing_topic_fail_clearly(tmp_path, segmenter):
     assert "/front/image" in message and CAMERA in message and TRUTH in message
     with Recording(bag_path) as recording:
         assert {t.name for t in recording.topics()} == {CAMERA, TRUTH}
+    # A storage file cut in half: unreadable, and the error lists the topics of its metadata.
+    storage_file = next(bag_path.glob("*.mcap"))
+    storage_file.write_bytes(storage_file.read_bytes()[: storage_file.stat().st_size // 2])
+    with pytest.raises(BagError, match="cannot read recording") as error:
+        evaluate_offline(bag_path, segmenter, settings())
+    assert CAMERA in str(error.value) and "metadata.yaml" in str(error.value)
 
 
 # ------------------------------------------------------------------------------------

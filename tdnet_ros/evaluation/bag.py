@@ -103,6 +103,8 @@ class Recording:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._reader: Any = None
+        # Errors that ended an iteration early (the storage is damaged past some point).
+        self.read_errors: list[str] = []
 
     def __enter__(self) -> "Recording":
         self.open()
@@ -136,6 +138,7 @@ class Recording:
             raise BagError(
                 f"cannot read recording {self.path}: {error} "
                 "(expected a rosbag2 folder or .mcap/.db3 file, or a ROS 1 .bag file)"
+                + _metadata_topics(path)
             ) from error
         self._reader = reader
 
@@ -198,9 +201,20 @@ class Recording:
                   ) -> Iterator[tuple[int, int, Any, Any | DecodeFailure]]:
         """(index, bag time, connection, message or failure) for each message on a topic."""
         connections = self._connections(topic, allowed_types, role)
-        for index, (connection, bag_time, raw) in enumerate(
-            self.reader.messages(connections=connections)
-        ):
+        messages = self.reader.messages(connections=connections)
+        index = -1
+        while True:
+            try:
+                connection, bag_time, raw = next(messages)
+            except StopIteration:
+                return
+            except Exception as error:  # a storage file cut off or corrupt mid-way
+                self.read_errors.append(
+                    f"reading {topic} stopped after {index + 1} messages: "
+                    f"{type(error).__name__}: {error}"
+                )
+                return
+            index += 1
             try:
                 message: Any = self.reader.deserialize(raw, connection.msgtype)
             except Exception as error:  # truncated or corrupt serialization
@@ -250,6 +264,23 @@ class Recording:
             except ImageEncodingError as error:
                 data = DecodeFailure(str(error))
             yield BagFrame(index, stamp, bag_time, frame_id, data)
+
+
+def _metadata_topics(path: Path) -> str:
+    """The topics a rosbag2 folder's metadata.yaml lists (for errors when storage fails)."""
+    metadata = path / "metadata.yaml" if path.is_dir() else path.parent / "metadata.yaml"
+    try:
+        import yaml
+
+        info = yaml.safe_load(metadata.read_text())["rosbag2_bagfile_information"]
+        topics = [
+            f"  {entry['topic_metadata']['name']}  [{entry['topic_metadata']['type']}]  "
+            f"{entry['message_count']} messages"
+            for entry in info["topics_with_message_count"]
+        ]
+    except Exception:  # no metadata, or not the expected layout: nothing to add
+        return ""
+    return "; topics listed in its metadata.yaml:\n" + "\n".join(topics)
 
 
 def _header_fields(message: Any) -> tuple[int | None, str]:

@@ -23,7 +23,9 @@ IGNORE_LABEL = 255
 # (road, sidewalk, building, wall, fence, pole, traffic light, traffic sign, vegetation,
 # terrain, sky, person, rider, car, truck, bus, train, motorcycle, bicycle). Every other id
 # is not evaluated and maps to the ignore label.
-CITYSCAPES_EVAL_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+CITYSCAPES_EVAL_LABEL_IDS = (
+    7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33
+)
 
 
 def cityscapes_label_id_to_train_id_lut() -> np.ndarray:

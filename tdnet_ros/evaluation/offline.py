@@ -248,6 +248,8 @@ def evaluate_offline(recording_path: str | Path, segmenter: SegmenterLike,
         finally:
             progress.close()
 
+        for error in recording.read_errors:
+            recorder.skip(str(recording_path), "(storage)", None, "recording_damaged", error)
         if ground_truth is not None:
             for item_name, reason in ground_truth.problems():
                 recorder.skip(ground_truth.description, item_name, None, "label", reason)

@@ -161,8 +161,8 @@ def render_markdown(results: dict[str, Any], provenance: Provenance,
         lines += ["No frame had ground truth: accuracy was not measured.", ""]
 
     if "timeline" in figures:
-        lines += ["## Over time", "", f"![per-frame IoU and latency]({relative(figures['timeline'])})",
-                  ""]
+        timeline = relative(figures["timeline"])
+        lines += ["## Over time", "", f"![per-frame IoU and latency]({timeline})", ""]
         lines += _provenance_block(provenance)
     if video is not None:
         lines += ["## Overlay video", "", f"[{relative(video)}]({relative(video)})", ""]
