@@ -407,6 +407,7 @@ class StreetScene:
         self.frames = frames
         self._client = pb.connect(pb.DIRECT)
         self._class_of_body: dict[int, int] = {}
+        self._length_of_body: dict[int, float] = {}
         self._blocks: dict[tuple[int, int], _Block] = {}
         self._segment_groups: dict[int, _Block] = {}
         self._people: dict[tuple[int, int], _Block] = {}
@@ -559,6 +560,7 @@ class StreetScene:
                                    globalScaling=4.5,
                                    baseOrientation=_yaw_quaternion(yaw), useFixedBase=True,
                                    physicsClientId=self._client)
+            self._length_of_body[body] = 3.0  # racecar at 4.5x: 2.1 m from the rear axle origin, spaced as 3 m
             return self._register(body, TrainId.CAR, owner)
         if kind in {"car", "van"}:
             length = rng.uniform(3.8, 4.8) if kind == "car" else rng.uniform(4.8, 5.4)
@@ -576,7 +578,9 @@ class StreetScene:
                 for sy in (-1, 1):
                     parts.append(self._shape("cylinder", (wheel_r, 0.25), tyre,
                                              (sx * length * 0.32, sy * (width / 2 - 0.1), wheel_r), wheel_orn))
-            return self._compound(parts, (x, y, z), yaw, TrainId.CAR, owner)
+            body = self._compound(parts, (x, y, z), yaw, TrainId.CAR, owner)
+            self._length_of_body[body] = float(length)
+            return body
         if kind == "truck":
             length = rng.uniform(6.5, 9.0)
             width = 2.4
@@ -593,7 +597,9 @@ class StreetScene:
                 for sy in (-1, 1):
                     parts.append(self._shape("cylinder", (wheel_r, 0.35), tyre, (px, sy * (width / 2 - 0.15), wheel_r),
                                              wheel_orn))
-            return self._compound(parts, (x, y, z), yaw, TrainId.TRUCK, owner)
+            body = self._compound(parts, (x, y, z), yaw, TrainId.TRUCK, owner)
+            self._length_of_body[body] = float(length) + 0.3
+            return body
         # bus
         length = rng.uniform(10.0, 12.0)
         width = 2.55
@@ -607,7 +613,9 @@ class StreetScene:
             for sy in (-1, 1):
                 parts.append(self._shape("cylinder", (wheel_r, 0.3), tyre, (px, sy * (width / 2 - 0.15), wheel_r),
                                          wheel_orn))
-        return self._compound(parts, (x, y, z), yaw, TrainId.BUS, owner)
+        body = self._compound(parts, (x, y, z), yaw, TrainId.BUS, owner)
+        self._length_of_body[body] = float(length)
+        return body
 
     def _two_wheeler(self, rng: np.random.Generator, position: tuple[float, float, float], yaw: float,
                      motorcycle: bool, owner: _Block | None) -> int:
@@ -624,7 +632,9 @@ class StreetScene:
                 self._shape("box", (0.35, 0.15, 0.06), dark, (-0.2, 0, base + 0.26)),
                 self._shape("box", (0.04, 0.35, 0.03), dark, (0.45, 0, base + 0.45)),
             ]
-            return self._compound(parts, position, yaw, TrainId.MOTORCYCLE, owner)
+            body = self._compound(parts, position, yaw, TrainId.MOTORCYCLE, owner)
+            self._length_of_body[body] = 2.0
+            return body
         r = 0.34
         tilt = pb.getQuaternionFromEuler([0, 0.5, 0])
         parts = [
@@ -635,7 +645,9 @@ class StreetScene:
             self._shape("box", (0.12, 0.06, 0.03), dark, (-0.28, 0, 0.88)),
             self._shape("box", (0.03, 0.25, 0.02), dark, (0.4, 0, 0.95)),
         ]
-        return self._compound(parts, position, yaw, TrainId.BICYCLE, owner)
+        body = self._compound(parts, position, yaw, TrainId.BICYCLE, owner)
+        self._length_of_body[body] = 1.75
+        return body
 
     def _humanoid(self, rng: np.random.Generator, train_id: TrainId, owner: _Block | None) -> tuple[int, float]:
         """A person (pybullet_data humanoid, coloured clothes); returns body and hip height."""
@@ -793,15 +805,25 @@ class StreetScene:
 
         # Sidewalk ring and the block interior.
         paving = self._tex_paving[int(rng.integers(len(self._tex_paving)))]
-        cx, cy = x0 + size / 2, y0 + size / 2
-        for dy in (-1, 1):
-            self._textured_box((cx, cy + dy * (size - sw) / 2, curb / 2), (size / 2, sw / 2, curb / 2), paving,
-                               (2.0, 2.0), TrainId.SIDEWALK, block)
-        for dx in (-1, 1):
-            self._textured_box((cx + dx * (size - sw) / 2, cy, curb / 2), (sw / 2, size / 2 - sw, curb / 2), paving,
-                               (2.0, 2.0), TrainId.SIDEWALK, block)
-        inner = size / 2 - sw
         grass = self._tex_grass[int(rng.integers(len(self._tex_grass)))]
+        cx, cy = x0 + size / 2, y0 + size / 2
+
+        def ring(outer: float, inner_edge: float, texture: int, tile: float, train_id: TrainId) -> None:
+            """A square band of the block between ``outer`` and ``inner_edge`` metres from its edge."""
+            middle, half_width = size / 2 - (outer + inner_edge) / 2, (inner_edge - outer) / 2
+            for sign in (-1, 1):
+                self._textured_box((cx, cy + sign * middle, curb / 2), (size / 2 - outer, half_width, curb / 2),
+                                   texture, (tile, tile), train_id, block)
+                self._textured_box((cx + sign * middle, cy, curb / 2), (half_width, size / 2 - inner_edge, curb / 2),
+                                   texture, (tile, tile), train_id, block)
+
+        if rng.random() < 0.35:  # a grass verge along the curb, trees and lamps stand on it
+            verge = float(rng.uniform(1.0, 1.6))
+            ring(0.0, verge, grass, 4.0, TrainId.TERRAIN)
+            ring(verge, sw, paving, 2.0, TrainId.SIDEWALK)
+        else:
+            ring(0.0, sw, paving, 2.0, TrainId.SIDEWALK)
+        inner = size / 2 - sw
         self._textured_box((cx, cy, curb / 2), (inner, inner, curb / 2), grass, (4.0, 4.0), TrainId.TERRAIN, block)
 
         # Each side of the block: outward normal, along direction, and the curb line.
@@ -846,16 +868,22 @@ class StreetScene:
             for side in (-1, 1):
                 lateral = side * (cfg.lane_width + cfg.parking_width / 2)
                 u = rng.uniform(4.0, 9.0)
-                while u < size - 6.0:
+                while u < size - 6.0:  # u: where the next parked vehicle may start
                     if rng.random() < 0.45:
-                        x, y = np.array(seg_start) + d * u + right * lateral
                         yaw = math.atan2(d[1], d[0]) + (0.0 if side > 0 else math.pi) + rng.normal(0, 0.03)
                         if rng.random() < 0.12:
-                            self._two_wheeler(rng, (x, y, 0.0), yaw, motorcycle=True, owner=block)
-                            u += 3.0
+                            body = self._two_wheeler(rng, (0.0, 0.0, 0.0), yaw, motorcycle=True, owner=block)
                         else:
-                            body = self._vehicle(rng, (x, y, 0.0), yaw, block)
-                            u += self._vehicle_length(body) + rng.uniform(0.8, 2.5)
+                            body = self._vehicle(rng, (0.0, 0.0, 0.0), yaw, block)
+                        length = self._vehicle_length(body)
+                        if u + length > size - 3.0:  # would reach into the intersection
+                            block.bodies.remove(body)
+                            self._remove(_Block(bodies=[body]))
+                            break
+                        x, y = np.array(seg_start) + d * (u + length / 2) + right * lateral
+                        pb.resetBasePositionAndOrientation(body, [float(x), float(y), 0.0], _yaw_quaternion(yaw),
+                                                           physicsClientId=self._client)
+                        u += length + rng.uniform(0.8, 2.5)
                     else:
                         u += rng.uniform(3.0, 7.0)
         return block
@@ -884,12 +912,9 @@ class StreetScene:
         return group
 
     def _vehicle_length(self, body: int) -> float:
-        (x0, y0, _), (x1, y1, _) = pb.getAABB(body, physicsClientId=self._client)
-        aabb = [pb.getAABB(body, link, physicsClientId=self._client)
-                for link in range(pb.getNumJoints(body, physicsClientId=self._client))]
-        for (ax0, ay0, _), (ax1, ay1, _) in aabb:
-            x0, y0, x1, y1 = min(x0, ax0), min(y0, ay0), max(x1, ax1), max(y1, ay1)
-        return max(x1 - x0, y1 - y0)
+        """Length of a vehicle made by ``_vehicle`` or ``_two_wheeler`` (pybullet's AABBs of
+        bodies without collision shapes are empty, so builders record it)."""
+        return self._length_of_body[body]
 
     def _build_buildings(self, rng: np.random.Generator, block: _Block, cx: float, cy: float, inner: float,
                          z: float) -> None:
@@ -1003,6 +1028,7 @@ class StreetScene:
         for body in block.bodies:
             pb.removeBody(body, physicsClientId=self._client)
             del self._class_of_body[body]
+            self._length_of_body.pop(body, None)
 
     def _update_world(self, x: float, y: float, heading: float, s: float) -> None:
         cfg = self.config
