@@ -105,7 +105,11 @@ def _to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 class AttentionStep(nn.Module):
-    """softmax(q k^T / sqrt(d_k)) v, then a 1x1 projection of the values."""
+    """softmax(q k^T / sqrt(d_k)) v, then a 1x1 projection of the values.
+
+    The projection is linear and each attention row sums to one, so it is applied to the
+    (few) cached values before the attention instead of to the (many) outputs after it.
+    """
 
     def __init__(self, value_channels: int) -> None:
         super().__init__()
@@ -113,8 +117,8 @@ class AttentionStep(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         # query (B, Lq, d_k), key (B, Lk, d_k), value (B, Lk, d_v) -> (B, Lq, d_v)
-        attended = F.scaled_dot_product_attention(query, key, value)
-        return F.linear(attended, self.proj.weight.flatten(1), self.proj.bias)
+        projected = F.linear(value, self.proj.weight.flatten(1), self.proj.bias)  # (B, Lk, d_v)
+        return F.scaled_dot_product_attention(query, key, projected)
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ import torch
 from .cache import FeatureCache
 from .checkpoint import file_sha256, load_model
 from .config import ModelConfig, feature_size_for
+from .fusion import fold_batch_norms
 from .data.classes import CLASS_COLORS, CLASS_NAMES
 from .model import TDNet
 from .preprocess import Normalizer, check_frame, check_normalized, labels_from_logits, resize_frame, resize_labels
@@ -78,6 +80,7 @@ class Segmenter:
             fixed size, or "frame" to run at each frame's own size. Sizes other than the
             training size resize the LayerNorm's affine parameters to the feature map.
         channels_last: use the channels-last memory format (faster convolutions on CPU and GPU).
+        fold_batch_norm: fold BatchNorm layers into the convolutions (on a copy of the model).
         checkpoint: path the weights came from (for reports).
     """
 
@@ -89,6 +92,7 @@ class Segmenter:
         precision: str = "float32",
         input_size: tuple[int, int] | str | None = None,
         channels_last: bool = True,
+        fold_batch_norm: bool = True,
         checkpoint: str | Path | None = None,
     ) -> None:
         if precision not in PRECISIONS:
@@ -101,6 +105,8 @@ class Segmenter:
         if self.device.type == "cpu" and self.dtype == torch.float16:
             log.warning("float16 on the CPU is slow; bfloat16 is the CPU's reduced precision")
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if fold_batch_norm:
+            model = fold_batch_norms(copy.deepcopy(model).eval())
         self.model = model.eval().to(self.device, self.dtype, memory_format=memory_format)
         self.config: ModelConfig = model.config
         self.input_size = tuple(input_size) if isinstance(input_size, (tuple, list)) else input_size
