@@ -23,7 +23,12 @@ from tdnet_ros.data.classes import (  # noqa: E402
     train_id_to_label_id_table,
 )
 from tdnet_ros.data.generate_cli import main as generate_main  # noqa: E402
-from tdnet_ros.data.street import USED_CLASSES, StreetConfig, StreetScene, generate_sequence  # noqa: E402
+from tdnet_ros.data.street import (  # noqa: E402
+    USED_CLASSES,
+    StreetConfig,
+    StreetScene,
+    generate_sequence,
+)
 from tdnet_ros.data.writers import IMAGE_TOPIC, LABEL_TOPIC, write_rosbag  # noqa: E402
 
 WIDTH, HEIGHT = 192, 96
@@ -225,6 +230,7 @@ def test_cli_writes_bag(tmp_path: Path) -> None:
         (["--seed", "1", "--frames", "2", "--format", "avi"], "invalid choice: 'avi'"),
         (["--seed", "1", "--frames", "2", "--fps", "0"], "--fps: must be a positive"),
         (["--frames", "2"], "the following arguments are required: --seed"),
+        (["--seed", "1", "--frames", "2", "--city", "../x"], "--city '../x' must be letters"),
     ],
 )
 def test_cli_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:

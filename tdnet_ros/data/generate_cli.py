@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tdnet_ros.data.writers import STORAGES, DatasetWriteError
+from tdnet_ros.data.writers import STORAGES, DatasetWriteError, check_folder_name
 
 FORMATS = ("cityscapes", *STORAGES)
 
@@ -84,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--sequence {sequence} does not fit the 6-digit Cityscapes name; pass --sequence")
     if args.format != "cityscapes" and args.out.exists():
         parser.error(f"--out {args.out} exists already; a rosbag2 is written to a new folder")
+    for option, value in (("split", args.split), ("city", args.city)):
+        try:
+            check_folder_name(f"--{option}", value)
+        except DatasetWriteError as error:
+            parser.error(str(error))
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file, not a folder")
 

@@ -35,6 +35,12 @@ class DatasetWriteError(RuntimeError):
     """A generated sequence cannot be written where or how it was asked."""
 
 
+def check_folder_name(kind: str, value: str) -> None:
+    """Raise DatasetWriteError unless ``value`` is a safe split or city name."""
+    if not _NAME_PATTERN.match(value):
+        raise DatasetWriteError(f"{kind} {value!r} must be letters, digits, '-' or '_'")
+
+
 def cityscapes_stem(city: str, sequence: int, frame: int) -> str:
     """``<city>_<sequence:06d>_<frame:06d>``, the Cityscapes file name stem."""
     return f"{city}_{sequence:06d}_{frame:06d}"
@@ -72,9 +78,8 @@ def write_cityscapes(
     Returns:
         Number of frames written.
     """
-    for name, value in (("split", split), ("city", city)):
-        if not _NAME_PATTERN.match(value):
-            raise DatasetWriteError(f"{name} {value!r} must be letters, digits, '-' or '_'")
+    check_folder_name("split", split)
+    check_folder_name("city", city)
     if not 0 <= sequence <= 999_999:
         raise DatasetWriteError(f"sequence number {sequence} does not fit 6 digits")
     image_dir = Path(out_dir) / "leftImg8bit_sequence" / split / city
