@@ -232,18 +232,19 @@ def run_live_mode(args: argparse.Namespace, segmenter: Any, provenance: Provenan
         checkpoint=args.checkpoint or "", model=args.model or "", device=args.device,
         precision=args.precision, startup_timeout_s=args.startup_timeout,
         max_frames=args.max_frames, log_path=out_dir / "node.log",
+        label_tolerance_ms=args.label_tolerance_ms,
         flow_max_side=args.flow_max_side or None,
     )
     if not args.no_progress:
-        print(f"live: starting segmenter_node and playing {args.bag} at x{args.rate}",
+        print(f"live: starting segmenter_node, then playing {args.bag} at x{args.rate}",
               file=sys.stderr)
-    live = run_live(args.bag, settings)
+    live = run_live(args.bag, settings, progress=not args.no_progress)
     video = None
     if not args.no_video:
         video = OverlayVideoWriter(out_dir / "overlay.mp4", np.asarray(segmenter.class_colors))
     recorder, extra = measure_live(args.bag, live, settings, int(segmenter.num_classes),
                                    tuple(segmenter.class_names), video=video)
-    if args.label_topic and not live.ground_truth:
+    if args.label_topic and not live.ground_truth and not live.problems:
         recorder.note(f"no ground truth arrived on {args.label_topic}: accuracy not measured")
     extra.update({
         "recording": str(args.bag), "image_topic": args.image_topic,

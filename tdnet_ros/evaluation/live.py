@@ -20,7 +20,9 @@ not steal its CPU. This is the only evaluation module that imports rclpy (lazily
 from __future__ import annotations
 
 import array
+import bisect
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ import numpy as np
 
 from tdnet_ros.evaluation.bag import (
     IMAGE_TYPES,
+    BagError,
     DecodeFailure,
     Recording,
     label_image_to_array,
@@ -63,6 +66,7 @@ class LiveSettings:
         startup_timeout_s: how long the node may take to load and subscribe.
         drain_timeout_s: after the last frame, how long to wait for outstanding outputs.
         max_frames: play at most this many camera frames.
+        label_tolerance_ms: a label matches a frame within this (recorded) stamp difference.
         log_path: where the node's output is written.
         flow_max_side: resolution limit of the optical flow for temporal consistency.
     """
@@ -75,7 +79,8 @@ class LiveSettings:
     device: str = "cpu"
     precision: str = "float32"
     startup_timeout_s: float = 120.0
-    drain_timeout_s: float = 5.0
+    drain_timeout_s: float = 3.0
+    label_tolerance_ms: float = 1.0
     max_frames: int | None = None
     log_path: Path | None = None
     flow_max_side: int | None = 640
@@ -111,6 +116,7 @@ class LiveResult:
     playback_s: float = 0.0
     labels_topic: str = ""
     live_image_topic: str = ""
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # source, kind, why
 
 
 def _ros_time(stamp_ns: int) -> tuple[int, int]:
@@ -187,7 +193,8 @@ class RecordingPlayer:
         return False
 
     def play(self, camera_topic: str, max_frames: int | None = None,
-             stop: threading.Event | None = None) -> list[PublishedFrame]:
+             stop: threading.Event | None = None, progress: Any = None
+             ) -> list[PublishedFrame]:
         """Plays the topics; returns the camera frames published (blocking).
 
         Stamps move onto the wall clock with one affine map for all topics:
@@ -220,6 +227,8 @@ class RecordingPlayer:
             except Exception:  # undecodable: nothing sensible to publish
                 if is_camera:
                     published.append(PublishedFrame(camera_index, None, None, time.time_ns()))
+                    if progress is not None:
+                        progress.update(1)
                 continue
             if first_stamp is None:
                 first_stamp = stamp
@@ -228,6 +237,8 @@ class RecordingPlayer:
             self.publishers[connection.topic].publish(ros_message)
             if is_camera:
                 published.append(PublishedFrame(camera_index, stamp, live_stamp, time.time_ns()))
+                if progress is not None:
+                    progress.update(1)
         return published
 
 
@@ -344,9 +355,13 @@ def run_live(recording_path: str | Path, settings: LiveSettings,
             live_topic += "/compressed"  # how the node tells CompressedImage topics apart
         topics = {settings.image_topic: live_topic}
         truth_live = None
-        if settings.label_topic and settings.label_topic in recording.reader.topics:
-            truth_live = settings.label_topic
-            topics[settings.label_topic] = truth_live
+        if settings.label_topic:
+            try:
+                recording.check_topic(settings.label_topic, "label", ("sensor_msgs/msg/Image",))
+                truth_live = settings.label_topic
+                topics[settings.label_topic] = truth_live
+            except BagError as error:
+                result.problems.append((settings.label_topic, "label_topic_missing", str(error)))
         result.live_image_topic = live_topic
         result.labels_topic = prediction_topic(live_topic, "labels")
         timing_topic = prediction_topic(live_topic, "timing")
@@ -377,8 +392,19 @@ def run_live(recording_path: str | Path, settings: LiveSettings,
                     + node_process.log()[-3000:]
                 )
             time.sleep(0.5)  # let the remaining endpoints (timing, truth) match
+            from tqdm import tqdm
+
+            frame_count = recording.reader.topics[settings.image_topic].msgcount
+            if settings.max_frames is not None:
+                frame_count = min(frame_count, settings.max_frames)
+            bar = tqdm(total=frame_count, desc=f"playing {live_topic}", unit="frame",
+                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
             started = time.monotonic()
-            result.published = player.play(settings.image_topic, settings.max_frames)
+            try:
+                result.published = player.play(settings.image_topic, settings.max_frames,
+                                                progress=bar)
+            finally:
+                bar.close()
             result.playback_s = time.monotonic() - started
             expected = sum(1 for frame in result.published if frame.live_stamp_ns is not None)
             # Wait for outputs in flight: until all arrived or nothing new for a while.
@@ -403,6 +429,17 @@ def run_live(recording_path: str | Path, settings: LiveSettings,
     return result
 
 
+def _nearest(by_stamp: dict[int, bytes], stamps: list[int], stamp: int | None,
+             tolerance_ns: int) -> bytes | None:
+    """The entry whose stamp is nearest to ``stamp``, within ``tolerance_ns``."""
+    if stamp is None or not stamps:
+        return None
+    position = bisect.bisect_left(stamps, stamp)
+    candidates = stamps[max(0, position - 1): position + 1]
+    nearest = min(candidates, key=lambda s: abs(s - stamp))
+    return by_stamp[nearest] if abs(nearest - stamp) <= tolerance_ns else None
+
+
 def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSettings,
                  num_classes: int, class_names: tuple[str, ...],
                  video: OverlayVideoWriter | None = None
@@ -416,7 +453,13 @@ def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSet
         ``dropped_frames``, ``published_frames``, ``end_to_end_latency_ms`` and more.
     """
     recorder = EvaluationRecorder(num_classes, class_names, flow_max_side=settings.flow_max_side)
+    for source, kind, reason in live.problems:
+        recorder.skip(source, "(topic)", None, kind, reason)
+        if kind == "label_topic_missing":
+            recorder.note(f"label topic {source} unusable: accuracy not measured")
     by_index = {frame.index: frame for frame in live.published}
+    truth_stamps = sorted(live.ground_truth)
+    tolerance_ns = int(settings.label_tolerance_ms * 1e6 / settings.rate)
     dropped: list[int] = []
     end_to_end: list[float] = []
     with Recording(recording_path) as recording:
@@ -442,7 +485,8 @@ def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSet
                               f"{frame.data.shape[1]}x{frame.data.shape[0]}")
                 continue
             truth = None
-            truth_png = live.ground_truth.get(published.live_stamp_ns)
+            truth_png = _nearest(live.ground_truth, truth_stamps, published.live_stamp_ns,
+                                 tolerance_ns)
             if truth_png is not None:
                 truth = cv2.imdecode(np.frombuffer(truth_png, np.uint8), cv2.IMREAD_UNCHANGED)
                 if truth.shape != labels.shape:
