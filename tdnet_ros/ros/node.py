@@ -38,6 +38,7 @@ from rclpy.qos import (  # noqa: E402
     HistoryPolicy,
     QoSProfile,
     ReliabilityPolicy,
+    qos_policy_name_from_kind,
 )
 from rclpy.signals import SignalHandlerOptions  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
@@ -234,7 +235,7 @@ class SegmenterNode(Node):
     def _on_incompatible_qos(self, camera: CameraStream, info: Any) -> None:
         self.get_logger().warning(
             f"topic '{camera.topic}': a publisher with incompatible QoS was found (policy "
-            f"{info.last_policy_kind.name}); it cannot deliver images to this node, which "
+            f"{qos_policy_name_from_kind(info.last_policy_kind)}); it cannot deliver images to this node, which "
             f"subscribes {self.config.qos_reliability} with depth {self.config.qos_depth}. "
             "Match the publisher, e.g. set parameter qos_reliability to best_effort."
         )
@@ -327,7 +328,7 @@ def main(args: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        clean = node.stop(timeout=1.0)
+        clean = node.stop(timeout=0.5)
         executor.shutdown(timeout_sec=0.2)
         node.destroy_node()
         rclpy.try_shutdown()

@@ -223,14 +223,17 @@ def stamp_ns(stamp: Any) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
-def make_tiny_checkpoint(path: Path, name: str = "td4-tiny", seed: int = 0) -> Path:
-    """Saves a random-weights checkpoint of a named variant (fast on a CPU for tests)."""
+def make_tiny_checkpoint(path: Path, name: str = "td4-tiny", seed: int = 0, **overrides: Any) -> Path:
+    """Saves a random-weights checkpoint of a named variant (fast on a CPU for tests).
+
+    ``overrides`` replace fields of the variant's configuration (e.g. ``input_size``).
+    """
     import torch
 
     from tdnet_ros import ModelConfig, build_model, save_checkpoint
 
     torch.manual_seed(seed)
-    save_checkpoint(build_model(ModelConfig.from_name(name)), path)
+    save_checkpoint(build_model(ModelConfig.from_name(name, **overrides)), path)
     return Path(path)
 
 

@@ -1,0 +1,256 @@
+"""segmenter_node's life cycle, as separate processes over real DDS: configuration errors
+stop it with one clear error and exit code 1; SIGINT/SIGTERM stop it with exit code 0
+within 2 s, idle or in the middle of a frame; with a reliable subscription it warns about
+incompatible publishers, computes only the outputs somebody subscribes to, and refuses an
+8000x8000 image without stopping.
+"""
+
+from __future__ import annotations
+
+import array
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("rclpy")
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+
+from tdnet_ros.ros.interfaces import load_messages  # noqa: E402
+from tdnet_ros.ros.testing import (  # noqa: E402
+    GraphClient,
+    NodeProcess,
+    diagnostics_values,
+    make_image,
+    make_tiny_checkpoint,
+    pick_domain_id,
+    stamp_ns,
+)
+
+msgs = load_messages()
+RELIABLE = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def frame(seed: int, height: int = 480, width: int = 640) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# --- configuration errors ----------------------------------------------------------------
+
+
+def test_configuration_errors_stop_the_node_with_one_clear_error(checkpoint: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"this is not a checkpoint" * 10)
+    wrong_architecture = tmp_path / "other.pkl"
+    torch.save({"conv1.weight": torch.zeros(3, 3)}, wrong_architecture)
+    small_table = tmp_path / "classes.yaml"
+    small_table.write_text("classes:\n  - {id: 0, name: road, color: [1, 2, 3]}\n")
+    cases = {
+        "missing checkpoint": (["-p", "checkpoint:=/nonexistent/model.pt"],
+                               ["parameter 'checkpoint'", "/nonexistent/model.pt"]),
+        "corrupt checkpoint": ([f"-p", f"checkpoint:={corrupt}"], ["parameter 'checkpoint'", str(corrupt)]),
+        "other architecture": (["-p", f"checkpoint:={wrong_architecture}", "-p", "model:=td4-psp18"],
+                               ["parameter 'checkpoint'", str(wrong_architecture)]),
+        "unknown model": (["-p", f"checkpoint:={checkpoint}", "-p", "model:=td9-imaginary"],
+                          ["parameter 'model'", "td9-imaginary"]),
+        "model without checkpoint": (["-p", "model:=td4-psp18"],
+                                     ["parameter 'model' is 'td4-psp18' but 'checkpoint' is empty"]),
+        "bad reliability": (["-p", f"checkpoint:={checkpoint}", "-p", "qos_reliability:=sometimes"],
+                            ["parameter 'qos_reliability': 'sometimes' is not one of best_effort, reliable"]),
+        "alpha out of range": (["-p", f"checkpoint:={checkpoint}", "-p", "overlay_alpha:=3.0"],
+                               ["parameter 'overlay_alpha'"]),
+        "bad device": (["-p", f"checkpoint:={checkpoint}", "-p", "device:=gpu0"],
+                       ["parameter 'device': 'gpu0' is not auto, cpu, cuda or cuda:N"]),
+        "class table of another size": (
+            ["-p", f"checkpoint:={checkpoint}", "-p", f"class_table:={small_table}"],
+            [f"class table '{small_table}'", "0..18"]),
+    }
+    if not torch.cuda.is_available():
+        cases["cuda without CUDA"] = (["-p", f"checkpoint:={checkpoint}", "-p", "device:=cuda"],
+                                      ["parameter 'device' is 'cuda'", "CUDA is not available"])
+    domain = pick_domain_id()
+    # Started together: most of each run is importing torch.
+    processes = {
+        name: NodeProcess(args, domain_id=domain, log_path=tmp_path / f"{index}.log")
+        for index, (name, (args, _)) in enumerate(cases.items())
+    }
+    try:
+        for name, process in processes.items():
+            code = process.wait_exit(120)
+            log = process.log()
+            assert code == 1, f"{name}: exit code {code}\n{log}"
+            errors = [line for line in log.splitlines() if "[ERROR]" in line]
+            assert len(errors) == 1, f"{name}: expected one error line\n{log}"
+            assert "cannot start: " in errors[0]
+            for fragment in cases[name][1]:
+                assert fragment in errors[0], f"{name}: '{fragment}' not in {errors[0]!r}"
+            assert "Traceback" not in log, f"{name}\n{log}"
+    finally:
+        for process in processes.values():
+            process.kill()
+
+
+# --- signals -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model that takes seconds per frame on a CPU (to be caught mid-frame)."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("slow") / "narrow.pt", "td4-r18-narrow",
+                                input_size=(1537, 3073))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("mid_frame", [False, True], ids=["idle", "mid-frame"])
+def test_signals_exit_cleanly_within_two_seconds(
+    signum: int, mid_frame: bool, checkpoint: Path, slow_checkpoint: Path, tmp_path: Path
+) -> None:
+    domain = pick_domain_id()
+    model = slow_checkpoint if mid_frame else checkpoint
+    node = NodeProcess(["-p", f"checkpoint:={model}", "-p", "device:=cpu", "-r", "image:=/sig/image"],
+                       domain_id=domain, log_path=tmp_path / "node.log")
+    client = GraphClient("signal_test", domain)
+    try:
+        publisher = client.publisher(Image, "/sig/image", qos_profile_sensor_data)
+        timing = client.subscribe(msgs.SegmentationTiming, "/sig/segmentation/timing")
+        assert client.wait_for_subscribers(publisher, timeout=60), node.log()
+        time.sleep(0.5)
+        if mid_frame:
+            base = time.time_ns()
+            publisher.publish(make_image(frame(0), stamp_ns=base, frame_id="sig"))
+            first = timing.wait_for(lambda m: stamp_ns(m.header.stamp) == base, 60)
+            assert first is not None, node.log()
+            frame_seconds = first.segment_ms / 1e3
+            assert frame_seconds > 0.5, f"model too fast ({frame_seconds:.2f} s) to catch mid-frame"
+            publisher.publish(make_image(frame(1), stamp_ns=base + 10**8, frame_id="sig"))
+            time.sleep(min(0.3, frame_seconds / 3))
+            assert len(timing.messages) == 1, "the second frame finished before the signal"
+        code, seconds = node.stop(signum, timeout=10)
+        assert code == 0, f"exit code {code}\n{node.log()}"
+        assert seconds < 2.0, f"took {seconds:.2f} s to exit"
+        assert "Traceback" not in node.log()
+    finally:
+        client.close()
+        node.kill()
+
+
+# --- a node with a reliable subscription -------------------------------------------------------
+
+TOPIC, OUT = "/rel_cam/image", "/rel_cam/segmentation"
+
+
+class ReliableNode:
+    def __init__(self, checkpoint: Path, tmp: Path) -> None:
+        self.domain = pick_domain_id()
+        self.node = NodeProcess(
+            ["-p", f"checkpoint:={checkpoint}", "-p", "device:=auto", "-p", f"cameras:=[{TOPIC}]",
+             "-p", "qos_reliability:=reliable", "-p", "qos_depth:=2"],
+            domain_id=self.domain, log_path=tmp / "node.log",
+        )
+        self.client = GraphClient("reliable_test", self.domain)
+        self.publisher = self.client.publisher(Image, TOPIC, RELIABLE)
+        self.diagnostics = self.client.subscribe(DiagnosticArray, "/diagnostics")
+        assert self.client.wait_for_subscribers(self.publisher, timeout=60), self.node.log()
+        self.stamp = time.time_ns()
+
+    def status(self) -> dict[str, str]:
+        count = len(self.diagnostics.messages)
+        assert self.diagnostics.wait_count(count + 1, 5.0), "no diagnostics"
+        return diagnostics_values(self.diagnostics.messages[count].status[0])
+
+    def send(self, image: np.ndarray | None = None, message: Image | None = None) -> int:
+        self.stamp += 10**8
+        if message is None:
+            message = make_image(image, stamp_ns=self.stamp, frame_id="rel")
+        message.header.stamp.sec, message.header.stamp.nanosec = divmod(self.stamp, 10**9)
+        self.publisher.publish(message)
+        return self.stamp
+
+
+@pytest.fixture(scope="module")
+def reliable(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    harness = ReliableNode(checkpoint, tmp_path_factory.mktemp("reliable"))
+    yield harness
+    harness.client.close()
+    code, _ = harness.node.stop()
+    harness.node.kill()
+    assert code == 0
+
+
+def test_device_auto_without_cuda_warns_and_runs_on_cpu(reliable: ReliableNode) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: auto picks it")
+    log = reliable.node.log()
+    warnings = [line for line in log.splitlines() if "CUDA is not available: running on the CPU" in line]
+    assert len(warnings) == 1 and "[WARN]" in warnings[0], log
+    assert reliable.status()["device"] == "cpu"
+
+
+def test_incompatible_publisher_qos_is_reported(reliable: ReliableNode) -> None:
+    best_effort = reliable.client.publisher(Image, TOPIC, qos_profile_sensor_data)
+    deadline = time.monotonic() + 20
+    expected = f"topic '{TOPIC}': a publisher with incompatible QoS was found (policy RELIABILITY"
+    while expected not in reliable.node.log():
+        assert time.monotonic() < deadline, reliable.node.log()
+        time.sleep(0.2)
+    line = next(line for line in reliable.node.log().splitlines() if expected in line)
+    assert "[WARN]" in line and "qos_reliability" in line
+    reliable.client.node.destroy_publisher(best_effort)
+
+
+def test_outputs_nobody_subscribes_to_are_not_computed(reliable: ReliableNode) -> None:
+    h = reliable
+    labels = h.client.subscribe(Image, f"{OUT}/labels", RELIABLE)
+    time.sleep(1.0)  # discovery of the new subscription
+    before = h.status()
+    for index in range(3):
+        stamp = h.send(frame(index))
+        assert labels.wait_for(lambda m: stamp_ns(m.header.stamp) == stamp, 20), h.node.log()
+    after = h.status()
+    rendered = {k: int(after[f"rendered_{k}"]) - int(before[f"rendered_{k}"])
+                for k in ("labels", "color", "overlay", "masks", "timing")}
+    assert rendered == {"labels": 3, "color": 0, "overlay": 0, "masks": 0, "timing": 0}
+
+    h.client.unsubscribe(labels)
+    time.sleep(1.5)
+    before = h.status()
+    for index in range(2):
+        h.send(frame(10 + index))
+        time.sleep(0.3)
+    time.sleep(1.0)
+    after = h.status()
+    assert int(after["frames_skipped_no_subscribers"]) - int(before["frames_skipped_no_subscribers"]) == 2
+    assert after["frames_processed"] == before["frames_processed"]
+
+
+def test_8000x8000_image_is_refused_and_the_node_keeps_running(reliable: ReliableNode) -> None:
+    h = reliable
+    labels = h.client.subscribe(Image, f"{OUT}/labels", RELIABLE)
+    time.sleep(1.0)
+    before = h.status()
+    huge = Image(height=8000, width=8000, encoding="mono8", step=8000)
+    data = array.array("B")
+    data.frombytes(bytes(8000 * 8000))
+    huge.data = data
+    h.send(message=huge)
+    expected = f"topic '{TOPIC}': image 8000x8000 has 64000000 pixels, more than the limit 16777216"
+    deadline = time.monotonic() + 30
+    while expected not in h.node.log():
+        assert time.monotonic() < deadline, h.node.log()
+        time.sleep(0.2)
+    assert h.node.alive()
+    stamp = h.send(frame(20))
+    assert labels.wait_for(lambda m: stamp_ns(m.header.stamp) == stamp, 20), "no output after the huge image"
+    after = h.status()
+    assert int(after["frames_invalid"]) - int(before["frames_invalid"]) == 1
