@@ -194,6 +194,30 @@ def test_offline_evaluation_formats_and_encodings(tmp_path, segmenter, storage, 
     assert set(summary["latency_ms"]["total"]) >= {"p50", "p95", "p99"}
 
 
+def test_more_encodings_padding_and_16_bit_labels(tmp_path, segmenter):
+    frames, truths = moving_scene(4)
+    bag_path = tmp_path / "mixed"
+    bag = BagWriter(bag_path, "sqlite3")
+    t = [START_NS + i * PERIOD_NS for i in range(4)]
+    alpha = np.full((HEIGHT, WIDTH, 1), 255, np.uint8)
+    bag.image(CAMERA, t[0], np.concatenate([frames[0], alpha], axis=2), "rgba8")
+    bag.image(CAMERA, t[1], np.concatenate([frames[1][..., ::-1], alpha], axis=2), "bgra8")
+    gray16 = cv2.cvtColor(frames[2], cv2.COLOR_RGB2GRAY).astype("<u2") * 257  # 8 -> 16 bit
+    bag.image(CAMERA, t[2], gray16.view(np.uint8), "mono16", width=WIDTH, step=WIDTH * 2)
+    padded = np.zeros((HEIGHT, WIDTH * 3 + 16), np.uint8)  # rows padded by 16 bytes
+    padded[:, : WIDTH * 3] = frames[3].reshape(HEIGHT, -1)
+    bag.image(CAMERA, t[3], padded, "rgb8", width=WIDTH, step=WIDTH * 3 + 16)
+    for stamp, truth in zip(t, truths):
+        bag.image(TRUTH, stamp, truth.astype("<u2").view(np.uint8), "16UC1", width=WIDTH,
+                  step=WIDTH * 2)
+    bag.close()
+    result = evaluate_offline(bag_path, segmenter, settings())
+    assert result.recorder.skipped == []
+    assert len(result.recorder.frames) == 4
+    assert result.recorder.frames_with_ground_truth == 4
+    assert result.recorder.scores.matrix.sum() == 4 * HEIGHT * WIDTH
+
+
 def test_bad_content_is_skipped_counted_and_named(tmp_path, segmenter):
     frames, truths = moving_scene(8)
     bag_path = tmp_path / "bad"

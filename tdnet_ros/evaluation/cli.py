@@ -162,6 +162,9 @@ def run(args: argparse.Namespace, command: str) -> int:
             topics = recording.describe_topics()
         raise BagError(f"--image-topic is required; {topics}")
     out_dir = args.out or default_output_folder(args.bag)
+    if args.live and (args.label_dir or args.output_bag):
+        raise ValueError("--label-dir and --output-bag are offline only; live mode takes "
+                         "--label-topic")
     if args.output_bag is not None and args.output_bag.exists():
         raise ValueError(f"--output-bag {args.output_bag} exists already; choose a new path")
     # Open the recording and check the topic before loading the model: fail fast.
@@ -173,8 +176,6 @@ def run(args: argparse.Namespace, command: str) -> int:
                                            args.precision)
     provenance = Provenance(**{**provenance.__dict__, "command": command})
     if args.live:
-        if args.label_dir:
-            raise ValueError("--label-dir is offline only; live mode takes --label-topic")
         provenance = Provenance(**{**provenance.__dict__, "device": args.device,
                                    "precision": args.precision})
         results = run_live_mode(args, segmenter, provenance, out_dir)
