@@ -1,0 +1,186 @@
+"""Per-frame latency of the segmenter, per stage, for each model, size, device and precision.
+
+    tdnet-bench --model td4-psp18 --size 769x1537 --device cpu --precision float32 bfloat16
+
+With `--published-code DIR` (a local checkout of the published TDNet `Testing/` folder,
+which this project does not ship), the published model runs in the same process on the
+same weights and input, frames interleaved with ours so that both see the same machine
+load, and the speed ratio and label agreement are printed. Not a test: figures depend on
+the machine; the README names the command and machine beside each one it quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_model, published_to_internal
+from .config import ModelConfig
+from .model import build_model
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_frame
+from .segmenter import Segmenter
+from .timing import percentiles
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH, got {text!r}") from None
+    return height, width
+
+
+def synthetic_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth, structured RGB frame (random noise would make every method look alike)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(height // 32, 2), max(width // 32, 2), 3), dtype=np.uint8)
+    return np.ascontiguousarray(resize_frame(small, (height, width)))
+
+
+def published_model(code_dir: Path, name: str) -> torch.nn.Module:
+    """The published implementation's model class, imported from a local checkout."""
+    sys.path.insert(0, str(code_dir))
+    module_name = name.replace("-", "_")
+    module = __import__(f"model.pspnet.{module_name}", fromlist=[module_name])
+    num_paths = ModelConfig.from_name(name).num_paths
+    return getattr(module, module_name)(nclass=19, path_num=num_paths).eval()
+
+
+def normalized_input(frame: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """The published preprocessing (float64 normalization) of a frame at the model input size."""
+    resized = resize_frame(frame, size) / 255.0
+    x = ((resized - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).astype(np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()  # (1, 3, H, W)
+
+
+def run_published(model: torch.nn.Module, x: torch.Tensor, path: int, device: torch.device) -> np.ndarray:
+    with torch.no_grad():
+        logits = model(x, pos_id=path)
+        labels = logits.argmax(1)[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return labels.cpu().numpy()
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    for name in args.model:
+        published = None
+        if args.published_code:
+            published = published_model(args.published_code, name)
+            # Our model gets the published model's (random) weights through the real loader.
+            state = published_to_internal(published.state_dict(), ModelConfig.from_name(name).num_paths)
+            model = build_model(ModelConfig.from_name(name))
+            model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
+        else:
+            model = load_model(args.checkpoint, name) if args.checkpoint else build_model(ModelConfig.from_name(name))
+        for size in args.size:
+            for device_name in args.device:
+                for precision in args.precision:
+                    rows.append(measure_one(args, name, model, published, size, device_name, precision))
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def measure_one(args, name, model, published, size, device_name, precision) -> dict:
+    segmenter = Segmenter(model, device=device_name, precision=precision, input_size=size)
+    device = segmenter.device
+    frame = synthetic_frame(*(args.frame_size or size))
+    x = normalized_input(frame, size)
+    stages: dict[str, list[float]] = {}
+    ours_ms, published_ms, agreement = [], [], []
+    if published is not None:
+        published.to(device)
+    # Reduced precision is judged by its label agreement with float32 on the same frames.
+    reference = Segmenter(model, device=device, input_size=size) if precision != "float32" else None
+    for i in range(args.warmup + args.frames):
+        result = segmenter.segment(frame, stream="bench")
+        if i >= args.warmup:
+            ours_ms.append(result.timings["total"])
+            for stage, ms in result.timings.items():
+                stages.setdefault(stage, []).append(ms)
+        if published is not None and precision == "float32":
+            start = time.perf_counter()
+            labels = run_published(published, x.to(device), result.path, device)
+            if i >= args.warmup:
+                published_ms.append((time.perf_counter() - start) * 1e3)
+                ours = resize_frame_labels(result.labels, labels.shape)
+                agreement.append(float((ours == labels).mean()))
+        if reference is not None:
+            labels = reference.segment(frame, stream="bench").labels
+            if i >= args.warmup:
+                agreement.append(float((result.labels == labels).mean()))
+    row = {
+        "model": name,
+        "input": f"{size[0]}x{size[1]}",
+        "frame": f"{frame.shape[0]}x{frame.shape[1]}",
+        "device": str(device),
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "stages_ms": {stage: percentiles(v, (50, 95)) for stage, v in stages.items()},
+        "fps": 1e3 / float(np.median(ours_ms)),
+    }
+    if published_ms:
+        row["published_ms"] = percentiles(published_ms, (50, 95))
+        row["speedup_p50"] = row["published_ms"]["p50"] / row["stages_ms"]["total"]["p50"]
+    if agreement:
+        # with the published code (float32) or with our float32 (reduced precision)
+        row["label_agreement_min"] = min(agreement)
+    return row
+
+
+def resize_frame_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    tensor = torch.from_numpy(labels.astype(np.int64))[None, None].float()
+    return F.interpolate(tensor, shape, mode="nearest")[0, 0].long().numpy()
+
+
+def print_table(rows: list[dict]) -> None:
+    print()
+    print("| model | input | device | precision | total p50 / p95 ms | per stage p50 ms | fps | published p50 ms | speed-up | min label agreement |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        total = row["stages_ms"]["total"]
+        stages = ", ".join(f"{k} {v['p50']:.0f}" for k, v in row["stages_ms"].items() if k != "total")
+        published = f"{row['published_ms']['p50']:.0f}" if "published_ms" in row else "-"
+        speedup = f"{row['speedup_p50']:.2f}x" if "speedup_p50" in row else "-"
+        agreement = f"{row['label_agreement_min']:.2%}" if "label_agreement_min" in row else "-"
+        print(
+            f"| {row['model']} | {row['input']} | {row['device']} | {row['precision']} | "
+            f"{total['p50']:.0f} / {total['p95']:.0f} | {stages} | {row['fps']:.2f} | {published} | {speedup} | {agreement} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["td4-psp18"], help="model names")
+    parser.add_argument("--checkpoint", type=Path, help="weights (default: random; speed does not depend on them)")
+    parser.add_argument("--size", nargs="+", type=parse_size, default=[(769, 1537)], help="model input HxW")
+    parser.add_argument("--frame-size", type=parse_size, help="camera frame HxW (default: the input size)")
+    parser.add_argument("--device", nargs="+", default=["cpu"])
+    parser.add_argument("--precision", nargs="+", default=["float32"])
+    parser.add_argument("--frames", type=int, default=20, help="timed frames per configuration")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--published-code", type=Path, help="local checkout of the published TDNet Testing/ folder")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = measure(args)
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
