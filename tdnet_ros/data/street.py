@@ -136,9 +136,10 @@ def _hsv_color(rng: np.random.Generator, hue: tuple[float, float], sat: tuple[fl
 # --------------------------------------------------------------------------- textures
 
 
-def _smooth_noise(rng: np.random.Generator, size: tuple[int, int], cells: int) -> np.ndarray:
-    """Band-limited noise in [0, 1] of the given (H, W) size, tileable enough for our use."""
-    coarse = rng.random((cells, cells)).astype(np.float32)
+def _smooth_noise(rng: np.random.Generator, size: tuple[int, int], cells: int | tuple[int, int]) -> np.ndarray:
+    """Band-limited noise in [0, 1] of the given (H, W) size from a (rows, columns) grid of random cells."""
+    grid = (cells, cells) if isinstance(cells, int) else cells
+    coarse = rng.random(grid).astype(np.float32)
     return cv2.resize(coarse, (size[1], size[0]), interpolation=cv2.INTER_CUBIC).clip(0.0, 1.0)
 
 
@@ -238,7 +239,9 @@ def _sky_panorama(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None] ** 0.8
     sky = (top[None, None, :] * (1 - rows) + horizon[None, None, :] * rows) * 255
     sky = np.broadcast_to(sky, (height, width, 3)).astype(np.float32)
-    clouds = _smooth_noise(rng, (height, width), 12) * 0.6 + _smooth_noise(rng, (height, width), 40) * 0.4
+    aspect = max(1, round(width / height))
+    clouds = (_smooth_noise(rng, (height, width), (4, 4 * aspect)) * 0.6
+              + _smooth_noise(rng, (height, width), (12, 12 * aspect)) * 0.4)
     # Make the strip wrap around: blend its two ends.
     ramp = np.linspace(0, 1, width // 8, dtype=np.float32)[None, :]
     clouds[:, -ramp.shape[1]:] = clouds[:, -ramp.shape[1]:] * (1 - ramp) + clouds[:, : ramp.shape[1]] * ramp
