@@ -208,6 +208,29 @@ def warp_labels(
     return warped, valid
 
 
+def warp_previous_labels(
+    previous_labels: np.ndarray,
+    previous_frame: np.ndarray,
+    current_frame: np.ndarray,
+    flow_max_side: int | None = 640,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The previous frame's labels seen from the current frame, and where they are valid.
+
+    The flow from the current frame to the previous one (Farneback, on grayscale) maps each
+    current pixel to its source in the previous frame; the previous labels are sampled
+    there (nearest neighbour).
+
+    Returns:
+        ``(warped, valid)``: (H, W) labels and boolean mask (see :func:`warp_labels`).
+    """
+    previous_gray = to_gray(previous_frame)
+    current_gray = to_gray(current_frame)
+    if previous_gray.shape != previous_labels.shape or current_gray.shape != previous_gray.shape:
+        raise ValueError("frames and label maps must have the same height and width")
+    flow = dense_flow(current_gray, previous_gray, max_side=flow_max_side)
+    return warp_labels(previous_labels, flow)
+
+
 def label_agreement(
     previous_labels: np.ndarray,
     current_labels: np.ndarray,
@@ -217,9 +240,6 @@ def label_agreement(
 ) -> tuple[int, int]:
     """Motion-compensated agreement of two consecutive label maps.
 
-    The flow from the current frame to the previous one (Farneback, on grayscale) warps the
-    previous labels onto the current frame; the labels agree where they are equal.
-
     Returns:
         ``(agreeing, valid)`` pixel counts; the agreement is ``agreeing / valid``.
     """
@@ -227,12 +247,9 @@ def label_agreement(
         raise ValueError(
             f"label shapes differ: {previous_labels.shape} vs {current_labels.shape}"
         )
-    previous_gray = to_gray(previous_frame)
-    current_gray = to_gray(current_frame)
-    if previous_gray.shape != previous_labels.shape or current_gray.shape != current_labels.shape:
-        raise ValueError("frames and label maps must have the same height and width")
-    flow = dense_flow(current_gray, previous_gray, max_side=flow_max_side)
-    warped, valid = warp_labels(previous_labels, flow)
+    warped, valid = warp_previous_labels(
+        previous_labels, previous_frame, current_frame, flow_max_side
+    )
     agreeing = int(np.count_nonzero(valid & (warped == current_labels)))
     return agreeing, int(np.count_nonzero(valid))
 
@@ -256,13 +273,23 @@ class TemporalConsistency:
     """Accumulates motion-compensated label agreement over a sequence of frames.
 
     Feed every frame in order with :meth:`update`; call :meth:`break_sequence` at a
-    discontinuity (a gap, a reset, a skipped frame) so that no pair spans it. The score is
-    the mean over frame pairs of the per-pair agreement, in percent.
+    discontinuity (a gap, a reset, a skipped frame) so that no pair spans it.
+
+    :attr:`value` is the mean over frame pairs of the per-pair pixel agreement (percent).
+    With ``num_classes`` set, :attr:`mean_iou` is also kept: the mean IoU between the
+    warped previous labels and the current labels over all pairs (the form some video
+    segmentation papers report).
     """
 
     flow_max_side: int | None = 640
+    num_classes: int | None = None
     pair_scores: list[float] = field(default_factory=list)
+    matrix: np.ndarray | None = field(default=None, repr=False)
     _previous: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_classes is not None:
+            self.matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
     def update(self, labels: np.ndarray, frame: np.ndarray) -> float | None:
         """Adds a frame; returns the agreement (percent) with the previous one, if any."""
@@ -270,13 +297,20 @@ class TemporalConsistency:
         score: float | None = None
         if self._previous is not None and self._previous[0].shape == labels.shape:
             previous_labels, previous_gray = self._previous
-            score = temporal_consistency(
-                previous_labels, labels, previous_gray, gray, self.flow_max_side
+            warped, valid = warp_previous_labels(
+                previous_labels, previous_gray, gray, self.flow_max_side
             )
-            if np.isnan(score):
-                score = None
-            else:
+            valid_count = int(np.count_nonzero(valid))
+            if valid_count:
+                agreeing = int(np.count_nonzero(valid & (warped == labels)))
+                score = 100.0 * agreeing / valid_count
                 self.pair_scores.append(score)
+                if self.matrix is not None:
+                    # Current labels play the ground truth; invalid pixels are ignored.
+                    reference = np.where(valid, labels, IGNORE_LABEL).astype(np.uint8)
+                    self.matrix += confusion_matrix(
+                        np.where(valid, warped, 0), reference, self.matrix.shape[0]
+                    )
         self._previous = (labels.copy(), gray.copy())
         return score
 
@@ -288,3 +322,10 @@ class TemporalConsistency:
     def value(self) -> float:
         """Mean agreement over all pairs, percent (NaN when no pair was seen)."""
         return float(np.mean(self.pair_scores)) if self.pair_scores else float("nan")
+
+    @property
+    def mean_iou(self) -> float:
+        """Mean IoU (percent) of warped previous vs current labels (NaN if not kept)."""
+        if self.matrix is None or not self.matrix.any():
+            return float("nan")
+        return 100.0 * mean_iou(self.matrix)

@@ -197,7 +197,7 @@ def test_translated_scene_is_consistent_and_flicker_is_not():
     rng = np.random.default_rng(3)
     height, width = 180, 240
     scene, scene_labels = _textured_scene(rng, (height + 40, width + 40), classes=6)
-    tracker = TemporalConsistency(flow_max_side=None)
+    tracker = TemporalConsistency(flow_max_side=None, num_classes=6)
     for step in range(4):  # the camera pans 3 px right and 2 px down per frame
         y, x = 2 * step, 3 * step
         frame = np.ascontiguousarray(scene[y:y + height, x:x + width])
@@ -205,6 +205,7 @@ def test_translated_scene_is_consistent_and_flicker_is_not():
         tracker.update(labels, frame)
     assert len(tracker.pair_scores) == 3
     assert tracker.value > 99.0
+    assert tracker.mean_iou > 97.0  # the IoU form agrees
     # Without motion compensation the same labels agree far less: the warp matters.
     first, second = scene_labels[:height, :width], scene_labels[2:2 + height, 3:3 + width]
     assert (first == second).mean() * 100 < tracker.value - 5
@@ -216,6 +217,10 @@ def test_translated_scene_is_consistent_and_flicker_is_not():
     noise1 = rng.integers(0, 6, (height, width)).astype(np.uint8)
     flicker = temporal_consistency(noise0, noise1, frame0, frame1, flow_max_side=None)
     assert 10.0 < flicker < 25.0
+    noisy = TemporalConsistency(flow_max_side=None, num_classes=6)
+    noisy.update(noise0, frame0)
+    noisy.update(noise1, frame1)
+    assert noisy.mean_iou < 15.0  # about 1/11 for independent uniform labels
 
 
 def test_temporal_consistency_downscaled_flow_and_breaks():

@@ -93,7 +93,8 @@ class EvaluationRecorder:
                 for i in range(self.num_classes)
             )
         self.scores = SegmentationScores(self.num_classes)
-        self.temporal = TemporalConsistency(flow_max_side=self.flow_max_side)
+        self.temporal = TemporalConsistency(flow_max_side=self.flow_max_side,
+                                            num_classes=self.num_classes)
 
     # -- input -----------------------------------------------------------------------
 
@@ -212,6 +213,8 @@ class EvaluationRecorder:
             "pixel_accuracy": _percent_or_none(self.scores.pixel_accuracy) if has_truth else None,
             "temporal_consistency": None if math.isnan(temporal) else temporal,
             "temporal_pairs": len(self.temporal.pair_scores),
+            "temporal_consistency_miou": (None if math.isnan(self.temporal.mean_iou)
+                                          else self.temporal.mean_iou),
             "latency_ms": self.latency(),
             "fps": self.fps(),
             "frames": len(self.frames),

@@ -113,6 +113,8 @@ def render_markdown(results: dict[str, Any], provenance: Provenance,
         f"| pixel accuracy | {_fmt(results.get('pixel_accuracy'), 2, ' %')} |",
         f"| temporal consistency | {_fmt(results.get('temporal_consistency'), 2, ' %')} "
         f"({results.get('temporal_pairs', 0)} frame pairs) |",
+        f"| temporal consistency, IoU form | "
+        f"{_fmt(results.get('temporal_consistency_miou'), 2, ' %')} |",
         f"| frames evaluated | {results.get('frames', 0)} "
         f"({results.get('frames_with_ground_truth', 0)} with ground truth) |",
         f"| frames per second | {_fmt(results.get('fps'), 1)} |",
