@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "segmenter_node running as its own process (default: offline)")
     parser.add_argument("--rate", type=float, default=1.0,
                         help="live mode: playback speed, a multiple of the recorded rate")
+    parser.add_argument("--live-warmup", type=int, default=2,
+                        help="live mode: send the first frame this many times before "
+                             "playback, so the node's start-up cost is not measured "
+                             "(default 2; 0: measure from a cold node)")
     parser.add_argument("--startup-timeout", type=float, default=120.0,
                         help="live mode: seconds the node may take to start")
     parser.add_argument("--cityscapes", action="store_true",
@@ -233,7 +237,7 @@ def run_live_mode(args: argparse.Namespace, segmenter: Any, provenance: Provenan
         checkpoint=args.checkpoint or "", model=args.model or "", device=args.device,
         precision=args.precision, startup_timeout_s=args.startup_timeout,
         max_frames=args.max_frames, log_path=out_dir / "node.log",
-        label_tolerance_ms=args.label_tolerance_ms,
+        label_tolerance_ms=args.label_tolerance_ms, warmup_frames=args.live_warmup,
         flow_max_side=args.flow_max_side or None,
     )
     if not args.no_progress:

@@ -67,6 +67,8 @@ class LiveSettings:
         drain_timeout_s: after the last frame, how long to wait for outstanding outputs.
         max_frames: play at most this many camera frames.
         label_tolerance_ms: a label matches a frame within this (recorded) stamp difference.
+        warmup_frames: before playback, the first frame is sent this many times (each after
+            the previous output) so the node's one-time start-up cost is not measured.
         log_path: where the node's output is written.
         flow_max_side: resolution limit of the optical flow for temporal consistency.
     """
@@ -80,6 +82,7 @@ class LiveSettings:
     precision: str = "float32"
     startup_timeout_s: float = 120.0
     drain_timeout_s: float = 3.0
+    warmup_frames: int = 2
     label_tolerance_ms: float = 1.0
     max_frames: int | None = None
     log_path: Path | None = None
@@ -117,6 +120,7 @@ class LiveResult:
     labels_topic: str = ""
     live_image_topic: str = ""
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # source, kind, why
+    warmup_frames: int = 0
 
 
 def _ros_time(stamp_ns: int) -> tuple[int, int]:
@@ -184,13 +188,54 @@ class RecordingPlayer:
         ros_message.data = _byte_array(message.data)
         return ros_message
 
-    def wait_for_subscribers(self, topic: str, timeout_s: float) -> bool:
+    def first_camera_message(self, camera_topic: str) -> Any | None:
+        """The first camera message that deserializes (for warming the node up)."""
+        connections = [c for c in self.recording.reader.connections if c.topic == camera_topic]
+        for connection, _, raw in self.recording.reader.messages(connections=connections):
+            try:
+                return connection.msgtype, self.recording.reader.deserialize(
+                    raw, connection.msgtype)
+            except Exception:
+                continue
+        return None
+
+    def warm_up(self, camera_topic: str, frames: int, outputs: Any,
+                timeout_s: float = 60.0, retry_s: float = 2.0) -> int:
+        """Publishes the first camera frame ``frames`` times, each after the previous output.
+
+        The node loads lazily what it needs on its first frames (allocation, kernels); this
+        keeps that cost out of the measured playback. Stamps are the wall clock now, and
+        playback starts more than the node's reset gap (0.5 s) later, so the node's cache
+        starts afresh for the measured frames.
+
+        A frame whose outputs do not come back within ``retry_s`` is sent again (an output
+        published before the evaluator's subscription matched is lost), until ``timeout_s``.
+
+        Args:
+            outputs: callable returning a tuple of counts of outputs received so far; a
+                frame is answered when every count has grown.
+
+        Returns:
+            How many warm-up frames were answered.
+        """
+        first = self.first_camera_message(camera_topic)
+        if first is None or frames <= 0:
+            return 0
+        msgtype, message = first
+        done = 0
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.publishers[topic].get_subscription_count() > 0:
-                return True
-            time.sleep(0.05)
-        return False
+        while done < frames and time.monotonic() < deadline:
+            before = outputs()
+            self.publishers[camera_topic].publish(
+                self._to_ros(msgtype, message, time.time_ns()))
+            retry_at = min(deadline, time.monotonic() + retry_s)
+            while time.monotonic() < retry_at:
+                if all(now > then for now, then in zip(outputs(), before)):
+                    done += 1
+                    break
+                time.sleep(0.01)
+        time.sleep(1.0)  # a gap larger than the node's reset_time_jump_s before playback
+        return done
 
     def play(self, camera_topic: str, max_frames: int | None = None,
              stop: threading.Event | None = None, progress: Any = None
@@ -323,6 +368,19 @@ class LiveEvaluator:
         with self.result_lock:
             return len(self.predictions)
 
+    def output_counts(self) -> tuple[int, ...]:
+        """Labels (and timing messages, when subscribed) received so far."""
+        with self.result_lock:
+            if self.timing_subscription is None:
+                return (len(self.predictions),)
+            return len(self.predictions), len(self.timings)
+
+    def matched(self) -> bool:
+        """Whether every subscription is matched with a publisher (not just discovered)."""
+        subscriptions = [self.labels_subscription, self.timing_subscription,
+                         self.truth_subscription]
+        return all(sub.get_publisher_count() > 0 for sub in subscriptions if sub is not None)
+
 
 def node_arguments(settings: LiveSettings, live_topic: str) -> list[str]:
     """``--ros-args`` for segmenter_node: the camera topic, model and device."""
@@ -378,9 +436,9 @@ def run_live(recording_path: str | Path, settings: LiveSettings,
             deadline = time.monotonic() + settings.startup_timeout_s
             ready = False
             while time.monotonic() < deadline and node_process.alive():
-                camera_ready = player.publishers[settings.image_topic].get_subscription_count() > 0
-                outputs_ready = client.node.count_publishers(result.labels_topic) > 0
-                if camera_ready and outputs_ready:
+                # Matched endpoints (not merely discovered ones) in both directions.
+                if (all(p.get_subscription_count() > 0 for p in player.publishers.values())
+                        and evaluator.matched()):
                     ready = True
                     break
                 time.sleep(0.1)
@@ -391,7 +449,12 @@ def run_live(recording_path: str | Path, settings: LiveSettings,
                     f"(camera topic {live_topic}); its log ({log_path}):\n"
                     + node_process.log()[-3000:]
                 )
-            time.sleep(0.5)  # let the remaining endpoints (timing, truth) match
+            result.warmup_frames = player.warm_up(settings.image_topic, settings.warmup_frames,
+                                                  evaluator.output_counts)
+            with evaluator.result_lock:  # warm-up outputs are not measured
+                evaluator.predictions.clear()
+                evaluator.timings.clear()
+                warmup_dropped = evaluator.last_node_dropped or 0
             from tqdm import tqdm
 
             frame_count = recording.reader.topics[settings.image_topic].msgcount
@@ -420,7 +483,8 @@ def run_live(recording_path: str | Path, settings: LiveSettings,
                 result.predictions = dict(evaluator.predictions)
                 result.timings = dict(evaluator.timings)
                 result.ground_truth = dict(evaluator.ground_truth)
-                result.node_dropped_frames = evaluator.last_node_dropped
+                if evaluator.last_node_dropped is not None:
+                    result.node_dropped_frames = evaluator.last_node_dropped - warmup_dropped
         finally:
             client.close()
             result.node_exit_code, _ = node_process.stop()
@@ -516,6 +580,7 @@ def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSet
         "dropped_frames": len(dropped),
         "dropped_frame_indices": dropped[:1000],
         "node_dropped_frames": live.node_dropped_frames,
+        "warmup_frames": live.warmup_frames,
         "end_to_end_latency_ms": latency_summary(end_to_end),
         "playback_s": live.playback_s,
         "node_exit_code": live.node_exit_code,
