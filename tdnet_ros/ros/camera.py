@@ -12,16 +12,18 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
-from sensor_msgs.msg import Image
-from sensor_msgs.msg import RegionOfInterest
+from builtin_interfaces.msg import Time
+from sensor_msgs.msg import Image, RegionOfInterest
+from std_msgs.msg import Header
 
 from tdnet_ros.image_encoding import (
     ImageEncodingError,
     compressed_to_rgb,
     image_msg_to_rgb,
-    labels_to_image_fields,
+    image_to_rgb,
 )
 from tdnet_ros.masks import class_regions, color_lut, colorize, overlay
+from tdnet_ros.ros.serialized_image import SerializedImageError, parse_image
 
 if TYPE_CHECKING:
     from tdnet_ros.ros.node import SegmenterNode
@@ -184,11 +186,21 @@ class CameraStream:
             self._error_logged_at[kind] = now
         self.node.get_logger().error(f"topic '{self.topic}': {problem}")
 
-    def _decode(self, msg: Any) -> np.ndarray:
+    def _decode(self, msg: Any) -> tuple[np.ndarray, Header]:
+        """The message's RGB frame and header (``msg``: serialized Image bytes or a message)."""
         config = self.node.config
-        if isinstance(msg, Image):
+        if isinstance(msg, (bytes, bytearray, memoryview)):
+            fields = parse_image(msg)
+            header = Header(stamp=Time(sec=fields.sec, nanosec=fields.nanosec), frame_id=fields.frame_id)
+            rgb = image_to_rgb(
+                fields.height, fields.width, fields.encoding, fields.step, fields.is_bigendian,
+                fields.data, max_pixels=config.max_image_pixels,
+            )
+        elif isinstance(msg, Image):
+            header = msg.header
             rgb = image_msg_to_rgb(msg, max_pixels=config.max_image_pixels)
         else:
+            header = msg.header
             rgb = compressed_to_rgb(msg.format, msg.data, max_pixels=config.max_image_pixels)
         height, width = rgb.shape[:2]
         if min(height, width) < config.min_image_size:
@@ -196,7 +208,7 @@ class CameraStream:
                 f"image {width}x{height} is smaller than min_image_size "
                 f"{config.min_image_size}"
             )
-        return rgb
+        return rgb, header
 
     def _reset_reason(self, stamp_ns: int, size: tuple[int, int], frame_id: str) -> Optional[str]:
         with self._lock:
@@ -233,8 +245,8 @@ class CameraStream:
         start_ns = time.monotonic_ns()
         msg = job.msg
         try:
-            rgb = self._decode(msg)
-        except ImageEncodingError as error:
+            rgb, header = self._decode(msg)
+        except (ImageEncodingError, SerializedImageError) as error:
             # Throttled per kind of problem: the message with its numbers masked.
             self.report_error("input:" + re.sub(r"\d+", "#", str(error)), str(error))
             return
@@ -245,9 +257,9 @@ class CameraStream:
             self.skipped_idle += 1
             return
 
-        stamp_ns = _stamp_ns(msg.header.stamp)
+        stamp_ns = _stamp_ns(header.stamp)
         size = rgb.shape[:2]
-        reason = self._reset_reason(stamp_ns, size, msg.header.frame_id)
+        reason = self._reset_reason(stamp_ns, size, header.frame_id)
         if reason:
             segmenter.reset(stream=self.topic)
             self.resets += 1
@@ -258,12 +270,11 @@ class CameraStream:
             self.report_error("segment", f"segmenter refused the frame: {error}")
             return
         segmented_ns = time.monotonic_ns()
-        self._last_stamp_ns, self._last_size, self._last_frame_id = stamp_ns, size, msg.header.frame_id
+        self._last_stamp_ns, self._last_size, self._last_frame_id = stamp_ns, size, header.frame_id
 
         labels = result.labels  # (H, W) class ids at the camera's resolution
-        header = msg.header
         if wanted["labels"]:
-            self.pub_labels.publish(self._image(header, *labels_to_image_fields(labels)))
+            self.pub_labels.publish(self._label_image(header, labels))
             self.rendered["labels"] += 1
         if wanted["color"] or wanted["overlay"]:
             if self._lut is None:
@@ -284,6 +295,7 @@ class CameraStream:
 
         stages = {f"segmenter/{k}": float(v) for k, v in result.timings.items()}
         stages.update(
+            receive=(job.wall_received_ns - stamp_ns) / 1e6,
             queue=(start_ns - job.received_ns) / 1e6,
             decode=(decoded_ns - start_ns) / 1e6,
             segment=(segmented_ns - decoded_ns) / 1e6,
@@ -298,6 +310,7 @@ class CameraStream:
             timing.cache_warm = bool(result.cache_warm)
             timing.stage_names = list(result.timings.keys())
             timing.stage_ms = [float(v) for v in result.timings.values()]
+            timing.receive_ms = stages["receive"]
             timing.queue_ms = stages["queue"]
             timing.decode_ms = stages["decode"]
             timing.segment_ms = stages["segment"]
@@ -315,12 +328,20 @@ class CameraStream:
                 self._latencies.setdefault(stage, deque(maxlen=LATENCY_WINDOW)).append(value)
 
     @staticmethod
-    def _image(header: Any, height: int, width: int, encoding: str, step: int, data: bytes) -> Image:
+    def _label_image(header: Any, labels: np.ndarray) -> Image:
+        """mono8 class ids, or mono16 (little endian) when ids do not fit in a byte."""
+        if labels.dtype != np.uint8:
+            labels = labels.astype("<u2")
+        height, width = labels.shape
         image = Image()
         image.header = header
-        image.height, image.width, image.encoding, image.step = height, width, encoding, step
+        image.height, image.width = height, width
+        image.encoding = "mono8" if labels.dtype == np.uint8 else "mono16"
+        image.step = width * labels.dtype.itemsize
         image.is_bigendian = 0
-        image.data = array.array("B", data)
+        data = array.array("B")
+        data.frombytes(memoryview(np.ascontiguousarray(labels)).cast("B"))  # one copy
+        image.data = data
         return image
 
     def _rgb_image(self, header: Any, rgb: np.ndarray) -> Image:

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Optional
 
 # Camera images over best effort are lost with Fast DDS's default transports (its
@@ -54,6 +55,9 @@ from tdnet_ros.ros.parameters import (  # noqa: E402
 )
 
 NODE_NAME = "segmenter_node"
+
+# Frames may be read-only views of the received buffer; the core only reads them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 class FatalError(RuntimeError):
@@ -189,14 +193,17 @@ class SegmenterNode(Node):
             )
             message_type = CompressedImage if compressed else Image
             callback = lambda msg, c=camera: self._on_image(c, msg)  # noqa: E731
+            # Raw images arrive serialized and are read without copying their pixels
+            # (rclpy's deserialization copies them twice: most of the node's overhead).
+            options = dict(event_callbacks=events, raw=not compressed)
             try:
                 camera.subscription = self.create_subscription(
-                    message_type, topic, callback, input_qos, event_callbacks=events
+                    message_type, topic, callback, input_qos, **options
                 )
             except UnsupportedEventTypeError:  # an RMW without message-lost events
                 events.message_lost = None
                 camera.subscription = self.create_subscription(
-                    message_type, topic, callback, input_qos, event_callbacks=events
+                    message_type, topic, callback, input_qos, **options
                 )
             camera.create_outputs(output_qos, latched_qos)
             camera.reset_service = self.create_service(
@@ -319,6 +326,15 @@ def main(args: Optional[list[str]] = None) -> int:
         rclpy.try_shutdown()
         return 1
 
+    if any(os.environ.get(name, "").upper() in ("LOCALHOST", "1") for name in
+           ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOCALHOST_ONLY")):
+        # Measured with Fast DDS 3.2: localhost-only discovery replaces the large-data
+        # transports, and camera-sized best-effort images are lost again.
+        node.get_logger().warning(
+            "ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST / ROS_LOCALHOST_ONLY=1 is set: with Fast "
+            "DDS this replaces the large-data transports and camera-sized images over best "
+            "effort may never arrive (see README, 'Large images')"
+        )
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     clean = True

@@ -1,0 +1,127 @@
+"""Overhead of segmenter_node: its end-to-end latency minus the segmenter's own time.
+
+Runs the node as its own process and a publisher/subscriber in this process, over DDS,
+and sends camera frames one at a time (each after the previous frame's outputs arrived,
+so nothing is dropped or queued). For each frame:
+
+* ``segmenter``: the segmenter call as timed by the node (``SegmentationTiming.segment_ms``);
+* ``node e2e``: image stamp (set just before publishing) to the node's publication of the
+  outputs (``end_to_end_ms``): inbound DDS transport, deserialization, wait, decode,
+  segmenter, rendering and publishing;
+* ``client e2e``: image stamp to the label image arriving back in this process (adds the
+  outbound DDS transport of the labels);
+* overheads: the two end-to-end figures minus ``segmenter``.
+
+    .venv/bin/python -m tdnet_ros.ros.bench_overhead --frames 100 --size 1280x720
+    .venv/bin/python -m tdnet_ros.ros.bench_overhead --outputs all
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=100, help="measured frames (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT of the rgb8 frames")
+    parser.add_argument("--checkpoint", default="", help="default: a random-weights td4-tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--outputs", choices=("labels", "all"), default="labels",
+                        help="subscribe to the label image only, or to every output")
+    args = parser.parse_args(argv)
+
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    from tdnet_ros.ros.interfaces import load_messages
+    from tdnet_ros.ros.testing import (
+        GraphClient,
+        NodeProcess,
+        make_image,
+        make_tiny_checkpoint,
+        pick_domain_id,
+        stamp_ns,
+    )
+
+    msgs = load_messages()
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    workdir = Path(tempfile.mkdtemp(prefix="tdnet_bench_"))
+    checkpoint = args.checkpoint or str(make_tiny_checkpoint(workdir / "tiny.pt"))
+    domain = pick_domain_id()
+    node = NodeProcess(
+        ["-p", f"checkpoint:={checkpoint}", "-p", f"device:={args.device}", "-r", "image:=/bench/image"],
+        domain_id=domain, log_path=workdir / "node.log",
+    )
+    client = GraphClient("overhead_bench", domain)
+    try:
+        publisher = client.publisher(Image, "/bench/image", qos_profile_sensor_data)
+        labels = client.subscribe(Image, "/bench/segmentation/labels")
+        timing = client.subscribe(msgs.SegmentationTiming, "/bench/segmentation/timing")
+        others = []
+        if args.outputs == "all":
+            others = [client.subscribe(Image, "/bench/segmentation/color"),
+                      client.subscribe(Image, "/bench/segmentation/overlay"),
+                      client.subscribe(msgs.ClassMasks, "/bench/segmentation/masks")]
+        if not client.wait_for_subscribers(publisher, timeout=60):
+            raise SystemExit(f"the node did not subscribe:\n{node.log()}")
+        time.sleep(1.0)
+        rng = np.random.default_rng(0)
+        frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(4)]
+        rows = []
+        for index in range(args.warmup + args.frames):
+            message = make_image(frames[index % 4], stamp_ns=0, frame_id="bench")
+            sent = time.time_ns()
+            message.header.stamp.sec, message.header.stamp.nanosec = divmod(sent, 10**9)
+            publisher.publish(message)
+            publish_ms = (time.time_ns() - sent) / 1e6
+            label = labels.wait_for(lambda m: stamp_ns(m.header.stamp) == sent, 30)
+            received = time.time_ns()
+            info = timing.wait_for(lambda m: stamp_ns(m.header.stamp) == sent, 30)
+            if label is None or info is None:
+                raise SystemExit(f"frame {index} got no outputs:\n{node.log()[-2000:]}")
+            if index >= args.warmup:
+                rows.append((info.segment_ms, info.end_to_end_ms, (received - sent) / 1e6,
+                             info.decode_ms, info.publish_ms, info.queue_ms, publish_ms, info.receive_ms))
+            time.sleep(0.02)
+        data = np.array(rows)
+    finally:
+        client.close()
+        node.stop()
+        node.kill()
+
+    segment, node_e2e, client_e2e = data[:, 0], data[:, 1], data[:, 2]
+    print(f"segmenter_node overhead, {args.frames} frames of {width}x{height} rgb8 over DDS "
+          f"(best effort in, FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA), outputs subscribed: {args.outputs}")
+    print(f"machine: {platform.processor() or platform.machine()}, {platform.platform()}, "
+          f"device {args.device}, checkpoint {checkpoint}")
+    print(f"{'ms':<44}{'p50':>9}{'p95':>9}{'mean':>9}")
+    for name, values in (
+        ("segmenter (segment_ms)", segment),
+        ("node e2e: stamp -> node publish", node_e2e),
+        ("client e2e: stamp -> labels here", client_e2e),
+        ("overhead: node e2e - segmenter", node_e2e - segment),
+        ("overhead: client e2e - segmenter", client_e2e - segment),
+        ("  of which decode", data[:, 3]),
+        ("  of which render+publish", data[:, 4]),
+        ("  of which wait for worker", data[:, 5]),
+        ("  of which stamp -> node callback", data[:, 7]),
+        ("    of which the camera's publish()", data[:, 6]),
+        ("node only: callback -> publish - segmenter", node_e2e - data[:, 7] - segment),
+    ):
+        p50, p95 = np.percentile(values, [50, 95])
+        print(f"{name:<44}{p50:>9.2f}{p95:>9.2f}{values.mean():>9.2f}")
+    for recorder in others:
+        assert recorder.messages, "an output subscribed to never arrived"
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
