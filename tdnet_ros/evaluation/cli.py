@@ -12,6 +12,7 @@ prints its path and a short summary. Exit status: 0 done, 1 no frame could be ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -98,8 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_segmenter(checkpoint: str | None, model: str | None, device: str,
-                   precision: str = "float32") -> tuple[Any, Provenance]:
-    """The segmenter to evaluate and what identifies it (the command is filled in later)."""
+                   precision: str = "float32", command: str | None = None
+                   ) -> tuple[Any, Provenance]:
+    """The segmenter to evaluate and what identifies it.
+
+    Args:
+        checkpoint: checkpoint file; None or "" for the bundled default model.
+        model: model name (published checkpoints); None: from the checkpoint.
+        device: "cpu", "cuda" or "auto".
+        precision: "float32", "bfloat16" or "float16".
+        command: the command line to state in the report (default: this process's).
+    """
     from tdnet_ros import Segmenter
     from tdnet_ros.checkpoint import file_sha256
 
@@ -118,7 +128,8 @@ def load_segmenter(checkpoint: str | None, model: str | None, device: str,
     provenance = Provenance(
         model=str(name), checkpoint=checkpoint_label, checkpoint_sha256=digest,
         device=str(getattr(segmenter, "device", device)),
-        precision=str(getattr(segmenter, "precision", "float32")), command="",
+        precision=str(getattr(segmenter, "precision", "float32")),
+        command=command if command is not None else shlex.join(sys.argv),
     )
     return segmenter, provenance
 
@@ -177,11 +188,11 @@ def run(args: argparse.Namespace, command: str) -> int:
                               ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage"))
     segmenter, provenance = load_segmenter(args.checkpoint, args.model,
                                            "cpu" if args.live else args.device,
-                                           args.precision)
-    provenance = Provenance(**{**provenance.__dict__, "command": command})
+                                           args.precision, command)
     if args.live:
-        provenance = Provenance(**{**provenance.__dict__, "device": args.device,
-                                   "precision": args.precision})
+        # The node runs the model; this process only read its classes.
+        provenance = dataclasses.replace(provenance, device=args.device,
+                                         precision=args.precision)
         results = run_live_mode(args, segmenter, provenance, out_dir)
     else:
         settings = OfflineSettings(
@@ -210,8 +221,7 @@ def run_cityscapes_mode(args: argparse.Namespace, command: str) -> int:
                          "labels or --live")
     out_dir = args.out or default_output_folder(args.bag)
     segmenter, provenance = load_segmenter(args.checkpoint, args.model, args.device,
-                                           args.precision)
-    provenance = Provenance(**{**provenance.__dict__, "command": command})
+                                           args.precision, command)
     result = evaluate_cityscapes(
         args.bag, segmenter, split=args.split, warmup_frames=args.warmup_frames,
         max_snippets=args.max_snippets, flow_max_side=args.flow_max_side or None,
