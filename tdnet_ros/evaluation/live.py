@@ -349,8 +349,9 @@ class LiveEvaluator:
         # "total" is the evaluator's end to end; the segmenter's own total is renamed.
         if "total" in stages:
             stages["segmenter_total"] = stages.pop("total")
-        for name in ("queue", "decode", "publish"):
-            stages[f"node_{name}"] = float(getattr(message, f"{name}_ms"))
+        for name in ("receive", "queue", "decode", "publish"):
+            if hasattr(message, f"{name}_ms"):  # receive_ms: newer message definitions
+                stages[f"node_{name}"] = float(getattr(message, f"{name}_ms"))
         fields = {"stages": stages, "path": int(message.path),
                   "cache_warm": bool(message.cache_warm),
                   "node_end_to_end_ms": float(message.end_to_end_ms)}

@@ -225,9 +225,10 @@ def evaluate_offline(recording_path: str | Path, segmenter: SegmenterLike,
                 tick = time.perf_counter()
                 try:
                     output = segmenter.segment(rgb, stream=settings.stream)
-                except (ValueError, RuntimeError) as error:
+                except Exception as error:  # bad content must not end the evaluation
                     recorder.skip(topic, item, frame.stamp_ns, "segmenter",
-                                  f"the segmenter refused the frame: {error}")
+                                  f"the segmenter refused the frame: "
+                                  f"{type(error).__name__}: {error}")
                     recorder.break_sequence()
                     continue
                 latency_ms = (time.perf_counter() - tick) * 1000.0
