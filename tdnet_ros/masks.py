@@ -79,27 +79,31 @@ def class_regions(labels: np.ndarray, num_classes: int | None = None) -> list[Cl
     """
     if labels.ndim != 2:
         raise ValueError(f"labels must be (H, W), got {labels.shape}")
-    counts = np.bincount(labels.ravel(), minlength=1)
+    if labels.dtype == np.uint8:
+        # OpenCV's histogram, comparison and bounding box are several times faster than
+        # numpy's at camera resolution (this runs for every frame with a mask subscriber).
+        counts = cv2.calcHist([labels], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    else:
+        counts = np.bincount(labels.ravel(), minlength=1)
     present = np.flatnonzero(counts)
     if num_classes is not None:
         present = present[present < num_classes]
     regions = []
     for class_id in present:
-        inside = labels == class_id  # (H, W) bool
-        rows = np.flatnonzero(inside.any(axis=1))
-        cols = np.flatnonzero(inside.any(axis=0))
-        y0, y1 = int(rows[0]), int(rows[-1]) + 1
-        x0, x1 = int(cols[0]), int(cols[-1]) + 1
-        mask = inside[y0:y1, x0:x1].view(np.uint8) * np.uint8(255)  # (h, w) 0/255
+        if labels.dtype == np.uint8:
+            inside = cv2.compare(labels, int(class_id), cv2.CMP_EQ)  # (H, W) 0/255
+        else:
+            inside = np.where(labels == class_id, np.uint8(255), np.uint8(0))
+        x, y, width, height = cv2.boundingRect(inside)
         regions.append(
             ClassRegion(
                 class_id=int(class_id),
                 pixel_count=int(counts[class_id]),
-                x=x0,
-                y=y0,
-                width=x1 - x0,
-                height=y1 - y0,
-                mask=np.ascontiguousarray(mask),
+                x=x,
+                y=y,
+                width=width,
+                height=height,
+                mask=np.ascontiguousarray(inside[y:y + height, x:x + width]),
             )
         )
     return regions

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("rclpy")
 
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
@@ -254,3 +254,34 @@ def test_8000x8000_image_is_refused_and_the_node_keeps_running(reliable: Reliabl
     assert labels.wait_for(lambda m: stamp_ns(m.header.stamp) == stamp, 20), "no output after the huge image"
     after = h.status()
     assert int(after["frames_invalid"]) - int(before["frames_invalid"]) == 1
+
+
+def test_output_rate_below_expectation_is_a_warning(reliable: ReliableNode) -> None:
+    from rcl_interfaces.msg import Parameter as ParameterMsg
+    from rcl_interfaces.msg import ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    h = reliable
+
+    def set_rate(rate: float) -> None:
+        value = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=rate)
+        request = SetParameters.Request(parameters=[ParameterMsg(name="expected_rate_hz", value=value)])
+        result = h.client.call(SetParameters, "/segmenter_node/set_parameters", request).results[0]
+        assert result.successful, result.reason
+
+    labels = h.client.subscribe(Image, f"{OUT}/labels", RELIABLE)
+    time.sleep(1.0)
+    set_rate(50.0)
+    try:
+        for index in range(8):  # about 4 Hz, far below 50 Hz
+            h.send(frame(30 + index))
+            time.sleep(0.25)
+        count = len(h.diagnostics.messages)
+        assert h.diagnostics.wait_count(count + 1, 5.0)
+        status = h.diagnostics.messages[count].status[0]
+        assert status.level == DiagnosticStatus.WARN, status
+        assert "below expected_rate_hz 50.0" in status.message
+        assert labels.messages, "frames were not processed"
+    finally:
+        set_rate(0.0)
+        h.client.unsubscribe(labels)

@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="subscribe to the label image only, or to every output")
     args = parser.parse_args(argv)
 
+    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
     from tdnet_ros.ros.interfaces import load_messages
     from tdnet_ros.ros.testing import (
         GraphClient,
+        diagnostics_values,
         NodeProcess,
         make_image,
         make_tiny_checkpoint,
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         publisher = client.publisher(Image, "/bench/image", qos_profile_sensor_data)
         labels = client.subscribe(Image, "/bench/segmentation/labels")
+        diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
         timing = client.subscribe(msgs.SegmentationTiming, "/bench/segmentation/timing")
         others = []
         if args.outputs == "all":
@@ -92,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                              info.decode_ms, info.publish_ms, info.queue_ms, publish_ms, info.receive_ms))
             time.sleep(0.02)
         data = np.array(rows)
+        count = len(diagnostics.messages)
+        diagnostics.wait_count(count + 1, 3.0)
+        node_stages = diagnostics_values(diagnostics.messages[-1].status[0])
     finally:
         client.close()
         node.stop()
@@ -118,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p50, p95 = np.percentile(values, [50, 95])
         print(f"{name:<44}{p50:>9.2f}{p95:>9.2f}{values.mean():>9.2f}")
+    print("per output (node diagnostics, last 300 frames incl. warm-up):")
+    for key, value in sorted(node_stages.items()):
+        if key.startswith("latency_ms/output/") and key.endswith("/p50"):
+            name = key[len("latency_ms/output/"):-len("/p50")]
+            p95 = node_stages[key[:-4] + "/p95"]
+            print(f"  {name:<42}{float(value):>9.2f}{float(p95):>9.2f}")
     for recorder in others:
         assert recorder.messages, "an output subscribed to never arrived"
     return 0

@@ -198,7 +198,10 @@ class CameraStream:
             )
         elif isinstance(msg, Image):
             header = msg.header
-            rgb = image_msg_to_rgb(msg, max_pixels=config.max_image_pixels)
+            if self.node.cv_bridge is None:
+                rgb = image_msg_to_rgb(msg, max_pixels=config.max_image_pixels)
+            else:
+                rgb = self._convert_with_cv_bridge(msg)
         else:
             header = msg.header
             rgb = compressed_to_rgb(msg.format, msg.data, max_pixels=config.max_image_pixels)
@@ -209,6 +212,27 @@ class CameraStream:
                 f"{config.min_image_size}"
             )
         return rgb, header
+
+    def _convert_with_cv_bridge(self, msg: Image) -> np.ndarray:
+        """cv_bridge's conversion, after the same size checks as the project's own."""
+        limit = self.node.config.max_image_pixels
+        if msg.height * msg.width > limit:
+            raise ImageEncodingError(
+                f"image {msg.width}x{msg.height} has {msg.width * msg.height} pixels, more than "
+                f"the limit {limit}"
+            )
+        if msg.height == 0 or msg.width == 0:
+            raise ImageEncodingError(f"empty image: width {msg.width}, height {msg.height}")
+        if len(msg.data) < msg.step * msg.height:
+            raise ImageEncodingError(
+                f"data has {len(msg.data)} bytes, expected step x height = {msg.step} x "
+                f"{msg.height} = {msg.step * msg.height}"
+            )
+        try:
+            rgb = self.node.cv_bridge.imgmsg_to_cv2(msg, desired_encoding="rgb8")
+        except Exception as error:  # CvBridgeError, TypeError, cv2.error
+            raise ImageEncodingError(f"cv_bridge cannot convert {msg.encoding}: {error}") from error
+        return np.ascontiguousarray(rgb)
 
     def _reset_reason(self, stamp_ns: int, size: tuple[int, int], frame_id: str) -> Optional[str]:
         with self._lock:
@@ -273,27 +297,38 @@ class CameraStream:
         self._last_stamp_ns, self._last_size, self._last_frame_id = stamp_ns, size, header.frame_id
 
         labels = result.labels  # (H, W) class ids at the camera's resolution
+        output_ms: dict[str, float] = {}  # per-output rendering + publishing time
+
+        def timed(name: str, started_ns: int) -> None:
+            output_ms[f"output/{name}"] = (time.monotonic_ns() - started_ns) / 1e6
+            self.rendered[name] += 1
+
         if wanted["labels"]:
+            began = time.monotonic_ns()
             self.pub_labels.publish(self._label_image(header, labels))
-            self.rendered["labels"] += 1
+            timed("labels", began)
         if wanted["color"] or wanted["overlay"]:
+            began = time.monotonic_ns()
             if self._lut is None:
                 self._lut = color_lut(colors)
             color = colorize(labels, colors, self._lut)  # (H, W, 3) RGB
             if wanted["color"]:
                 self.pub_color.publish(self._rgb_image(header, color))
-                self.rendered["color"] += 1
+                timed("color", began)
             if wanted["overlay"]:
+                began = time.monotonic_ns()
                 blended = overlay(rgb, color, self.node.config.overlay_alpha)
                 self.pub_overlay.publish(self._rgb_image(header, blended))
-                self.rendered["overlay"] += 1
+                timed("overlay", began)
         if wanted["masks"]:
+            began = time.monotonic_ns()
             self.pub_masks.publish(self._masks(msgs, header, labels, names))
-            self.rendered["masks"] += 1
+            timed("masks", began)
         published_ns = time.monotonic_ns()
         wall_now_ns = time.time_ns()
 
         stages = {f"segmenter/{k}": float(v) for k, v in result.timings.items()}
+        stages.update(output_ms)
         stages.update(
             receive=(job.wall_received_ns - stamp_ns) / 1e6,
             queue=(start_ns - job.received_ns) / 1e6,

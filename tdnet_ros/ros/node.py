@@ -157,6 +157,18 @@ class SegmenterNode(Node):
                 self.config.class_table, self.segmenter.num_classes
             )
         self.msgs = load_messages()
+        self.cv_bridge = None
+        if self.config.use_cv_bridge:
+            try:
+                from cv_bridge import CvBridge
+
+                self.cv_bridge = CvBridge()
+            except ImportError:
+                pass
+        self.get_logger().info(
+            "image conversion: "
+            + ("cv_bridge" if self.cv_bridge else "tdnet_ros.image_encoding (zero-copy)")
+        )
 
         self._wakeup = threading.Condition()
         self._stopping = threading.Event()
@@ -195,7 +207,7 @@ class SegmenterNode(Node):
             callback = lambda msg, c=camera: self._on_image(c, msg)  # noqa: E731
             # Raw images arrive serialized and are read without copying their pixels
             # (rclpy's deserialization copies them twice: most of the node's overhead).
-            options = dict(event_callbacks=events, raw=not compressed)
+            options = dict(event_callbacks=events, raw=not compressed and self.cv_bridge is None)
             try:
                 camera.subscription = self.create_subscription(
                     message_type, topic, callback, input_qos, **options

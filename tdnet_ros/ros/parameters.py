@@ -25,6 +25,7 @@ class NodeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "float32"  # float32 | float16 | bfloat16 (weights and activations)
     class_table: str = ""  # YAML class table overriding the checkpoint's names/colours
+    use_cv_bridge: bool = True  # convert with cv_bridge where it is installed
     cameras: list[str] = field(default_factory=lambda: ["image"])  # input topics
     qos_reliability: str = "best_effort"  # input subscriptions
     qos_depth: int = 1
@@ -70,6 +71,11 @@ _SPECS: dict[str, _Spec] = {
     "class_table": _Spec(
         "YAML class table (classes: [{id, name, color}]) overriding the checkpoint's class "
         "names and colours; empty = the checkpoint's.",
+        read_only=True,
+    ),
+    "use_cv_bridge": _Spec(
+        "Convert sensor_msgs/Image with cv_bridge where it is installed (ROS 2 installs); "
+        "otherwise, or when false, the project's own zero-copy conversion is used.",
         read_only=True,
     ),
     "cameras": _Spec(
