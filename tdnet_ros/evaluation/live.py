@@ -591,6 +591,7 @@ def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSet
     if dropped:
         recorder.note(
             f"{len(dropped)} of {published_count} published frames got no prediction "
-            "(dropped by the node while busy, or lost): they are not in the accuracy"
+            "(dropped while the node was busy, refused by the node (see node.log), or lost "
+            "in transport): they are not in the accuracy"
         )
     return recorder, extra
