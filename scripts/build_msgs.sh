@@ -35,6 +35,7 @@ export CMAKE_PREFIX_PATH="$venv${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
 export PATH="$venv/bin:$PATH"
 
 rm -rf "$build"
+mkdir -p "$build"
 cmake -S "$repo" -B "$build" \
     -DTDNET_MSGS_ONLY=ON \
     -DCMAKE_BUILD_TYPE=Release \
