@@ -195,6 +195,28 @@ class TDNet(nn.Module):
     def num_paths(self) -> int:
         return self.config.num_paths
 
+    @property
+    def conv_dtype(self) -> torch.dtype:
+        """Precision of the backbones, pyramids and heads."""
+        return self.paths[0].head[0].weight.dtype
+
+    @property
+    def attention_dtype(self) -> torch.dtype:
+        """Precision of the encodings, attention and LayerNorms (and so of the cache)."""
+        return self.paths[0].encoding.value.weight.dtype
+
+    def set_precision(self, dtype: torch.dtype) -> "TDNet":
+        """Runs the convolutional parts in `dtype`; attention stays in float32.
+
+        Attention logits q.k reach ~1e5-1e6 with real and random weights alike: in float16
+        they overflow, in bfloat16 their rounding (~0.4 %) swamps the gaps the softmax
+        decides on, so the encodings, attention and LayerNorms keep float32.
+        """
+        for net in self.paths:
+            for part in (net.backbone, net.pyramid, net.head):
+                part.to(dtype)
+        return self
+
     def cache_order(self, path: int) -> list[int]:
         """Paths of the cached frames, oldest first, when frame `path` runs.
 
@@ -223,18 +245,18 @@ class TDNet(nn.Module):
         """
         net = self.paths[path]
         with timer("backbone"):
-            out = net.backbone(x, with_layer3=with_layer3)
+            out = net.backbone(x.to(self.conv_dtype), with_layer3=with_layer3)
             features, layer3 = out if with_layer3 else (out, None)
             z = net.pyramid(features)  # (B, C, h, w)
         with timer("encoding"):
-            query, value, cache_entry = net.encoding(z)
+            query, value, cache_entry = net.encoding(z.to(self.attention_dtype))
         with timer("attention"):
             combined = value
             if cached is not None and len(cached) == self.num_paths - 1:
                 combined = value + self.propagate(path, cached, query, value.shape)
             head_input = net.layer_norm(combined)
         with timer("head"):
-            logits = net.head(head_input)
+            logits = net.head(head_input.to(self.conv_dtype))
         return StepOutput(logits, cache_entry, value, head_input, layer3)
 
     def propagate(

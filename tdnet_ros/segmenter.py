@@ -74,7 +74,8 @@ class Segmenter:
     Args:
         model: a loaded TDNet.
         device: "cpu", "cuda", "cuda:N" or "auto".
-        precision: "float32" (default), "bfloat16" or "float16" (weights and activations).
+        precision: "float32" (default), "bfloat16" or "float16": weights and activations of
+            the convolutional parts; attention always runs in float32 (see TDNet.set_precision).
         input_size: size frames are resized to before the network: None for the model's
             own training size (exact for published checkpoints), (height, width) for another
             fixed size, or "frame" to run at each frame's own size. Sizes other than the
@@ -107,7 +108,7 @@ class Segmenter:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if fold_batch_norm:
             model = fold_batch_norms(copy.deepcopy(model).eval())
-        self.model = model.eval().to(self.device, self.dtype, memory_format=memory_format)
+        self.model = model.eval().to(self.device, memory_format=memory_format).set_precision(self.dtype)
         self.config: ModelConfig = model.config
         self.input_size = tuple(input_size) if isinstance(input_size, (tuple, list)) else input_size
         self.checkpoint = Path(checkpoint) if checkpoint else None
@@ -237,7 +238,7 @@ class Segmenter:
             self.config.key_channels,
             self.config.value_channels,
             device=self.device,
-            dtype=self.dtype,
+            dtype=self.model.attention_dtype,
         )
         state = self._streams[stream] = _Stream(cache, input_size)
         return state, True
