@@ -509,3 +509,24 @@ def test_cityscapes_sequence_protocol_on_a_tiny_tree(tmp_path, checkpoint, segme
     results = json.loads((out / "results.json").read_text())
     assert results["mode"] == "cityscapes" and results["frames_with_ground_truth"] == 2
     assert (out / "report.md").is_file() and (out / "per_class_iou.png").is_file()
+
+
+def test_live_evaluation_of_a_compressed_topic(tmp_path, checkpoint):
+    pytest.importorskip("rclpy")
+    rng = np.random.default_rng(6)
+    scene = cv2.GaussianBlur(rng.integers(0, 256, (480, 700, 3)).astype(np.uint8), (0, 0), 2)
+    bag_path = tmp_path / "jpeg"
+    bag = BagWriter(bag_path, "sqlite3")
+    topic = "/front/jpeg"  # a CompressedImage topic without the /compressed suffix
+    for i in range(4):
+        bag.compressed(topic, START_NS + i * PERIOD_NS, np.ascontiguousarray(
+            scene[:, 10 * i:10 * i + 640]))
+    bag.close()
+    out = tmp_path / "out"
+    status = tdnet_eval([str(bag_path), "--image-topic", topic, "--live", "--checkpoint",
+                         str(checkpoint), "--out", str(out), "--no-progress", "--no-video"])
+    assert status == 0, (out / "node.log").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["published_frames"] == 4
+    assert results["frames"] >= 1 and results["frames"] + results["dropped_frames"] == 4
+    assert results["miou"] is None and results["frames_with_ground_truth"] == 0
