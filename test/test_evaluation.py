@@ -7,6 +7,9 @@ bag reading and decoding, the segmenter, metrics, report, figures, video and out
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -530,3 +533,36 @@ def test_live_evaluation_of_a_compressed_topic(tmp_path, checkpoint):
     assert results["published_frames"] == 4
     assert results["frames"] >= 1 and results["frames"] + results["dropped_frames"] == 4
     assert results["miou"] is None and results["frames_with_ground_truth"] == 0
+
+
+def test_standalone_player_publishes_the_recording(tmp_path):
+    pytest.importorskip("rclpy")
+    from sensor_msgs.msg import Image
+
+    from tdnet_ros.ros.testing import GraphClient, pick_domain_id, ros_environment
+
+    bag_path = tmp_path / "rec"
+    write_sequence(bag_path, "mcap", "rgb8", count=5)
+    domain = pick_domain_id()
+    client = GraphClient("player_listener", domain)
+    try:
+        cameras = client.subscribe(Image, CAMERA, 10)
+        truths = client.subscribe(Image, TRUTH, 10)
+        # Keep the player waiting for the subscriber: play in a loop, stop once received.
+        player = subprocess.Popen(
+            [sys.executable, "-m", "tdnet_ros.evaluation.live", str(bag_path), "--loop",
+             "--rate", "5"], env=ros_environment(domain), stderr=subprocess.PIPE)
+        try:
+            assert cameras.wait_count(5, timeout=60), player.stderr
+            assert truths.wait_count(5, timeout=10)
+        finally:
+            player.terminate()
+            player.wait(10)
+    finally:
+        client.close()
+    message = cameras.messages[-1]
+    assert (message.height, message.width, message.encoding) == (HEIGHT, WIDTH, "rgb8")
+    # Stamps are on the wall clock, and a label keeps its frame's stamp.
+    stamps = {(m.header.stamp.sec, m.header.stamp.nanosec) for m in cameras.messages}
+    assert all(abs(sec - time.time()) < 120 for sec, _ in stamps)
+    assert {(m.header.stamp.sec, m.header.stamp.nanosec) for m in truths.messages} & stamps

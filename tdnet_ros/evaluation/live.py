@@ -595,3 +595,60 @@ def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSet
             "in transport): they are not in the accuracy"
         )
     return recorder, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tdnet_ros.evaluation.live BAG``: play image topics of a recording.
+
+    The project's stand-in for ``ros2 bag play`` where no ROS install exists: publishes the
+    recording's ``sensor_msgs/Image`` and ``CompressedImage`` topics (or those named with
+    ``--topic``) at the recorded rate times ``--rate``, stamps moved onto the wall clock.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tdnet_ros.evaluation.live",
+                                     description=main.__doc__.splitlines()[0])
+    parser.add_argument("bag", type=Path, help="rosbag2 folder or file, or ROS 1 .bag")
+    parser.add_argument("--topic", action="append", default=[],
+                        help="topic to play (repeatable; default: every image topic)")
+    parser.add_argument("--rate", type=float, default=1.0, help="speed factor (default 1)")
+    parser.add_argument("--loop", action="store_true", help="play again and again")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")  # camera-sized images
+    import rclpy
+
+    try:
+        recording = Recording(args.bag)
+        recording.open()
+    except BagError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    available = {t.name: t.msgtype for t in recording.topics()}
+    topics = args.topic or [name for name, kind in available.items() if kind in IMAGE_TYPES]
+    missing = [t for t in topics if available.get(t) not in IMAGE_TYPES]
+    if missing or not topics:
+        print(f"error: no image topic {missing or ''} to play; {recording.describe_topics()}",
+              file=sys.stderr)
+        return 2
+    rclpy.init()
+    node = rclpy.create_node("tdnet_bag_player")
+    try:
+        player = RecordingPlayer(node, recording, {t: t for t in topics}, args.rate)
+        camera = topics[0]
+        while True:
+            published = player.play(camera)
+            print(f"played {len(published)} frames of {camera}", file=sys.stderr)
+            if not args.loop:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+        recording.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
