@@ -293,6 +293,20 @@ def test_gap_resets_temporal_state(tmp_path, segmenter):
     assert len(result.recorder.temporal.pair_scores) == 2  # (0,1) and (2,3), none across
 
 
+def test_stream_timeline_rules():
+    from tdnet_ros.evaluation.offline import StreamTimeline
+
+    timeline = StreamTimeline(max_gap_s=0.5)
+    second = 1_000_000_000
+    assert timeline.check(None, "cam")[0] == "no_stamp"
+    assert timeline.check(10 * second, "cam") == ("", "")
+    assert timeline.check(10 * second, "cam")[0] == "duplicate_stamp"
+    assert timeline.check(9 * second, "cam")[0] == "stamp_backwards"
+    assert timeline.check(10 * second + second // 10, "cam") == ("", "")
+    assert "gap of 1.000 s" in timeline.check(11 * second + second // 10, "cam")[1]
+    assert "frame_id changed" in timeline.check(11 * second + second // 5, "left")[1]
+
+
 def test_label_folder_cityscapes_style(tmp_path, segmenter):
     bag_path = tmp_path / "rec"
     frames, truths = write_sequence(bag_path, "mcap", "rgb8", count=4, with_truth=False)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tdnet_ros.evaluation.bag import IMAGE_TYPES, BagError, DecodeFailure, Recording
+from tdnet_ros.evaluation.bag import IMAGE_TYPES, BagError, BagFrame, DecodeFailure, Recording
 from tdnet_ros.evaluation.labels import FolderGroundTruth, GroundTruth, TopicGroundTruth
 from tdnet_ros.evaluation.output_bag import PredictionBagWriter
 from tdnet_ros.evaluation.recorder import EvaluationRecorder
@@ -100,6 +100,64 @@ def _recorded_frame_rate(recording: Recording, frame_count: int) -> float:
     return float(min(max((frame_count - 1) / duration_s, 1.0), 60.0))
 
 
+@dataclass
+class StreamTimeline:
+    """Header-stamp and frame_id checks between consecutive frames of one camera.
+
+    Args:
+        max_gap_s: a forward jump larger than this is a discontinuity.
+    """
+
+    max_gap_s: float
+    last_stamp_ns: int | None = None
+    last_frame_id: str | None = None
+
+    def check(self, stamp_ns: int | None, frame_id: str) -> tuple[str, str]:
+        """Judges the next frame.
+
+        Returns:
+            ``(category, reason)`` when the frame is to be skipped (``no_stamp``,
+            ``stamp_backwards``, ``duplicate_stamp``); otherwise ``("", reason)``, where a
+            non-empty reason says why the temporal state must be reset first.
+        """
+        if stamp_ns is None:
+            return "no_stamp", "message has no readable header stamp"
+        last = self.last_stamp_ns
+        if last is not None and stamp_ns < last:
+            return "stamp_backwards", (f"stamp {stamp_ns} ns is {(last - stamp_ns) / 1e6:.3f} ms "
+                                       f"before the previous frame's {last} ns")
+        if last is not None and stamp_ns == last:
+            return "duplicate_stamp", f"same stamp {stamp_ns} ns as the previous frame"
+        reset = ""
+        if last is not None and (stamp_ns - last) / 1e9 > self.max_gap_s:
+            reset = f"gap of {(stamp_ns - last) / 1e9:.3f} s (> {self.max_gap_s} s)"
+        elif self.last_frame_id is not None and frame_id != self.last_frame_id:
+            reset = f"frame_id changed from '{self.last_frame_id}' to '{frame_id}'"
+        self.last_stamp_ns, self.last_frame_id = stamp_ns, frame_id
+        return "", reset
+
+
+def _ground_truth_for(ground_truth: GroundTruth | None, frame: BagFrame,
+                      recorder: EvaluationRecorder) -> np.ndarray | None:
+    """The frame's label map, or None (problems with it are recorded as skipped labels)."""
+    if ground_truth is None:
+        return None
+    item = f"#{frame.index}"
+    lookup = ground_truth.lookup(frame.index, frame.stamp_ns)
+    truth = lookup.labels
+    if truth is None:
+        if lookup.reason:
+            recorder.skip(ground_truth.description, item, frame.stamp_ns, "label", lookup.reason)
+        return None
+    height, width = frame.data.shape[:2]
+    if truth.shape != (height, width):
+        recorder.skip(ground_truth.description, item, frame.stamp_ns, "label_size_mismatch",
+                      f"label map is {truth.shape[1]}x{truth.shape[0]}, the frame "
+                      f"{width}x{height}")
+        return None
+    return truth
+
+
 def _open_ground_truth(recording: Recording, settings: OfflineSettings,
                        recorder: EvaluationRecorder) -> GroundTruth | None:
     if settings.label_topic and settings.label_dir:
@@ -157,8 +215,8 @@ def evaluate_offline(recording_path: str | Path, segmenter: SegmenterLike,
         if video is not None:
             video.fps = _recorded_frame_rate(recording, frame_count)
         segmenter.reset(settings.stream)
-        last_stamp: int | None = None
-        last_frame_id: str | None = None
+        timeline = StreamTimeline(settings.max_gap_s)
+        stopped_early = False
         progress = tqdm(
             total=frame_count if settings.max_frames is None
             else min(frame_count, settings.max_frames),
@@ -168,6 +226,8 @@ def evaluate_offline(recording_path: str | Path, segmenter: SegmenterLike,
         try:
             for frame in recording.images(topic):
                 if settings.max_frames is not None and len(recorder.frames) >= settings.max_frames:
+                    stopped_early = True
+                    recorder.note(f"stopped after {settings.max_frames} frames (--max-frames)")
                     break
                 progress.update(1)
                 item = f"#{frame.index}"
@@ -175,52 +235,17 @@ def evaluate_offline(recording_path: str | Path, segmenter: SegmenterLike,
                     recorder.skip(topic, item, frame.stamp_ns, "decode", frame.data.reason)
                     recorder.break_sequence()
                     continue
-                if frame.stamp_ns is None:
-                    recorder.skip(topic, item, None, "no_stamp", "message has no header stamp")
-                    recorder.break_sequence()
+                skip_category, reason = timeline.check(frame.stamp_ns, frame.frame_id)
+                if skip_category:
+                    recorder.skip(topic, item, frame.stamp_ns, skip_category, reason)
+                    if skip_category == "no_stamp":
+                        recorder.break_sequence()
                     continue
-                if last_stamp is not None and frame.stamp_ns < last_stamp:
-                    recorder.skip(
-                        topic, item, frame.stamp_ns, "stamp_backwards",
-                        f"stamp {frame.stamp_ns} ns is {(last_stamp - frame.stamp_ns) / 1e6:.3f}"
-                        f" ms before the previous frame's {last_stamp} ns",
-                    )
-                    continue
-                if last_stamp is not None and frame.stamp_ns == last_stamp:
-                    recorder.skip(topic, item, frame.stamp_ns, "duplicate_stamp",
-                                  f"same stamp {frame.stamp_ns} ns as the previous frame")
-                    continue
-                if last_stamp is not None:
-                    gap_s = (frame.stamp_ns - last_stamp) / 1e9
-                    if gap_s > settings.max_gap_s:
-                        segmenter.reset(settings.stream)
-                        recorder.reset_stream(
-                            f"frame {item}: gap of {gap_s:.3f} s (> {settings.max_gap_s} s)"
-                        )
-                    elif last_frame_id is not None and frame.frame_id != last_frame_id:
-                        segmenter.reset(settings.stream)
-                        recorder.reset_stream(
-                            f"frame {item}: frame_id changed from '{last_frame_id}' to "
-                            f"'{frame.frame_id}'"
-                        )
-                last_stamp, last_frame_id = frame.stamp_ns, frame.frame_id
+                if reason:  # a discontinuity: the temporal state starts afresh
+                    segmenter.reset(settings.stream)
+                    recorder.reset_stream(f"frame {item}: {reason}")
                 rgb = frame.data
-
-                truth = None
-                if ground_truth is not None:
-                    lookup = ground_truth.lookup(frame.index, frame.stamp_ns)
-                    truth = lookup.labels
-                    if truth is None and lookup.reason:
-                        recorder.skip(ground_truth.description, item, frame.stamp_ns,
-                                      "label", lookup.reason)
-                    elif truth is not None and truth.shape != rgb.shape[:2]:
-                        recorder.skip(
-                            ground_truth.description, item, frame.stamp_ns,
-                            "label_size_mismatch",
-                            f"label map is {truth.shape[1]}x{truth.shape[0]}, the frame "
-                            f"{rgb.shape[1]}x{rgb.shape[0]}",
-                        )
-                        truth = None
+                truth = _ground_truth_for(ground_truth, frame, recorder)
 
                 tick = time.perf_counter()
                 try:
@@ -254,10 +279,10 @@ def evaluate_offline(recording_path: str | Path, segmenter: SegmenterLike,
         if ground_truth is not None:
             for item_name, reason in ground_truth.problems():
                 recorder.skip(ground_truth.description, item_name, None, "label", reason)
-            unmatched = ground_truth.unmatched()
-            for key in unmatched[:1000]:
-                recorder.skip(ground_truth.description, str(key), None, "label_unmatched",
-                              "no evaluated camera frame matches this label map")
+            if not stopped_early:
+                for key in ground_truth.unmatched():
+                    recorder.skip(ground_truth.description, str(key), None, "label_unmatched",
+                                  "no evaluated camera frame matches this label map")
         topics = [t.__dict__ for t in recording.topics()]
 
     result = OfflineResult(
