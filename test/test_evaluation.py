@@ -324,6 +324,16 @@ def test_label_folder_cityscapes_style(tmp_path, segmenter):
     predicted = [f for f in recorder.frames if f.miou is not None]
     assert [f.index for f in predicted] == [1, 3]
 
+    # Files named by header stamp; one name matches no frame and is reported.
+    by_stamp = tmp_path / "by_stamp"
+    by_stamp.mkdir()
+    cv2.imwrite(str(by_stamp / f"{START_NS + 2 * PERIOD_NS}.png"), truths[2])
+    cv2.imwrite(str(by_stamp / f"{START_NS + 7}.png"), truths[0])
+    result = evaluate_offline(bag_path, segmenter, settings(
+        label_topic=None, label_dir=by_stamp, label_match="stamp"))
+    assert [f.index for f in result.recorder.frames if f.miou is not None] == [2]
+    assert [s.category for s in result.recorder.skipped] == ["label_unmatched"]
+
 
 def test_unreadable_bag_and_missing_topic_fail_clearly(tmp_path, segmenter):
     broken = tmp_path / "broken.bag"
