@@ -402,6 +402,8 @@ def run_live(recording_path: str | Path, settings: LiveSettings,
         BagError: unreadable recording or missing camera topic.
         LiveEvaluationError: the node did not start or subscribe in time.
     """
+    from tqdm import tqdm
+
     from tdnet_ros.ros.testing import GraphClient, NodeProcess, pick_domain_id
 
     recording_path = Path(recording_path)
@@ -456,8 +458,6 @@ def run_live(recording_path: str | Path, settings: LiveSettings,
                 evaluator.predictions.clear()
                 evaluator.timings.clear()
                 warmup_dropped = evaluator.last_node_dropped or 0
-            from tqdm import tqdm
-
             frame_count = recording.reader.topics[settings.image_topic].msgcount
             if settings.max_frames is not None:
                 frame_count = min(frame_count, settings.max_frames)
