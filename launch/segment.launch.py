@@ -14,6 +14,7 @@ the shell that starts the driver, or run the driver from a launch file that sets
 """
 
 import os
+from typing import List
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
@@ -58,7 +59,7 @@ def generate_launch_description() -> LaunchDescription:
                 "checkpoint": ParameterValue(LaunchConfiguration("checkpoint"), value_type=str),
                 "model": ParameterValue(LaunchConfiguration("model"), value_type=str),
                 "device": ParameterValue(LaunchConfiguration("device"), value_type=str),
-                "cameras": LaunchConfiguration("cameras"),  # YAML list, parsed by launch_ros
+                "cameras": ParameterValue(LaunchConfiguration("cameras"), value_type=List[str]),
             },
         ],
         remappings=[("image", LaunchConfiguration("camera"))],

@@ -132,9 +132,9 @@ def test_signals_exit_cleanly_within_two_seconds(
             first = timing.wait_for(lambda m: stamp_ns(m.header.stamp) == base, 60)
             assert first is not None, node.log()
             frame_seconds = first.segment_ms / 1e3
-            assert frame_seconds > 0.5, f"model too fast ({frame_seconds:.2f} s) to catch mid-frame"
+            assert frame_seconds > 0.3, f"model too fast ({frame_seconds:.2f} s) to catch mid-frame"
             publisher.publish(make_image(frame(1), stamp_ns=base + 10**8, frame_id="sig"))
-            time.sleep(min(0.3, frame_seconds / 3))
+            time.sleep(min(0.15, frame_seconds / 3))  # delivered, and the model is running
             assert len(timing.messages) == 1, "the second frame finished before the signal"
         code, seconds = node.stop(signum, timeout=10)
         assert code == 0, f"exit code {code}\n{node.log()}"

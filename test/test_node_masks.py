@@ -59,3 +59,19 @@ def test_class_regions_match_brute_force() -> None:
     assert regions[3].mask.shape == (10, 5) and (regions[3].mask == 255).all()
     assert regions[11].mask.shape == (50, 70) and regions[11].pixel_count == 2
     assert 200 in {r.class_id for r in class_regions(ids)}
+
+
+def test_label_image_is_mono16_above_255_classes() -> None:
+    pytest.importorskip("rclpy")
+    from std_msgs.msg import Header
+
+    from tdnet_ros.ros.camera import CameraStream
+
+    wide = np.arange(12, dtype=np.uint16).reshape(3, 4) * 40  # ids up to 440
+    message = CameraStream._label_image(Header(frame_id="f"), wide)
+    assert (message.encoding, message.step, message.height, message.width) == ("mono16", 8, 3, 4)
+    assert message.is_bigendian == 0 and message.header.frame_id == "f"
+    np.testing.assert_array_equal(np.frombuffer(message.data, "<u2").reshape(3, 4), wide)
+    narrow = CameraStream._label_image(Header(), (wide % 200).astype(np.uint8))
+    assert (narrow.encoding, narrow.step) == ("mono8", 4)
+    np.testing.assert_array_equal(np.frombuffer(narrow.data, np.uint8).reshape(3, 4), wide % 200)
