@@ -148,7 +148,7 @@ def summary_lines(results: dict[str, Any], out_dir: Path) -> list[str]:
     total = results.get("latency_ms", {}).get("total", {})
     lines = [
         f"frames {results['frames']} ({results['frames_with_ground_truth']} with ground truth), "
-        f"skipped {results['skipped']['total']}",
+        f"skipped {results['skipped_count']}",
         f"mIoU {fmt(results.get('miou'), ' %')}   pixel accuracy "
         f"{fmt(results.get('pixel_accuracy'), ' %')}   temporal consistency "
         f"{fmt(results.get('temporal_consistency'), ' %')}",

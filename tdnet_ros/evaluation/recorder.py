@@ -21,7 +21,7 @@ from tdnet_ros.metrics import pixel_accuracy as matrix_pixel_accuracy
 PERCENTILES = (50, 95, 99)
 TOTAL_STAGE = "total"
 # At most this many skipped items are listed one by one in the JSON (all are counted).
-MAX_LISTED_SKIPS = 1000
+MAX_LISTED_SKIPS = 10000
 
 
 @dataclass(frozen=True)
@@ -170,15 +170,21 @@ class EvaluationRecorder:
     def frames_with_ground_truth(self) -> int:
         return self.scores.frames
 
-    def latency(self) -> dict[str, dict[str, float]]:
-        """{stage: {p50, p95, p99, mean, max}} in ms, plus ``total`` (end to end)."""
+    def latency(self) -> dict[str, Any]:
+        """{stage: {p50, p95, p99, mean, max}} in ms, plus ``total`` (end to end).
+
+        The end-to-end ``p50``/``p95``/``p99`` are also given at the top level, so that
+        ``latency_ms["p95"]`` is the headline figure.
+        """
         stages: dict[str, list[float]] = {}
         for frame in self.frames:
             for stage, value in frame.timings_ms.items():
                 stages.setdefault(stage, []).append(value)
         result = {stage: latency_summary(values) for stage, values in stages.items()}
         result[TOTAL_STAGE] = latency_summary([f.latency_ms for f in self.frames])
-        return result
+        headline = {key: result[TOTAL_STAGE][key] for key in ("p50", "p95", "p99")
+                    if key in result[TOTAL_STAGE]}
+        return {**headline, **result}
 
     def fps(self) -> float | None:
         """Frames per second of processing (frames / summed end-to-end time)."""
@@ -194,14 +200,8 @@ class EvaluationRecorder:
             for name, value in zip(self.class_names, self.scores.iou.tolist())
         }
 
-    def skipped_summary(self) -> dict[str, Any]:
-        counts = Counter(item.category for item in self.skipped)
-        return {
-            "total": len(self.skipped),
-            "by_category": dict(sorted(counts.items())),
-            "reasons": [asdict(item) for item in self.skipped[:MAX_LISTED_SKIPS]],
-            "listed": min(len(self.skipped), MAX_LISTED_SKIPS),
-        }
+    def skipped_by_category(self) -> dict[str, int]:
+        return dict(sorted(Counter(item.category for item in self.skipped).items()))
 
     def summary(self) -> dict[str, Any]:
         """The measurements as a JSON-ready dict (percentages; None where not measured)."""
@@ -222,7 +222,10 @@ class EvaluationRecorder:
             "frames_without_ground_truth": self.frames_without_ground_truth,
             "stream_resets": {"total": len(self.stream_resets),
                               "reasons": self.stream_resets[:MAX_LISTED_SKIPS]},
-            "skipped": self.skipped_summary(),
+            # Each skipped item with its reason; the count and the count per kind.
+            "skipped": [asdict(item) for item in self.skipped[:MAX_LISTED_SKIPS]],
+            "skipped_count": len(self.skipped),
+            "skipped_by_category": self.skipped_by_category(),
             "notes": list(self.notes),
             "class_names": list(self.class_names),
             "confusion_matrix": self.scores.matrix.tolist() if has_truth else None,

@@ -118,7 +118,7 @@ def render_markdown(results: dict[str, Any], provenance: Provenance,
         f"| frames evaluated | {results.get('frames', 0)} "
         f"({results.get('frames_with_ground_truth', 0)} with ground truth) |",
         f"| frames per second | {_fmt(results.get('fps'), 1)} |",
-        f"| skipped items | {results['skipped']['total']} |",
+        f"| skipped items | {results['skipped_count']} |",
         f"| temporal state resets | {results['stream_resets']['total']} |",
     ]
     for key, label in (("published_frames", "frames played"),
@@ -140,7 +140,7 @@ def render_markdown(results: dict[str, Any], provenance: Provenance,
                   "rows are its stages.", ""]
     lines += ["| stage | p50 | p95 | p99 | mean | max |", "|---|---|---|---|---|---|"]
     for stage, summary in results.get("latency_ms", {}).items():
-        if summary:
+        if isinstance(summary, dict) and summary:  # (the top-level p50/p95/p99 repeat total)
             lines.append(
                 f"| {stage} | " + " | ".join(_fmt(summary.get(k), 2)
                                              for k in ("p50", "p95", "p99", "mean", "max"))
@@ -172,18 +172,19 @@ def render_markdown(results: dict[str, Any], provenance: Provenance,
     if results.get("output_bag"):
         lines += [f"Prediction bag: `{results['output_bag']}`", ""]
 
-    skipped = results["skipped"]
+    skipped, skipped_count = results["skipped"], results["skipped_count"]
     lines += ["## Skipped content", ""]
-    if skipped["total"]:
+    if skipped_count:
         lines += ["| kind | count |", "|---|---|"]
-        lines += [f"| {kind} | {count} |" for kind, count in skipped["by_category"].items()]
+        lines += [f"| {kind} | {count} |"
+                  for kind, count in results["skipped_by_category"].items()]
         lines += ["", "| source | item | stamp (ns) | kind | reason |", "|---|---|---|---|---|"]
-        for entry in skipped["reasons"][:200]:
+        for entry in skipped[:200]:
             reason = str(entry["reason"]).replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {entry['source']} | {entry['item']} | {entry['stamp_ns'] or ''} | "
                          f"{entry['category']} | {reason} |")
-        if skipped["total"] > 200:
-            lines.append(f"\n… {skipped['total'] - 200} more in the JSON file.")
+        if skipped_count > 200:
+            lines.append(f"\n… {skipped_count - 200} more in the JSON file.")
     else:
         lines.append("Nothing was skipped.")
     lines.append("")
