@@ -186,6 +186,14 @@ def compressed_to_rgb(fmt: str, data: Any, *, max_pixels: Optional[int] = None) 
     buffer = np.frombuffer(data, dtype=np.uint8)
     if buffer.size == 0:
         raise ImageEncodingError(f"empty compressed data (format '{fmt}')")
+    size = compressed_size(buffer[:65536].tobytes())
+    if size is not None and max_pixels is not None and size[0] * size[1] > max_pixels:
+        # Refused from the header: a few bytes of PNG can decode to gigabytes.
+        width, height = size
+        raise ImageEncodingError(
+            f"image {width}x{height} has {width * height} pixels, more than the limit "
+            f"{max_pixels}"
+        )
     bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if bgr is None:
         raise ImageEncodingError(f"cannot decode {buffer.size} bytes of '{fmt}' data")
@@ -196,6 +204,37 @@ def compressed_to_rgb(fmt: str, data: Any, *, max_pixels: Optional[int] = None) 
             f"{max_pixels}"
         )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def compressed_size(head: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) from the header of PNG or JPEG data, or None if not found.
+
+    Args:
+        head: the first bytes of the file (JPEG frame headers usually come within 64 KB).
+    """
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24 and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:2] != b"\xff\xd8":
+        return None
+    offset = 2
+    while offset + 9 <= len(head):
+        if head[offset] != 0xFF:
+            return None
+        marker = head[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            offset += 2
+            continue
+        length = int.from_bytes(head[offset + 2:offset + 4], "big")
+        # Start-of-frame markers (not DHT C4, JPG C8, DAC CC) carry the size.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height = int.from_bytes(head[offset + 5:offset + 7], "big")
+            width = int.from_bytes(head[offset + 7:offset + 9], "big")
+            return width, height
+        offset += 2 + length
+    return None
 
 
 def rgb_to_image_fields(rgb: np.ndarray) -> tuple[int, int, str, int, bytes]:

@@ -275,3 +275,31 @@ def test_output_fields() -> None:
     assert labels_to_image_fields(labels.astype(np.uint8))[2] == "mono8"
     with pytest.raises(ImageEncodingError, match=r"expected an \(H, W, 3\) uint8 array"):
         rgb_to_image_fields(rgb[..., :2])
+
+
+def test_compressed_size_from_headers() -> None:
+    from tdnet_ros.image_encoding import compressed_size
+
+    rgb = random_rgb(9, 37, 53)
+    for extension in (".png", ".jpg"):
+        ok, data = cv2.imencode(extension, rgb)
+        assert ok
+        assert compressed_size(data.tobytes()) == (53, 37), extension
+    assert compressed_size(b"not an image") is None
+
+
+def test_compressed_bomb_is_refused_from_its_header() -> None:
+    ok, png = cv2.imencode(".png", random_rgb(10))
+    assert ok
+    data = bytearray(png.tobytes())
+    data[16:20] = (8000).to_bytes(4, "big")  # IHDR width
+    data[20:24] = (8000).to_bytes(4, "big")  # IHDR height
+    with pytest.raises(ImageEncodingError, match="image 8000x8000 has 64000000 pixels, more than the limit 1000000"):
+        compressed_to_rgb("png", bytes(data), max_pixels=1_000_000)
+    ok, jpeg = cv2.imencode(".jpg", random_rgb(11))
+    data = bytearray(jpeg.tobytes())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 7] = (9000).to_bytes(2, "big")
+    data[sof + 7:sof + 9] = (9000).to_bytes(2, "big")
+    with pytest.raises(ImageEncodingError, match="image 9000x9000 has 81000000 pixels"):
+        compressed_to_rgb("jpeg", bytes(data), max_pixels=1_000_000)

@@ -285,3 +285,14 @@ def test_output_rate_below_expectation_is_a_warning(reliable: ReliableNode) -> N
     finally:
         set_rate(0.0)
         h.client.unsubscribe(labels)
+
+
+def test_silent_topic_with_a_publisher_is_an_error_with_a_hint(reliable: ReliableNode) -> None:
+    h = reliable
+    time.sleep(2.5)  # > input_timeout_s (2 s) since the last image; our publisher stays
+    count = len(h.diagnostics.messages)
+    assert h.diagnostics.wait_count(count + 1, 5.0)
+    status = h.diagnostics.messages[count].status[0]
+    assert status.level == DiagnosticStatus.ERROR
+    assert f"no images on {TOPIC}" in status.message
+    assert "1 publisher(s) exist" in status.message and "LARGE_DATA" in status.message

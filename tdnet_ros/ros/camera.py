@@ -444,6 +444,14 @@ class CameraStream:
                 if last_received is not None
                 else f"no images received on {self.topic} yet"
             )
+            publishers = self.node.count_publishers(self.topic)
+            if publishers:
+                # The classic "segmentation node receives nothing": a publisher exists.
+                message += (
+                    f" although {publishers} publisher(s) exist: check their QoS (this node "
+                    f"subscribes {config.qos_reliability}) and, for camera-sized images over "
+                    "best effort, FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA in the publisher's process"
+                )
         elif config.expected_rate_hz > 0 and now - self._started > 5.0 and output_rate < config.expected_rate_hz:
             level = DiagnosticStatus.WARN
             message = f"output rate {output_rate:.1f} Hz below expected_rate_hz {config.expected_rate_hz:.1f}"
