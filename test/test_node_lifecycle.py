@@ -59,7 +59,7 @@ def test_configuration_errors_stop_the_node_with_one_clear_error(checkpoint: Pat
     cases = {
         "missing checkpoint": (["-p", "checkpoint:=/nonexistent/model.pt"],
                                ["parameter 'checkpoint'", "/nonexistent/model.pt"]),
-        "corrupt checkpoint": ([f"-p", f"checkpoint:={corrupt}"], ["parameter 'checkpoint'", str(corrupt)]),
+        "corrupt checkpoint": (["-p", f"checkpoint:={corrupt}"], ["parameter 'checkpoint'", str(corrupt)]),
         "other architecture": (["-p", f"checkpoint:={wrong_architecture}", "-p", "model:=td4-psp18"],
                                ["parameter 'checkpoint'", str(wrong_architecture)]),
         "unknown model": (["-p", f"checkpoint:={checkpoint}", "-p", "model:=td9-imaginary"],
