@@ -108,17 +108,28 @@ class PredictionBagWriter:
                 for connection in recording.reader.connections:
                     if connection.topic in {c.topic for c in connections.values()}:
                         continue
+                    if connection.msgdef.data and connection.digest:
+                        definition: dict[str, Any] = {"msgdef": connection.msgdef.data,
+                                                      "rihs01": connection.digest}
+                    elif connection.msgtype in typestore.types:
+                        # Recorded before bags carried type definitions: take them from
+                        # the message store.
+                        definition = {"typestore": typestore}
+                    else:
+                        remarks.append(f"topic {connection.topic} ({connection.msgtype}) has "
+                                       "no type definition and is not copied")
+                        continue
                     connections[connection.id] = writer.add_connection(
-                        connection.topic, connection.msgtype,
-                        msgdef=connection.msgdef.data, rihs01=connection.digest,
-                        serialization_format="cdr",
+                        connection.topic, connection.msgtype, serialization_format="cdr",
+                        **definition,
                     )
             by_topic = {c.topic: c for c in connections.values()}
             image_index = -1
             for connection, bag_time, raw in recording.reader.messages():
                 if copy:
-                    target = connections.get(connection.id) or by_topic[connection.topic]
-                    writer.write(target, bag_time, raw)
+                    target = connections.get(connection.id) or by_topic.get(connection.topic)
+                    if target is not None:
+                        writer.write(target, bag_time, raw)
                 if connection.topic != self.image_topic:
                     continue
                 image_index += 1
