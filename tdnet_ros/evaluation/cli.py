@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from tdnet_ros.evaluation.bag import BagError, Recording
-from tdnet_ros.evaluation.offline import OfflineResult, OfflineSettings, evaluate_offline
 from tdnet_ros.evaluation.live import LiveEvaluationError  # rclpy is imported only when run
+from tdnet_ros.evaluation.offline import OfflineResult, OfflineSettings, evaluate_offline
 from tdnet_ros.evaluation.report import Provenance, write_report
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from tdnet_ros.timing import percentiles
 from tdnet_ros.metrics import IGNORE_LABEL, SegmentationScores, TemporalConsistency, mean_iou
 from tdnet_ros.metrics import pixel_accuracy as matrix_pixel_accuracy
+from tdnet_ros.timing import percentiles
 
 PERCENTILES = (50, 95, 99)
 TOTAL_STAGE = "total"
