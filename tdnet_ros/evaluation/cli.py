@@ -1,12 +1,16 @@
 """``tdnet-eval``: evaluate a segmentation model on a recording.
 
-    tdnet-eval BAG --image-topic /camera/image_raw [--label-topic /camera/labels_gt |
+    tdnet-eval BAG --image-topic /camera/image_raw [--label-topic /camera/labels |
                --label-dir DIR] [--out DIR] [--json FILE]
-               [--checkpoint model.pt --model td4-psp18 --device cpu]
+               [--checkpoint model.pt --model td4-psp18 --device cpu] [--live [--rate 2]]
+    tdnet-eval CITYSCAPES_ROOT --cityscapes --checkpoint td4-psp18.pkl --model td4-psp18
 
-Writes report.md, results.json, PNG figures and an overlay video into the output folder and
-prints its path and a short summary. Exit status: 0 done, 1 no frame could be evaluated,
-2 the recording, a topic, the model or an option is unusable (the message says which).
+Offline (default): every frame through the segmenter in this process. ``--live``: the
+recording played into ROS 2 topics, ``segmenter_node`` in its own process. ``--cityscapes``:
+the published protocol on ``leftImg8bit_sequence``. Writes report.md, results.json, PNG
+figures and an overlay video into the output folder and prints its path and a summary.
+Exit status: 0 done, 1 no frame could be evaluated, 2 the recording, a topic, the model or
+an option is unusable (the message says which).
 """
 
 from __future__ import annotations
