@@ -1,0 +1,39 @@
+"""The one-command demo, end to end: generator -> bag -> live node over DDS -> report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tdnet_ros import ModelConfig, build_model, save_checkpoint
+
+
+def test_demo_writes_report_plots_and_video(tmp_path):
+    checkpoint = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny", input_size=(256, 512))), tmp_path / "tiny.pt")
+    out = tmp_path / "demo"
+    env = dict(os.environ, ROS_DOMAIN_ID=str(100 + os.getpid() % 100))
+    completed = subprocess.run(
+        [sys.executable, "-m", "tdnet_ros.demo", "--frames", "12", "--checkpoint", str(checkpoint),
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = out / "report"
+    for name in ("report.md", "results.json", "overlay.mp4", "per_class_iou.png", "latency_histogram.png", "per_frame.png"):
+        assert (report / name).stat().st_size > 0, name
+    results = json.loads((report / "results.json").read_text())
+    assert results["frames"] + results["dropped_frames"] == 12
+    assert results["frames"] > 0 and 0.0 <= results["miou"] <= 100.0
+    assert "output folder" in completed.stdout and str(out.resolve()) in completed.stdout
+
+
+def test_demo_without_model_names_the_missing_checkpoint(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "tdnet_ros.demo", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "d"), "--frames", "2", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode != 0
+    assert "missing.pt" in completed.stderr
