@@ -335,7 +335,7 @@ def test_class_table_reaches_a_late_subscriber(harness: Harness) -> None:
     assert [c.id for c in table.classes] == list(range(19))
     assert [c.name for c in table.classes] == [c["name"] for c in standard] == h.names
     assert [list(c.color) for c in table.classes] == [c["color"] for c in standard]
-    assert table.checkpoint == str(h.checkpoint)
+    assert table.checkpoint == str(h.checkpoint) and table.model == "td4-tiny"
     h.client.unsubscribe(recorder)
 
 

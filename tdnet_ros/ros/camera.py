@@ -157,11 +157,13 @@ class CameraStream:
         self.pub_timing = node.create_publisher(msgs.SegmentationTiming, f"{ns}/timing", output_qos)
         self.pub_class_table = node.create_publisher(msgs.ClassTable, f"{ns}/class_table", latched_qos)
 
-    def publish_class_table(self, msgs: Any, names: list[str], colors: np.ndarray, config: Any) -> None:
+    def publish_class_table(
+        self, msgs: Any, names: list[str], colors: np.ndarray, model: str, checkpoint: str
+    ) -> None:
         table = msgs.ClassTable()
         table.header.stamp = self.node.get_clock().now().to_msg()
-        table.model = config.model
-        table.checkpoint = config.checkpoint or "bundled default"
+        table.model = model
+        table.checkpoint = checkpoint
         for class_id, (name, color) in enumerate(zip(names, colors)):
             table.classes.append(
                 msgs.ClassInfo(id=class_id, name=name, color=[int(c) for c in color])
@@ -172,11 +174,9 @@ class CameraStream:
         """Counts a bad frame and logs it, at most once per period per ``kind``."""
         now = time.monotonic()
         with self._lock:
-            if not count:
-                pass
-            elif kind == "processing":
+            if count and kind == "processing":
                 self.errors += 1
-            else:
+            elif count:
                 self.invalid += 1
             self.last_error = problem
             last = self._error_logged_at.get(kind)

@@ -223,7 +223,13 @@ class SegmenterNode(Node):
                 f"{namespace}/reset",
                 lambda request, response, c=camera: self._on_reset(response, [c]),
             )
-            camera.publish_class_table(self.msgs, self.class_names, self.class_colors, self.config)
+            camera.publish_class_table(
+                self.msgs,
+                self.class_names,
+                self.class_colors,
+                model=self.segmenter.config.name,
+                checkpoint=str(self.segmenter.checkpoint or ""),
+            )
             self.cameras.append(camera)
             self.get_logger().info(
                 f"camera '{topic}' ({'CompressedImage' if compressed else 'Image'}, "
