@@ -399,13 +399,18 @@ def test_frames_are_dropped_not_queued_when_the_model_is_busy(harness: Harness) 
     burst = 30
     stamps = []
     message = make_image(frame(400), stamp_ns=0, frame_id="camera_a")
-    for _ in range(burst):
+    for _ in range(burst):  # far faster than the model
         stamps.append(h.next_stamp(0.01))
         message.header.stamp.sec, message.header.stamp.nanosec = divmod(stamps[-1], 10**9)
-        h.pub[CAM_A].publish(message)  # back to back: faster than the model
-    # The newest frame is always processed eventually.
+        h.pub[CAM_A].publish(message)
+        time.sleep(0.001)
+    # Best effort may lose some of the burst in transport; a later frame must still come through.
+    time.sleep(0.5)
+    stamps.append(h.next_stamp(0.01))
+    message.header.stamp.sec, message.header.stamp.nanosec = divmod(stamps[-1], 10**9)
+    h.pub[CAM_A].publish(message)
     last = h.out[OUT_A]["timing"].wait_for(lambda m: stamp_ns(m.header.stamp) == stamps[-1], WAIT)
-    assert last is not None, "the newest frame of the burst was not processed"
+    assert last is not None, "the frame after the burst was not processed"
     time.sleep(1.5)
     after = h.fresh_status(CAM_A)
     delta = {k: int(after[k]) - int(before[k]) for k in

@@ -55,3 +55,23 @@ def test_truncated_and_malformed_buffers() -> None:
         parse_image(raw[:4 + 8 + 4 + 4])
     # Data shorter than announced: what arrived is returned (the conversion reports it).
     assert len(parse_image(raw[:-10]).data) == 48 - 10
+
+
+@pytest.mark.parametrize("frame_id", ["", "c", "ca", "cam", "camera", "front_camera_optical"])
+@pytest.mark.parametrize("encoding", ["rgb8", "mono8", "mono16", "bgra8", "yuv422_yuy2"])
+def test_serialized_images_deserialize_in_rclpy(frame_id: str, encoding: str) -> None:
+    from rclpy.serialization import deserialize_message
+
+    from tdnet_ros.ros.serialized_image import serialize_image
+
+    pixels = np.random.default_rng(3).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    raw = serialize_image(sec=-7, nanosec=999, frame_id=frame_id, height=7, width=5,
+                          encoding=encoding, step=15, data=pixels)
+    message = deserialize_message(raw, Image)
+    assert (message.header.stamp.sec, message.header.stamp.nanosec) == (-7, 999)
+    assert message.header.frame_id == frame_id and message.encoding == encoding
+    assert (message.height, message.width, message.step, message.is_bigendian) == (7, 5, 15, 0)
+    assert message.data.tobytes() == pixels.tobytes()
+    parsed = parse_image(raw)
+    assert (parsed.frame_id, parsed.encoding, parsed.step) == (frame_id, encoding, 15)
+    assert bytes(parsed.data) == pixels.tobytes()

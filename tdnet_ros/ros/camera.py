@@ -23,7 +23,7 @@ from tdnet_ros.image_encoding import (
     image_to_rgb,
 )
 from tdnet_ros.masks import class_regions, color_lut, colorize, overlay
-from tdnet_ros.ros.serialized_image import SerializedImageError, parse_image
+from tdnet_ros.ros.serialized_image import SerializedImageError, parse_image, serialize_image
 
 if TYPE_CHECKING:
     from tdnet_ros.ros.node import SegmenterNode
@@ -363,31 +363,27 @@ class CameraStream:
                 self._latencies.setdefault(stage, deque(maxlen=LATENCY_WINDOW)).append(value)
 
     @staticmethod
-    def _label_image(header: Any, labels: np.ndarray) -> Image:
-        """mono8 class ids, or mono16 (little endian) when ids do not fit in a byte."""
+    def _label_image(header: Any, labels: np.ndarray) -> bytes:
+        """Serialized label image: mono8 class ids, or mono16 (little endian) above 255."""
         if labels.dtype != np.uint8:
             labels = labels.astype("<u2")
         height, width = labels.shape
-        image = Image()
-        image.header = header
-        image.height, image.width = height, width
-        image.encoding = "mono8" if labels.dtype == np.uint8 else "mono16"
-        image.step = width * labels.dtype.itemsize
-        image.is_bigendian = 0
-        data = array.array("B")
-        data.frombytes(memoryview(np.ascontiguousarray(labels)).cast("B"))  # one copy
-        image.data = data
-        return image
+        return serialize_image(
+            sec=header.stamp.sec, nanosec=header.stamp.nanosec, frame_id=header.frame_id,
+            height=height, width=width,
+            encoding="mono8" if labels.dtype == np.uint8 else "mono16",
+            step=width * labels.dtype.itemsize, data=np.ascontiguousarray(labels),
+        )
 
-    def _rgb_image(self, header: Any, rgb: np.ndarray) -> Image:
+    @staticmethod
+    def _rgb_image(header: Any, rgb: np.ndarray) -> bytes:
+        """Serialized rgb8 image (built directly: one copy of the pixels, not three)."""
         height, width = rgb.shape[:2]
-        image = Image()
-        image.header = header
-        image.height, image.width, image.encoding, image.step = height, width, "rgb8", width * 3
-        data = array.array("B")
-        data.frombytes(memoryview(np.ascontiguousarray(rgb)).cast("B"))
-        image.data = data
-        return image
+        return serialize_image(
+            sec=header.stamp.sec, nanosec=header.stamp.nanosec, frame_id=header.frame_id,
+            height=height, width=width, encoding="rgb8", step=width * 3,
+            data=np.ascontiguousarray(rgb),
+        )
 
     @staticmethod
     def _masks(msgs: Any, header: Any, labels: np.ndarray, names: list[str]) -> Any:

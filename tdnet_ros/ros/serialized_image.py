@@ -1,9 +1,10 @@
-"""Reads a serialized (CDR) ``sensor_msgs/Image`` without copying its pixels.
+"""Serialized (CDR) ``sensor_msgs/Image``: read without copying the pixels, written with one copy.
 
-rclpy's normal deserialization copies the pixel data twice (into the C message, then into
-a Python ``array``); for a 1280x720 rgb8 frame that is most of the node's own latency. The
-node subscribes to raw bytes instead and reads the fields here; ``data`` stays a view into
-the received buffer. Pure Python (``struct`` + ``memoryview``), no rclpy import.
+rclpy's message conversion copies the pixel data twice each way (Python ``array`` <-> C
+message <-> CDR); for camera-sized images that is most of the node's own latency. The node
+subscribes to raw bytes and reads the fields here (``data`` stays a view into the received
+buffer), and publishes its image outputs as bytes built here. Pure Python (``struct`` +
+``memoryview``), no rclpy import.
 
 Layout (XCDR1/XCDR2 plain, every field at most 4-byte aligned, so both are the same):
 encapsulation (4 bytes: 0x00, 0x00 big / 0x01 little endian (XCDR2: 0x06 / 0x07), 0, 0);
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 
 class SerializedImageError(ValueError):
@@ -92,3 +94,37 @@ def parse_image(buffer: bytes | bytearray | memoryview) -> SerializedImage:
     # conversion then reports the shortfall with the expected size).
     data = body[offset:offset + length]
     return SerializedImage(sec, nanosec, frame_id, height, width, encoding, is_bigendian, step, data)
+
+
+def _cdr_string(value: str, offset: int) -> tuple[bytes, int]:
+    """A CDR string at ``offset`` (4-aligned): length with NUL, bytes, NUL; new offset."""
+    raw = value.encode("utf-8") + b"\0"
+    return struct.pack("<I", len(raw)) + raw, offset + 4 + len(raw)
+
+
+def serialize_image(
+    *, sec: int, nanosec: int, frame_id: str, height: int, width: int, encoding: str,
+    step: int, data: Any, is_bigendian: int = 0,
+) -> bytes:
+    """Little-endian CDR bytes of a ``sensor_msgs/Image`` (publishable with rclpy as-is).
+
+    Args:
+        data: the pixel bytes (anything exposing the buffer protocol, e.g. a C-contiguous
+            numpy array); copied once, into the returned bytes.
+    """
+    pixels = memoryview(data).cast("B")
+    parts = [b"\x00\x01\x00\x00", struct.pack("<iI", sec, nanosec)]
+    offset = 8  # body offset, for alignment
+    chunk, offset = _cdr_string(frame_id, offset)
+    parts.append(chunk)
+    padding = -offset % 4
+    parts.append(b"\0" * padding + struct.pack("<II", height, width))
+    offset += padding + 8
+    chunk, offset = _cdr_string(encoding, offset)
+    parts.append(chunk)
+    parts.append(struct.pack("<B", is_bigendian))
+    offset += 1
+    padding = -offset % 4
+    parts.append(b"\0" * padding + struct.pack("<II", step, len(pixels)))
+    parts.append(pixels)
+    return b"".join(parts)
