@@ -394,6 +394,22 @@ def node_arguments(settings: LiveSettings, live_topic: str) -> list[str]:
     return arguments
 
 
+# Seconds to wait for matched endpoints before retrying with a fresh DDS participant.
+DISCOVERY_ATTEMPT_S = 15.0
+
+
+def _wait_until_matched(player: RecordingPlayer, evaluator: LiveEvaluator, node_process: Any,
+                        until: float) -> bool:
+    """Waits until the node's camera subscription and every evaluator subscription are
+    matched (not merely discovered); False at ``until`` or when the node exits."""
+    while time.monotonic() < until and node_process.alive():
+        if (all(p.get_subscription_count() > 0 for p in player.publishers.values())
+                and evaluator.matched()):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def run_live(recording_path: str | Path, settings: LiveSettings,
              progress: bool = True) -> LiveResult:
     """Plays the recording into a freshly started node and records its outputs.
@@ -432,19 +448,22 @@ def run_live(recording_path: str | Path, settings: LiveSettings,
         node_process = NodeProcess(node_arguments(settings, live_topic), domain_id=domain_id,
                                    log_path=log_path)
         os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-        client = GraphClient("tdnet_live_evaluator", domain_id)
+        deadline = time.monotonic() + settings.startup_timeout_s
+        client = None
         try:
-            evaluator = LiveEvaluator(client.node, result.labels_topic, timing_topic, truth_live)
-            player = RecordingPlayer(client.node, recording, topics, settings.rate)
-            deadline = time.monotonic() + settings.startup_timeout_s
-            ready = False
-            while time.monotonic() < deadline and node_process.alive():
-                # Matched endpoints (not merely discovered ones) in both directions.
-                if (all(p.get_subscription_count() > 0 for p in player.publishers.values())
-                        and evaluator.matched()):
-                    ready = True
+            while True:
+                # A fresh participant per attempt: now and then two participants on one
+                # host never discover each other, and a new one does at once.
+                client = GraphClient("tdnet_live_evaluator", domain_id)
+                evaluator = LiveEvaluator(client.node, result.labels_topic, timing_topic,
+                                          truth_live)
+                player = RecordingPlayer(client.node, recording, topics, settings.rate)
+                attempt_end = min(deadline, time.monotonic() + DISCOVERY_ATTEMPT_S)
+                ready = _wait_until_matched(player, evaluator, node_process, attempt_end)
+                if ready or time.monotonic() >= deadline or not node_process.alive():
                     break
-                time.sleep(0.1)
+                client.close()
+                client = None
             if not ready:
                 state = "exited" if not node_process.alive() else "did not subscribe"
                 raise LiveEvaluationError(
@@ -487,7 +506,8 @@ def run_live(recording_path: str | Path, settings: LiveSettings,
                 if evaluator.last_node_dropped is not None:
                     result.node_dropped_frames = evaluator.last_node_dropped - warmup_dropped
         finally:
-            client.close()
+            if client is not None:
+                client.close()
             result.node_exit_code, _ = node_process.stop()
             node_process.kill()
             result.node_log = node_process.log()
