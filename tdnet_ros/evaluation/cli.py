@@ -165,7 +165,9 @@ def summary_lines(results: dict[str, Any], out_dir: Path) -> list[str]:
             f"dropped frames {results['dropped_frames']} of {results['published_frames']}   "
             f"end-to-end from stamp p50 {fmt(end_to_end.get('p50'), ' ms')}  "
             f"p95 {fmt(end_to_end.get('p95'), ' ms')}")
-    lines.append(f"report: {out_dir / 'report.md'}")
+    names = sorted(Path(path).name for path in results.get("files", {}).values()
+                   if Path(path).resolve().parent == out_dir.resolve())
+    lines.append(f"output folder: {out_dir.resolve()}  ({', '.join(names)})")
     return lines
 
 
