@@ -10,7 +10,11 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
+import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,7 +152,6 @@ def test_params_file_loads_into_the_node(tmp_path: Path) -> None:
     importlib.util.find_spec("launch_ros") is None, reason="launch_ros is not installed (no ROS 2 install)"
 )
 def test_launch_file_starts_the_node(tmp_path: Path) -> None:
-    import os
     import threading
 
     from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
@@ -188,3 +191,43 @@ def test_launch_file_starts_the_node(tmp_path: Path) -> None:
         client.close()
         service.shutdown()  # thread-safe: schedules the shutdown on the launch loop
         runner.join(10)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_ament_cmake_build_installs_what_ros2_run_and_launch_need(tmp_path: Path) -> None:
+    """The colcon (ament_cmake) build, run here with plain CMake against the venv's ROS
+    prefix: executable, launch, config, and the Python package merged with its messages."""
+    prefix = Path(sys.prefix)  # the venv: also where the ROS wheels' CMake packages are
+    env = dict(os.environ, AMENT_PREFIX_PATH=str(prefix), CMAKE_PREFIX_PATH=str(prefix),
+               PATH=f"{prefix / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    build, stage = tmp_path / "build", tmp_path / "stage"
+    for command in (
+        ["cmake", "-S", str(REPO), "-B", str(build), f"-DCMAKE_INSTALL_PREFIX={prefix}",
+         f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF", "-Wno-dev"],
+        ["cmake", "--build", str(build), "-j", "2"],
+        ["cmake", "--install", str(build)],
+    ):
+        # DESTDIR stages the install in tmp_path: the venv itself is not touched.
+        result = subprocess.run(command, env={**env, "DESTDIR": str(stage)},
+                                capture_output=True, text=True)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    root = stage / prefix.relative_to(prefix.anchor)
+    constants = launch_constants()
+    executable = root / "lib" / constants["PACKAGE"] / constants["EXECUTABLE"]
+    assert executable.is_file() and os.access(executable, os.X_OK)
+    share = root / "share" / constants["PACKAGE"]
+    assert (share / "launch" / LAUNCH_FILE.name).is_file()
+    assert (share / "config" / constants["PARAMS_FILE"]).is_file()
+    assert (share / "config" / constants["RVIZ_FILE"]).is_file()
+    assert (root / "share" / "ament_index" / "resource_index" / "packages" / constants["PACKAGE"]).is_file()
+    site = root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    package = site / constants["PACKAGE"]
+    assert (package / "ros" / "node.py").is_file() and (package / "msg" / "_class_masks.py").is_file()
+    # The package's own __init__ wins over the generated (empty) one.
+    assert (package / "__init__.py").read_text() == (REPO / "tdnet_ros" / "__init__.py").read_text()
+    probe = subprocess.run(
+        [sys.executable, "-c", "import tdnet_ros.msg, tdnet_ros.ros.node; print(tdnet_ros.msg.__file__)"],
+        env={**env, "PYTHONPATH": str(site)}, capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip().startswith(str(package))
