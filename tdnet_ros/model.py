@@ -118,7 +118,12 @@ class AttentionStep(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         # query (B, Lq, d_k), key (B, Lk, d_k), value (B, Lk, d_v) -> (B, Lq, d_v)
         projected = F.linear(value, self.proj.weight.flatten(1), self.proj.bias)  # (B, Lk, d_v)
-        return F.scaled_dot_product_attention(query, key, projected)
+        if query.is_cuda:
+            return F.scaled_dot_product_attention(query, key, projected)
+        # On CPUs two batched matmuls beat the fused kernel for these shapes (Lq ~ 2e4,
+        # Lk ~ 1e3, d_v = 512: 0.25 s against 0.32 s per frame on one core, measured).
+        scores = torch.bmm(query, key.transpose(1, 2)).mul_(query.shape[-1] ** -0.5)  # (B, Lq, Lk)
+        return torch.bmm(scores.softmax(dim=-1), projected)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -133,11 +138,15 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[-2:])
-        if size == tuple(self.normalized_shape):
-            return super().forward(x)
-        params = torch.stack([self.weight, self.bias])[None]  # (1, 2, h0, w0)
-        weight, bias = F.interpolate(params, size, mode="bilinear", align_corners=True)[0]  # (h, w) each
-        return F.layer_norm(x, size, weight, bias, eps=self.eps)
+        weight, bias = self.weight, self.bias
+        if size != tuple(self.normalized_shape):
+            params = torch.stack([self.weight, self.bias])[None]  # (1, 2, h0, w0)
+            weight, bias = F.interpolate(params, size, mode="bilinear", align_corners=True)[0]  # (h, w) each
+        if x.is_contiguous():
+            return F.layer_norm(x, size, weight, bias, eps=self.eps)
+        # Channels-last input: normalize in place of layout instead of copying to NCHW.
+        var, mean = torch.var_mean(x, dim=(-2, -1), keepdim=True, correction=0)  # (B, C, 1, 1)
+        return (x - mean).mul_(torch.rsqrt(var + self.eps)).mul_(weight).add_(bias)
 
 
 class Head(nn.Sequential):
@@ -276,7 +285,7 @@ class TDNet(nn.Module):
             if j + 1 < len(cached):
                 carried = carried + cached[j + 1][2]
         b, d_v, h, w = value_shape
-        return carried.transpose(1, 2).reshape(b, d_v, h, w)  # (B, h*w, d_v) -> (B, d_v, h, w)
+        return carried.view(b, h, w, d_v).permute(0, 3, 1, 2)  # (B, h*w, d_v) -> (B, d_v, h, w), channels-last
 
     def forward_clip(self, clip: Sequence[torch.Tensor], first_path: int, *, with_layer3: bool = False):
         """Training forward over a clip of N frames: frame j runs path (first_path + j) mod N.
