@@ -303,3 +303,22 @@ def test_compressed_bomb_is_refused_from_its_header() -> None:
     data[sof + 7:sof + 9] = (9000).to_bytes(2, "big")
     with pytest.raises(ImageEncodingError, match="image 9000x9000 has 81000000 pixels"):
         compressed_to_rgb("jpeg", bytes(data), max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16"])
+def test_same_as_cv_bridge_where_installed(encoding: str) -> None:
+    cv_bridge = pytest.importorskip("cv_bridge", reason="cv_bridge exists only on ROS 2 installs")
+    from sensor_msgs.msg import Image
+
+    rgb = random_rgb(12)
+    pixels = {
+        "mono8": rgb[..., 1],
+        "mono16": rgb[..., 1].astype(np.uint16) * 257,
+    }.get(encoding)
+    if pixels is None:
+        pixels = np.ascontiguousarray(EXACT_8BIT[encoding](rgb))
+    fields = packed(np.ascontiguousarray(pixels), 6)
+    message = Image(height=fields["height"], width=fields["width"], encoding=encoding,
+                    step=fields["step"], is_bigendian=0, data=fields["data"])
+    expected = cv_bridge.CvBridge().imgmsg_to_cv2(message, desired_encoding="rgb8")
+    np.testing.assert_array_equal(image_to_rgb(encoding=encoding, is_bigendian=0, **fields), expected)

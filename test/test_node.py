@@ -62,6 +62,9 @@ class Harness:
                 "-p", "device:=cpu",
                 "-p", f"cameras:=[{CAM_A},{CAM_B},{CAM_C}]",
                 "-p", "error_log_period_s:=60.0",
+                # The project's own conversion (exact messages asserted below); where cv_bridge
+                # exists, test_image_encoding compares the two.
+                "-p", "use_cv_bridge:=false",
                 "-p", "input_timeout_s:=3.0",
             ],
             domain_id=self.domain,
