@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backends.gpu_preprocess import DevicePreprocessor
+from .backends.runners import make_runner
 from .cache import FeatureCache
 from .checkpoint import file_sha256, load_model
 from .config import ModelConfig, feature_size_for
@@ -82,7 +84,16 @@ class Segmenter:
             training size resize the LayerNorm's affine parameters to the feature map.
         channels_last: use the channels-last memory format (faster convolutions on CPU and GPU).
         fold_batch_norm: fold BatchNorm layers into the convolutions (on a copy of the model).
-        checkpoint: path the weights came from (for reports).
+        checkpoint: path the weights came from (for reports, and the key of prebuilt engines).
+        backend: how each step runs: "eager" (default), "compile" (torch.compile),
+            "cuda-graph", "onnx" (onnxruntime, prebuilt files) or "tensorrt" (prebuilt
+            engines); one that cannot run here falls back with one log line (see
+            tdnet_ros.backends). `self.backend` names the one in use.
+        backend_options: keyword arguments of `tdnet_ros.backends.make_runner`:
+            `engine_dir` (prebuilt ONNX files / TensorRT engines), `compile_options`,
+            `fallback` ("eager" or "cuda-graph").
+        preprocess: "cv2" (default: resize on the host, as the published pipeline) or
+            "device" (upload uint8 once, resize and normalize on the model's device).
     """
 
     def __init__(
@@ -95,6 +106,9 @@ class Segmenter:
         channels_last: bool = True,
         fold_batch_norm: bool = True,
         checkpoint: str | Path | None = None,
+        backend: str = "eager",
+        backend_options: dict[str, Any] | None = None,
+        preprocess: str = "cv2",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}")
@@ -113,6 +127,12 @@ class Segmenter:
         self.input_size = tuple(input_size) if isinstance(input_size, (tuple, list)) else input_size
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self._normalize = Normalizer(self.device, self.dtype, channels_last)
+        if preprocess not in ("cv2", "device"):
+            raise ValueError(f"unknown preprocess {preprocess!r}; use 'cv2' or 'device'")
+        self._device_preprocess = DevicePreprocessor(self.device, self.dtype, channels_last) if preprocess == "device" else None
+        self._runner = make_runner(
+            backend, self.model, device=self.device, precision=precision, checkpoint=checkpoint, **(backend_options or {})
+        )
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # streams may be served from several threads
 
@@ -137,6 +157,11 @@ class Segmenter:
         return cls.from_checkpoint(DEFAULT_MODEL_PATH, device=device, **options)
 
     # -- properties -------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """The backend the steps run on (after any fallback)."""
+        return self._runner.name
 
     @property
     def num_classes(self) -> int:
@@ -182,6 +207,21 @@ class Segmenter:
                 self._streams[stream].cache.reset()
                 self._streams[stream].frame_index = 0
 
+    def warm_up(self, frame_size: tuple[int, int] | None = None, streams: tuple[str, ...] = ("default",)) -> None:
+        """Allocates the streams' caches and does the backend's one-off work (CUDA graph
+        captures, engine loads) for frames of `frame_size` (default: the model input size),
+        so that the first real frame runs at full speed. The streams start cold afterwards."""
+        if frame_size is None and self.input_size == "frame":
+            raise ValueError("warm_up needs frame_size when the segmenter runs at each frame's own size")
+        size = self.model_input_size(frame_size or (0, 0))
+        x = torch.zeros(1, 3, *size, device=self.device, dtype=self.dtype).contiguous(memory_format=self._normalize.memory_format)
+        with self._lock, torch.inference_mode():
+            for stream in streams:
+                state, _ = self._stream_state(stream, size)
+                self._runner.prepare(x, state.cache, stream)
+                state.cache.reset()
+                state.frame_index = 0
+
     def segment(self, frame: np.ndarray, stream: str = "default") -> SegmentResult:
         """Segments one HxWx3 uint8 RGB frame; labels come back at the frame's resolution."""
         start = time.perf_counter()
@@ -189,7 +229,10 @@ class Segmenter:
         times = StageTimes(self.device)
         with times("preprocess"):
             size = self.model_input_size(frame.shape[:2])
-            x = self._normalize(resize_frame(frame, size))
+            if self._device_preprocess is not None:
+                x = self._device_preprocess(frame, size)
+            else:
+                x = self._normalize(resize_frame(frame, size))
         return self._run(x, stream, frame.shape[:2], times, start)
 
     def segment_normalized(self, x: torch.Tensor, stream: str = "default") -> SegmentResult:
@@ -209,18 +252,16 @@ class Segmenter:
             state, was_reset = self._stream_state(stream, tuple(x.shape[-2:]))
             path = state.frame_index % self.config.num_paths
             with torch.inference_mode():
-                cached = state.cache.read(self.model.cache_order(path))
-                step = self.model.step(x, path, cached, timer=times)
-                state.cache.write(path, step.cache_entry)
+                logits, warm = self._runner.run(x, path, state.cache, stream, times)
                 state.frame_index += 1
-                logits = step.logits.float()
+                logits = logits.float()
                 with times("postprocess"):
                     # Labels at the model input size, then nearest to the frame's: the
                     # published pipeline's order, and 19x fewer pixels to interpolate.
                     labels = labels_from_logits(logits, tuple(x.shape[-2:]))
                     labels = resize_labels(labels, out_size)
         times.ms["total"] = (time.perf_counter() - start) * 1e3
-        return SegmentResult(labels, logits[0], path, times.ms, cached is not None, was_reset)
+        return SegmentResult(labels, logits[0], path, times.ms, warm, was_reset)
 
     def _stream_state(self, stream: str, input_size: tuple[int, int]) -> tuple[_Stream, bool]:
         """The stream's state, (re)allocated on its first frame and when its input size changes."""

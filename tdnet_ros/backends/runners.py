@@ -1,0 +1,296 @@
+"""Step runners: how a segmenter runs one frame's step against a stream's feature cache.
+
+Every runner does read cache -> step -> write cache and returns (logits, warm), where warm
+says whether the attention term over the cached frames was used. The eager runner is the
+reference; the others run the same `StepModule` (see step.py) through a compiler or a
+captured CUDA graph, and fall back with one log line when they cannot run here.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import torch
+
+from ..cache import FeatureCache
+from ..model import TDNet
+from .artifacts import ArtifactKey, BackendUnavailable, checkpoint_hash, find_artifacts, library_versions
+from .step import StepModule, gather_cache, step_keys, step_name
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("eager", "compile", "cuda-graph", "onnx", "tensorrt")
+
+StageTimer = Callable[[str], ContextManager]
+StepFn = Callable[..., tuple[torch.Tensor, ...]]
+
+
+def _no_timer(_: str) -> ContextManager:
+    return nullcontext()
+
+
+class StepRunner:
+    """Runs sub-network `path` on x against `cache`, updating the cache (eager reference)."""
+
+    name = "eager"
+
+    def __init__(self, model: TDNet) -> None:
+        self.model = model
+
+    def run(
+        self, x: torch.Tensor, path: int, cache: FeatureCache, stream: str, timer: StageTimer = _no_timer
+    ) -> tuple[torch.Tensor, bool]:
+        cached = cache.read(self.model.cache_order(path))
+        out = self.model.step(x, path, cached, timer=timer)
+        cache.write(path, out.cache_entry)
+        return out.logits, cached is not None
+
+    def prepare(self, x: torch.Tensor, cache: FeatureCache, stream: str) -> None:
+        """Does all one-off work for a stream's input shape (captures, engine loads) before frames arrive."""
+
+    def forget(self, stream: str | None = None) -> None:
+        """Drops per-stream resources (all streams when None)."""
+
+
+class ModuleRunner(StepRunner):
+    """Runs one callable per (path, warm) with the cache gathered into stacked tensors.
+
+    `steps_for(input_size)` returns the callables for a model input size, or raises
+    BackendUnavailable; then this size runs on `fallback`, after one log line.
+    """
+
+    def __init__(self, model: TDNet, name: str, steps_for: Callable[[tuple[int, int]], dict[tuple[int, bool], StepFn]], fallback: StepRunner) -> None:
+        super().__init__(model)
+        self.name = name
+        self._steps_for = steps_for
+        self._fallback = fallback
+        self._by_size: dict[tuple[int, int], dict[tuple[int, bool], StepFn] | None] = {}
+
+    def steps(self, input_size: tuple[int, int]) -> dict[tuple[int, bool], StepFn] | None:
+        if input_size not in self._by_size:
+            try:
+                self._by_size[input_size] = self._steps_for(input_size)
+            except BackendUnavailable as error:
+                log.warning("%s backend unavailable at input %dx%d, running %s instead: %s", self.name, *input_size, self._fallback.name, error)
+                self._by_size[input_size] = None
+        return self._by_size[input_size]
+
+    def run(self, x, path, cache, stream, timer=_no_timer):
+        steps = self.steps(tuple(x.shape[-2:]))
+        if steps is None:
+            return self._fallback.run(x, path, cache, stream, timer)
+        warm = cache.warm
+        with timer("network"):
+            inputs = (x, *gather_cache(cache, self.model.cache_order(path))) if warm else (x,)
+            logits, query, key, value = steps[(path, warm)](*inputs)
+            cache.write(path, (query, key, value))
+        return logits, warm
+
+    def prepare(self, x, cache, stream):
+        if self.steps(tuple(x.shape[-2:])) is None:
+            self._fallback.prepare(x, cache, stream)
+
+
+class CompiledRunner(ModuleRunner):
+    """torch.compile of each step; a step whose compilation fails runs eagerly (one log line)."""
+
+    def __init__(self, model: TDNet, compile_options: dict[str, Any] | None = None) -> None:
+        self._options = dict(compile_options or {})
+        self._options.setdefault("dynamic", False)
+        self._failed = False
+        eager = StepRunner(model)
+        super().__init__(model, "compile", self._compile_all, eager)
+
+    def _compile_all(self, input_size: tuple[int, int]) -> dict[tuple[int, bool], StepFn]:
+        steps = {}
+        for path, warm in step_keys(self.model):
+            module = StepModule(self.model, path, warm).eval()
+            steps[(path, warm)] = self._guarded(module, torch.compile(module, **self._options))
+        return steps
+
+    def _guarded(self, module: StepModule, compiled: StepFn) -> StepFn:
+        def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            if not self._failed:
+                try:
+                    return compiled(*inputs)
+                except Exception as error:  # inductor/dynamo failures surface at the first call
+                    self._failed = True
+                    log.warning("torch.compile failed, running eagerly: %s: %s", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            return module(*inputs)
+
+        return run
+
+
+@dataclass
+class _Capture:
+    graph: "torch.cuda.CUDAGraph"
+    logits: torch.Tensor  # (B, K, h, w) static output
+
+
+@dataclass
+class _StreamGraphs:
+    cache: FeatureCache
+    shape: tuple[int, ...]
+    static_x: torch.Tensor  # (B, 3, H, W) static input
+    captures: dict[tuple[int, bool], _Capture] = field(default_factory=dict)
+
+
+class CudaGraphRunner(StepRunner):
+    """One CUDA graph per (path, warm) per stream and input shape.
+
+    Each graph reads the stream's cache slots in place (index_select on the device) and
+    writes this frame's entry into its slot, so a replay is one graph launch after one copy
+    of the frame into the static input. A new cache (first frame, size change) gets new
+    graphs; a reset keeps them (the cold graphs run until the cache is warm again).
+    All graphs of a runner share one memory pool; frames of a segmenter run one at a time.
+    """
+
+    name = "cuda-graph"
+
+    def __init__(self, model: TDNet, warmup_iterations: int = 2) -> None:
+        super().__init__(model)
+        self._modules = {key: StepModule(model, *key).eval() for key in step_keys(model)}
+        self._streams: dict[str, _StreamGraphs] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self._warmup_iterations = warmup_iterations
+
+    def _body(self, graphs: _StreamGraphs, path: int, warm: bool, index: torch.Tensor | None) -> torch.Tensor:
+        cache = graphs.cache
+        inputs = (graphs.static_x, *gather_cache(cache, index)) if warm else (graphs.static_x,)
+        logits, query, key, value = self._modules[(path, warm)](*inputs)
+        cache.query[path].copy_(query)  # (B, L, d_k) into slot `path`
+        cache.key[path].copy_(key)
+        cache.value[path].copy_(value)  # (B, L, d_v)
+        return logits
+
+    def prepare(self, x: torch.Tensor, cache: FeatureCache, stream: str) -> None:
+        """Captures every step's graph for this stream's cache and input shape."""
+        graphs = _StreamGraphs(cache, tuple(x.shape), torch.empty_like(x))
+        graphs.static_x.copy_(x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        for path, warm in step_keys(self.model):
+            index = torch.tensor(self.model.cache_order(path), device=x.device) if warm else None
+            with torch.cuda.stream(side):  # warm-up outside capture: cuDNN choices, lazy inits
+                for _ in range(self._warmup_iterations):
+                    self._body(graphs, path, warm, index)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._body(graphs, path, warm, index)
+            graphs.captures[(path, warm)] = _Capture(graph, logits)
+        cache.reset()  # the warm-up wrote into the slots: nothing in them is a real frame
+        self._streams[stream] = graphs
+        log.info("stream %r: captured %d CUDA graphs for input %s", stream, len(graphs.captures), tuple(x.shape))
+
+    def run(self, x, path, cache, stream, timer=_no_timer):
+        graphs = self._streams.get(stream)
+        if graphs is None or graphs.cache is not cache or graphs.shape != tuple(x.shape):
+            self.forget(stream)
+            self.prepare(x, cache, stream)
+            graphs = self._streams[stream]
+        warm = cache.warm
+        with timer("network"):
+            capture = graphs.captures[(path, warm)]
+            graphs.static_x.copy_(x)
+            capture.graph.replay()
+            cache.frames_written += 1
+            logits = capture.logits.clone()  # the static output is overwritten by the next replay
+        return logits, warm
+
+    def forget(self, stream: str | None = None) -> None:
+        if stream is None:
+            self._streams.clear()
+        else:
+            self._streams.pop(stream, None)
+
+
+def _artifact_key(backend: str, model: TDNet, input_size: tuple[int, int], precision: str, checkpoint_sha256: str) -> ArtifactKey:
+    return ArtifactKey(backend, model.config.name, tuple(input_size), precision, checkpoint_sha256, library_versions(backend))
+
+
+def make_runner(
+    backend: str,
+    model: TDNet,
+    *,
+    device: torch.device,
+    precision: str = "float32",
+    checkpoint: str | Path | None = None,
+    engine_dir: str | Path | None = None,
+    compile_options: dict[str, Any] | None = None,
+    fallback: str = "eager",
+) -> StepRunner:
+    """The step runner for `backend`, or the fallback runner after one log line saying why.
+
+    Args:
+        backend: one of BACKENDS.
+        model: the segmenter's (folded, placed, precision-set) model.
+        device: the model's device.
+        precision: the segmenter's precision name (part of the artefact key).
+        checkpoint: the checkpoint file (its hash keys the artefacts; the weights' hash without one).
+        engine_dir: cache directory of prebuilt ONNX files / TensorRT engines.
+        compile_options: keyword arguments of torch.compile (e.g. {"mode": "max-autotune"}).
+        fallback: "eager" or "cuda-graph": what runs when an onnx/tensorrt artefact is missing.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if fallback not in ("eager", "cuda-graph"):
+        raise ValueError(f"unknown fallback {fallback!r}; use 'eager' or 'cuda-graph'")
+    eager = StepRunner(model)
+    if backend == "eager":
+        return eager
+    if backend == "compile":
+        import torch._dynamo
+
+        if not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported():
+            log.warning("torch.compile is not supported by this Python/torch build; running eagerly")
+            return eager
+        return CompiledRunner(model, compile_options)
+    if backend == "cuda-graph" or fallback == "cuda-graph":
+        if device.type != "cuda":
+            log.warning("the %s backend needs a CUDA device (the segmenter runs on %s); running eagerly", backend if backend == "cuda-graph" else "cuda-graph fallback", device)
+            if backend == "cuda-graph":
+                return eager
+        else:
+            graphs = CudaGraphRunner(model)
+            if backend == "cuda-graph":
+                return graphs
+            eager = graphs
+    sha: list[str] = []  # computed once, on first use
+
+    def key_for(input_size: tuple[int, int]) -> ArtifactKey:
+        if not sha:
+            sha.append(checkpoint_hash(checkpoint, model))
+        return _artifact_key(backend, model, input_size, precision, sha[0])
+
+    if backend == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            log.warning("the onnx backend needs onnxruntime (pip install onnxruntime); running %s", eager.name)
+            return eager
+        from .onnx_export import load_onnx_step
+
+        def onnx_steps(input_size: tuple[int, int]) -> dict[tuple[int, bool], StepFn]:
+            files = find_artifacts(engine_dir, key_for(input_size))
+            return {k: load_onnx_step(files[step_name(*k)], device) for k in step_keys(model)}
+
+        return ModuleRunner(model, "onnx", onnx_steps, eager)
+    # tensorrt
+    from .tensorrt import import_torch_tensorrt, load_engine
+
+    try:
+        import_torch_tensorrt()
+    except BackendUnavailable as error:
+        log.warning("tensorrt backend unavailable, running %s: %s", eager.name, error)
+        return eager
+
+    def engine_steps(input_size: tuple[int, int]) -> dict[tuple[int, bool], StepFn]:
+        files = find_artifacts(engine_dir, key_for(input_size))
+        return {k: load_engine(files[step_name(*k)], device) for k in step_keys(model)}
+
+    return ModuleRunner(model, "tensorrt", engine_steps, eager)
