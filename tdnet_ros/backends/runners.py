@@ -19,7 +19,7 @@ import torch
 from ..cache import FeatureCache
 from ..model import TDNet
 from .artifacts import ArtifactKey, BackendUnavailable, checkpoint_hash, find_artifacts, library_versions
-from .step import StepModule, gather_cache, step_keys, step_name
+from .step import StepModule, example_inputs, gather_cache, step_keys, step_name
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,15 @@ class ModuleRunner(StepRunner):
         return logits, warm
 
     def prepare(self, x, cache, stream):
-        if self.steps(tuple(x.shape[-2:])) is None:
+        """Loads (or compiles) every step for this input size and runs each once."""
+        size = tuple(x.shape[-2:])
+        steps = self.steps(size)
+        if steps is None:
             self._fallback.prepare(x, cache, stream)
+            return
+        for (path, warm), step in steps.items():
+            cached = example_inputs(self.model, size, warm, batch=x.shape[0], device=x.device)[1:]
+            step(x, *cached)  # x as the frames will come (dtype, memory format)
 
 
 class CompiledRunner(ModuleRunner):
@@ -106,10 +113,22 @@ class CompiledRunner(ModuleRunner):
         super().__init__(model, "compile", self._compile_all, eager)
 
     def _compile_all(self, input_size: tuple[int, int]) -> dict[tuple[int, bool], StepFn]:
+        import torch._dynamo
+
+        # All steps share StepModule.forward's code object, whose compiled variants dynamo
+        # counts against one limit (8 by default): allow every step at a few input sizes.
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), 4 * len(step_keys(self.model))))
         steps = {}
         for path, warm in step_keys(self.model):
             module = StepModule(self.model, path, warm).eval()
-            steps[(path, warm)] = self._guarded(module, torch.compile(module, **self._options))
+            try:
+                compiled = torch.compile(module, **self._options)
+            except Exception as error:  # e.g. an unknown compiler backend
+                raise BackendUnavailable(f"torch.compile failed: {type(error).__name__}: {_first_line(error)}") from None
+            steps[(path, warm)] = self._guarded(module, compiled)
         return steps
 
     def _guarded(self, module: StepModule, compiled: StepFn) -> StepFn:
@@ -119,10 +138,15 @@ class CompiledRunner(ModuleRunner):
                     return compiled(*inputs)
                 except Exception as error:  # inductor/dynamo failures surface at the first call
                     self._failed = True
-                    log.warning("torch.compile failed, running eagerly: %s: %s", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                    log.warning("torch.compile failed, running eagerly: %s: %s", type(error).__name__, _first_line(error))
             return module(*inputs)
 
         return run
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 @dataclass
