@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "tdnet-bench = tdnet_ros.benchmark:main",
+            "tdnet-build-engines = tdnet_ros.backends.build:main",
             "tdnet-demo = tdnet_ros.demo:main",
             "segmenter_node = tdnet_ros.ros.node:main",
             "tdnet-eval = tdnet_ros.evaluation.cli:main",

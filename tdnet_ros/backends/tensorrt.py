@@ -61,9 +61,12 @@ def tensorrt_versions() -> dict[str, str]:
 def _compile(torch_tensorrt, program, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype):
     """torch_tensorrt.dynamo.compile with explicit typing (newer API), else enabled precisions."""
     try:
-        return torch_tensorrt.dynamo.compile(program, arg_inputs=list(inputs), use_explicit_typing=True)
+        # TF32 would round the float32 attention's q.k (logits ~1e5-1e6) far too coarsely.
+        return torch_tensorrt.dynamo.compile(program, arg_inputs=list(inputs), use_explicit_typing=True, disable_tf32=True)
     except TypeError:  # torch-tensorrt before explicit typing / arg_inputs
-        return torch_tensorrt.dynamo.compile(program, inputs=list(inputs), enabled_precisions={dtype, torch.float32})
+        return torch_tensorrt.dynamo.compile(
+            program, inputs=list(inputs), enabled_precisions={dtype, torch.float32}, disable_tf32=True
+        )
 
 
 def build_engines(model: TDNet, input_size: tuple[int, int], directory: Path, key: ArtifactKey) -> Path:
