@@ -86,14 +86,22 @@ def measure(args: argparse.Namespace) -> list[dict]:
         for size in args.size:
             for device_name in args.device:
                 for precision in args.precision:
-                    rows.append(measure_one(args, name, model, published, size, device_name, precision))
-                    print(json.dumps(rows[-1]), flush=True)
+                    for backend in args.backend:
+                        rows.append(measure_one(args, name, model, published, size, device_name, precision, backend))
+                        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def measure_one(args, name, model, published, size, device_name, precision) -> dict:
-    segmenter = Segmenter(model, device=device_name, precision=precision, input_size=size)
+def measure_one(args, name, model, published, size, device_name, precision, backend="eager") -> dict:
+    options = {"engine_dir": args.engine_dir} if args.engine_dir else {}
+    segmenter = Segmenter(
+        model, device=device_name, precision=precision, input_size=size, backend=backend, backend_options=options,
+        checkpoint=args.checkpoint,
+    )
     device = segmenter.device
+    segmenter.warm_up(streams=("bench",))  # CUDA graph captures, compilation, engine loads
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     frame = synthetic_frame(*(args.frame_size or size))
     x = normalized_input(frame, size)
     stages: dict[str, list[float]] = {}
@@ -127,12 +135,15 @@ def measure_one(args, name, model, published, size, device_name, precision) -> d
         "frame": f"{frame.shape[0]}x{frame.shape[1]}",
         "device": str(device),
         "precision": precision,
+        "backend": segmenter.backend,
         "threads": torch.get_num_threads(),
         "clock": args.clock,
         "stages_ms": {stage: percentiles(v, (50, 95)) for stage, v in stages.items()},
         "frame_ms": percentiles(ours_ms, (50, 95)),
         "fps": 1e3 / float(np.median(ours_ms)),  # per the chosen clock
     }
+    if device.type == "cuda":
+        row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     if published_ms:
         row["published_ms"] = percentiles(published_ms, (50, 95))
         row["speedup_p50"] = row["published_ms"]["p50"] / row["frame_ms"]["p50"]
@@ -149,8 +160,8 @@ def resize_frame_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarra
 
 def print_table(rows: list[dict]) -> None:
     print()
-    print("| model | input | device | precision | frame p50 / p95 ms | per stage p50 ms | fps | published p50 ms | speed-up | min label agreement |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | input | device | precision | backend | frame p50 / p95 ms | per stage p50 ms | fps | published p50 ms | speed-up | min label agreement |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         total = row["frame_ms"]
         stages = ", ".join(f"{k} {v['p50']:.0f}" for k, v in row["stages_ms"].items() if k != "total")
@@ -158,7 +169,7 @@ def print_table(rows: list[dict]) -> None:
         speedup = f"{row['speedup_p50']:.2f}x" if "speedup_p50" in row else "-"
         agreement = f"{row['label_agreement_min']:.2%}" if "label_agreement_min" in row else "-"
         print(
-            f"| {row['model']} | {row['input']} | {row['device']} | {row['precision']} | "
+            f"| {row['model']} | {row['input']} | {row['device']} | {row['precision']} | {row.get('backend', 'eager')} | "
             f"{total['p50']:.0f} / {total['p95']:.0f} | {stages} | {row['fps']:.2f} | {published} | {speedup} | {agreement} |"
         )
 
@@ -171,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-size", type=parse_size, help="camera frame HxW (default: the input size)")
     parser.add_argument("--device", nargs="+", default=["cpu"])
     parser.add_argument("--precision", nargs="+", default=["float32"])
+    parser.add_argument(
+        "--backend", nargs="+", default=["eager"],
+        help="step backends: eager, compile, cuda-graph, onnx, tensorrt (onnx/tensorrt need --engine-dir)",
+    )
+    parser.add_argument("--engine-dir", type=Path, help="prebuilt ONNX files / TensorRT engines (tdnet-build-engines)")
     parser.add_argument("--frames", type=int, default=20, help="timed frames per configuration")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
