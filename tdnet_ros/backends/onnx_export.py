@@ -65,16 +65,17 @@ def export_onnx(model: TDNet, input_size: tuple[int, int], directory: Path, key:
     return directory
 
 
-def _providers(device: torch.device) -> list[str]:
+def _providers(device: torch.device) -> list:
+    """CPU; on CUDA, onnxruntime-gpu's CUDA provider without TF32 (the float32 attention's
+    q.k logits reach ~1e5-1e6, which TF32's 10-bit mantissa rounds far too coarsely)."""
     import onnxruntime
 
-    available = onnxruntime.get_available_providers()
-    if device.type == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            log.warning("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu); ONNX steps run on the CPU")
-        else:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        log.warning("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu); ONNX steps run on the CPU")
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
 
 
 def load_onnx_step(file: Path, device: torch.device) -> Callable[..., tuple[torch.Tensor, ...]]:
