@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="device to export on (default: cpu for onnx, cuda for tensorrt)")
     parser.add_argument("--out", type=Path, required=True, help="engine cache directory")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("tdnet_ros").setLevel(logging.INFO)  # ours only: the exporters' INFO logs are noise
     device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
     try:
         folders = build(args.backend, args.checkpoint, args.model, args.size, args.precision, args.out, device)
