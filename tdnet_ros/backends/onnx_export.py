@@ -38,17 +38,23 @@ def export_step(model: TDNet, path: int, warm: bool, input_size: tuple[int, int]
     device = next(model.parameters()).device
     inputs = example_inputs(model, input_size, warm, device=device)
     # The exporter reports its progress on stdout and warns about unrelated registries.
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            inputs,
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=list(INPUT_NAMES[: len(inputs)]),
-            output_names=list(OUTPUT_NAMES),
-            verbose=False,
-        )
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                inputs,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=list(INPUT_NAMES[: len(inputs)]),
+                output_names=list(OUTPUT_NAMES),
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
     program.save(str(file), external_data=False)
     return file
 
