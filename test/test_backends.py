@@ -49,7 +49,9 @@ def frames(count: int, height: int = 96, width: int = 160, seed: int = 0) -> lis
     return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def assert_same_run(reference: Segmenter, other: Segmenter, inputs: list[np.ndarray], stream: str = "s", atol: float = 1e-4):
+def assert_same_run(
+    reference: Segmenter, other: Segmenter, inputs: list[np.ndarray], stream: str = "s", atol: float = 1e-4
+):
     """Both segmenters see the same frames; paths, warm flags, logits and labels must agree."""
     for t, frame in enumerate(inputs):
         a, b = reference.segment(frame, stream), other.segment(frame, stream)
@@ -100,7 +102,10 @@ def onnx_build(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     checkpoint = save_checkpoint(tiny_model(), root / "tiny.pt")
     engines = root / "engines"
-    assert build_main(["--backend", "onnx", "--checkpoint", str(checkpoint), "--size", "128x256", "--out", str(engines)]) == 0
+    assert (
+        build_main(["--backend", "onnx", "--checkpoint", str(checkpoint), "--size", "128x256", "--out", str(engines)])
+        == 0
+    )
     return checkpoint, engines
 
 
@@ -176,7 +181,11 @@ def test_onnx_td4_psp18_step_at_small_size(tmp_path):
     from tdnet_ros.checkpoint import published_to_internal
 
     model.load_state_dict(
-        {k: v for k, v in published_to_internal(filled_state_dict("td4-psp18", 0), 4).items() if k in model.state_dict()}
+        {
+            k: v
+            for k, v in published_to_internal(filled_state_dict("td4-psp18", 0), 4).items()
+            if k in model.state_dict()
+        }
     )
     segmenter = Segmenter(model, input_size=(129, 257))
     key = ArtifactKey("onnx", "td4-psp18", (129, 257), "float32", "0" * 64, {})
@@ -218,7 +227,9 @@ def test_onnx_float16_export_keeps_attention_in_float32(tmp_path):
 
 
 def test_artifact_key_changes_with_everything_it_depends_on(tmp_path):
-    base = ArtifactKey("tensorrt", "td4-psp18", (769, 1537), "float16", "ab" * 32, {"torch": "2.13.0", "tensorrt": "10.3"})
+    base = ArtifactKey(
+        "tensorrt", "td4-psp18", (769, 1537), "float16", "ab" * 32, {"torch": "2.13.0", "tensorrt": "10.3"}
+    )
     variants = [
         ArtifactKey("onnx", "td4-psp18", (769, 1537), "float16", "ab" * 32, base.versions),
         ArtifactKey("tensorrt", "td2-psp50", (769, 1537), "float16", "ab" * 32, base.versions),
@@ -229,7 +240,10 @@ def test_artifact_key_changes_with_everything_it_depends_on(tmp_path):
     ]
     names = {base.dirname} | {v.dirname for v in variants}
     assert len(names) == 7
-    assert base.dirname == ArtifactKey("tensorrt", "td4-psp18", (769, 1537), "float16", "ab" * 32, dict(base.versions)).dirname
+    assert (
+        base.dirname
+        == ArtifactKey("tensorrt", "td4-psp18", (769, 1537), "float16", "ab" * 32, dict(base.versions)).dirname
+    )
 
 
 def test_find_artifacts_says_what_is_missing(tmp_path):
@@ -252,11 +266,21 @@ def test_find_artifacts_says_what_is_missing(tmp_path):
 
 
 def test_build_command_errors_are_one_line(tmp_path, capsys):
-    assert build_main(["--backend", "onnx", "--checkpoint", str(tmp_path / "none.pt"), "--size", "64x64", "--out", str(tmp_path)]) == 1
+    assert (
+        build_main(
+            ["--backend", "onnx", "--checkpoint", str(tmp_path / "none.pt"), "--size", "64x64", "--out", str(tmp_path)]
+        )
+        == 1
+    )
     assert "checkpoint file not found" in capsys.readouterr().err
     if not torch.cuda.is_available():
         checkpoint = save_checkpoint(tiny_model(), tmp_path / "tiny.pt")
-        assert build_main(["--backend", "tensorrt", "--checkpoint", str(checkpoint), "--size", "64x64", "--out", str(tmp_path)]) == 1
+        assert (
+            build_main(
+                ["--backend", "tensorrt", "--checkpoint", str(checkpoint), "--size", "64x64", "--out", str(tmp_path)]
+            )
+            == 1
+        )
         err = capsys.readouterr().err
         assert "CUDA is not available" in err and len(err.strip().splitlines()) == 1
 
@@ -299,13 +323,17 @@ def test_compile_traced_by_dynamo_matches_eager():
 
 def test_compile_failure_falls_back_with_one_message(caplog):
     with caplog.at_level(logging.WARNING, logger="tdnet_ros.backends"):
-        seg = Segmenter(tiny_model(), backend="compile", backend_options={"compile_options": {"backend": "no-such-compiler"}})
+        seg = Segmenter(
+            tiny_model(), backend="compile", backend_options={"compile_options": {"backend": "no-such-compiler"}}
+        )
         assert_same_run(Segmenter(tiny_model()), seg, frames(3), atol=0.0)
     (record,) = caplog.records
     assert "torch.compile failed: InvalidBackend" in record.getMessage() and "running eager" in record.getMessage()
 
 
-@pytest.mark.skipif(os.environ.get("TDNET_TEST_INDUCTOR") != "1", reason="inductor compiles for ~25 s; set TDNET_TEST_INDUCTOR=1")
+@pytest.mark.skipif(
+    os.environ.get("TDNET_TEST_INDUCTOR") != "1", reason="inductor compiles for ~25 s; set TDNET_TEST_INDUCTOR=1"
+)
 def test_compile_inductor_matches_eager():
     seg = Segmenter(tiny_model(), backend="compile")
     seg.warm_up(streams=("s",))

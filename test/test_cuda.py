@@ -32,6 +32,7 @@ def _torch_tensorrt_imports() -> bool:
 
 needs_tensorrt = pytest.mark.skipif(not _torch_tensorrt_imports(), reason="torch_tensorrt does not import")
 
+
 @pytest.fixture(autouse=True, scope="module")
 def strict_float32():
     """Eager float32 references without TF32 convolutions (the default on Ampere and later)."""
@@ -105,7 +106,11 @@ def test_tensorrt_matches_eager_on_vectors(vectors, tmp_path, precision, caplog)
     build("tensorrt", checkpoint, model, [(769, 1537)], precision, tmp_path, device="cuda")
     with caplog.at_level(logging.WARNING, logger="tdnet_ros.backends"):
         seg = Segmenter.from_checkpoint(
-            checkpoint, model=model, device="cuda", precision=precision, backend="tensorrt",
+            checkpoint,
+            model=model,
+            device="cuda",
+            precision=precision,
+            backend="tensorrt",
             backend_options={"engine_dir": tmp_path},
         )
         seg.warm_up(streams=("v",))
@@ -122,7 +127,10 @@ def test_tensorrt_missing_engine_falls_back_to_cuda_graphs(vectors, tmp_path, ca
     model, checkpoint, inputs, reference = vectors
     with caplog.at_level(logging.WARNING, logger="tdnet_ros.backends"):
         seg = Segmenter.from_checkpoint(
-            checkpoint, model=model, device="cuda", backend="tensorrt",
+            checkpoint,
+            model=model,
+            device="cuda",
+            backend="tensorrt",
             backend_options={"engine_dir": tmp_path, "fallback": "cuda-graph"},
         )
         results = run_vectors(seg, inputs)
@@ -164,7 +172,13 @@ def test_cuda_graph_replay_across_reset_and_size_change():
     graphs.warm_up(frame_size=(96, 160), streams=("s",))
     captured = runner._streams["s"]
     assert len(captured.captures) == 8
-    schedule = frames(6, 96, 160) + ["reset"] + frames(5, 96, 160, seed=10) + frames(5, 128, 200, seed=20) + frames(5, 96, 160, seed=30)
+    schedule = (
+        frames(6, 96, 160)
+        + ["reset"]
+        + frames(5, 96, 160, seed=10)
+        + frames(5, 128, 200, seed=20)
+        + frames(5, 96, 160, seed=30)
+    )
     for t, frame in enumerate(schedule):
         if isinstance(frame, str):
             eager.reset("s")
@@ -214,7 +228,9 @@ def test_tensorrt_tiny_engines_build_reload_and_match(tmp_path):
     (folder,) = build("tensorrt", checkpoint, None, [(128, 256)], "float32", tmp_path / "engines", device="cuda")
     assert (folder / "manifest.json").is_file() and len(list(folder.glob("*.ep"))) == 8
     eager = Segmenter.from_checkpoint(checkpoint, device="cuda")
-    trt = Segmenter.from_checkpoint(checkpoint, device="cuda", backend="tensorrt", backend_options={"engine_dir": tmp_path / "engines"})
+    trt = Segmenter.from_checkpoint(
+        checkpoint, device="cuda", backend="tensorrt", backend_options={"engine_dir": tmp_path / "engines"}
+    )
     for t in range(6):
         frame = synthetic_frame(128, 256, seed=t)
         assert_same(eager.segment(frame, "s"), trt.segment(frame, "s"), t)

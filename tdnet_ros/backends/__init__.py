@@ -11,8 +11,8 @@ from .runners import BACKENDS, CompiledRunner, CudaGraphRunner, ModuleRunner, St
 from .step import StepModule, example_inputs, gather_cache, step_keys, step_name
 
 __all__ = [
-    "ArtifactKey",
     "BACKENDS",
+    "ArtifactKey",
     "BackendUnavailable",
     "CompiledRunner",
     "CudaGraphRunner",

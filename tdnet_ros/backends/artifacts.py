@@ -106,7 +106,9 @@ def find_artifacts(cache_dir: str | Path | None, key: ArtifactKey) -> dict[str, 
     directory = artifact_dir(cache_dir, key)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        raise BackendUnavailable(f"no {key.backend} artefacts for this checkpoint, size, precision and versions at {directory}; {build}")
+        raise BackendUnavailable(
+            f"no {key.backend} artefacts for this checkpoint, size, precision and versions at {directory}; {build}"
+        )
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("key") != key.to_dict():
         raise BackendUnavailable(f"{manifest_path} was built for another key ({manifest.get('key')}); {build}")

@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("onnx", "tensorrt"), required=True)
     parser.add_argument("--checkpoint", type=Path, required=True, help="published .pkl or project checkpoint")
     parser.add_argument("--model", help="model name for published checkpoints (inferred from the keys if omitted)")
-    parser.add_argument("--size", nargs="+", type=parse_size, required=True, help="model input HxW (one artefact set each)")
+    parser.add_argument(
+        "--size", nargs="+", type=parse_size, required=True, help="model input HxW (one artefact set each)"
+    )
     parser.add_argument("--precision", choices=sorted(PRECISION_ALIASES), default="float32")
     parser.add_argument("--device", default=None, help="device to export on (default: cpu for onnx, cuda for tensorrt)")
     parser.add_argument("--out", type=Path, required=True, help="engine cache directory")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..preprocess import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 class DevicePreprocessor:
@@ -29,8 +29,10 @@ class DevicePreprocessor:
         self.device = torch.device(device)
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.scale = (1.0 / (255.0 * torch.tensor(STD))).view(1, 3, 1, 1).to(self.device)  # (1, 3, 1, 1)
-        self.shift = (torch.tensor(MEAN) / torch.tensor(STD)).view(1, 3, 1, 1).to(self.device)  # (1, 3, 1, 1)
+        self.scale = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1).to(self.device)  # (1, 3, 1, 1)
+        self.shift = (
+            (torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1).to(self.device)
+        )  # (1, 3, 1, 1)
         self._pinned: torch.Tensor | None = None  # reused host staging buffer (CUDA)
         self._uploaded: torch.cuda.Event | None = None  # marks the end of the last upload from it
 

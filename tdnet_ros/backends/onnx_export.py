@@ -11,8 +11,8 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ def export_step(model: TDNet, path: int, warm: bool, input_size: tuple[int, int]
     try:
         import onnxscript  # noqa: F401  (the exporter's dependency)
     except ImportError:
-        raise BackendUnavailable("ONNX export needs the `onnx` and `onnxscript` packages: pip install onnx onnxscript") from None
+        raise BackendUnavailable(
+            "ONNX export needs the `onnx` and `onnxscript` packages: pip install onnx onnxscript"
+        ) from None
     module = StepModule(model, path, warm).eval()
     device = next(model.parameters()).device
     inputs = example_inputs(model, input_size, warm, device=device)

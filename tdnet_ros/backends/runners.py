@@ -9,10 +9,11 @@ captured CUDA graph, and fall back with one log line when they cannot run here.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 
@@ -25,11 +26,11 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "compile", "cuda-graph", "onnx", "tensorrt")
 
-StageTimer = Callable[[str], ContextManager]
+StageTimer = Callable[[str], AbstractContextManager]
 StepFn = Callable[..., tuple[torch.Tensor, ...]]
 
 
-def _no_timer(_: str) -> ContextManager:
+def _no_timer(_: str) -> AbstractContextManager:
     return nullcontext()
 
 
@@ -63,7 +64,13 @@ class ModuleRunner(StepRunner):
     BackendUnavailable; then this size runs on `fallback`, after one log line.
     """
 
-    def __init__(self, model: TDNet, name: str, steps_for: Callable[[tuple[int, int]], dict[tuple[int, bool], StepFn]], fallback: StepRunner) -> None:
+    def __init__(
+        self,
+        model: TDNet,
+        name: str,
+        steps_for: Callable[[tuple[int, int]], dict[tuple[int, bool], StepFn]],
+        fallback: StepRunner,
+    ) -> None:
         super().__init__(model)
         self.name = name
         self._steps_for = steps_for
@@ -75,7 +82,13 @@ class ModuleRunner(StepRunner):
             try:
                 self._by_size[input_size] = self._steps_for(input_size)
             except BackendUnavailable as error:
-                log.warning("%s backend unavailable at input %dx%d, running %s instead: %s", self.name, *input_size, self._fallback.name, error)
+                log.warning(
+                    "%s backend unavailable at input %dx%d, running %s instead: %s",
+                    self.name,
+                    *input_size,
+                    self._fallback.name,
+                    error,
+                )
                 self._by_size[input_size] = None
         return self._by_size[input_size]
 
@@ -127,7 +140,9 @@ class CompiledRunner(ModuleRunner):
             try:
                 compiled = torch.compile(module, **self._options)
             except Exception as error:  # e.g. an unknown compiler backend
-                raise BackendUnavailable(f"torch.compile failed: {type(error).__name__}: {_first_line(error)}") from None
+                raise BackendUnavailable(
+                    f"torch.compile failed: {type(error).__name__}: {_first_line(error)}"
+                ) from None
             steps[(path, warm)] = self._guarded(module, compiled)
         return steps
 
@@ -138,7 +153,9 @@ class CompiledRunner(ModuleRunner):
                     return compiled(*inputs)
                 except Exception as error:  # inductor/dynamo failures surface at the first call
                     self._failed = True
-                    log.warning("torch.compile failed, running eagerly: %s: %s", type(error).__name__, _first_line(error))
+                    log.warning(
+                        "torch.compile failed, running eagerly: %s: %s", type(error).__name__, _first_line(error)
+                    )
             return module(*inputs)
 
         return run
@@ -151,7 +168,7 @@ def _first_line(error: Exception) -> str:
 
 @dataclass
 class _Capture:
-    graph: "torch.cuda.CUDAGraph"
+    graph: torch.cuda.CUDAGraph
     logits: torch.Tensor  # (B, K, h, w) static output
 
 
@@ -233,8 +250,12 @@ class CudaGraphRunner(StepRunner):
             self._streams.pop(stream, None)
 
 
-def _artifact_key(backend: str, model: TDNet, input_size: tuple[int, int], precision: str, checkpoint_sha256: str) -> ArtifactKey:
-    return ArtifactKey(backend, model.config.name, tuple(input_size), precision, checkpoint_sha256, library_versions(backend))
+def _artifact_key(
+    backend: str, model: TDNet, input_size: tuple[int, int], precision: str, checkpoint_sha256: str
+) -> ArtifactKey:
+    return ArtifactKey(
+        backend, model.config.name, tuple(input_size), precision, checkpoint_sha256, library_versions(backend)
+    )
 
 
 def make_runner(
@@ -276,7 +297,11 @@ def make_runner(
         return CompiledRunner(model, compile_options)
     if backend == "cuda-graph" or fallback == "cuda-graph":
         if device.type != "cuda":
-            log.warning("the %s backend needs a CUDA device (the segmenter runs on %s); running eagerly", backend if backend == "cuda-graph" else "cuda-graph fallback", device)
+            log.warning(
+                "the %s backend needs a CUDA device (the segmenter runs on %s); running eagerly",
+                backend if backend == "cuda-graph" else "cuda-graph fallback",
+                device,
+            )
             if backend == "cuda-graph":
                 return eager
         else:

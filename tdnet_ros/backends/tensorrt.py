@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -43,7 +43,10 @@ def import_torch_tensorrt():
 def tensorrt_versions() -> dict[str, str]:
     """torch_tensorrt, TensorRT and GPU identity; 'absent' for what is not installed."""
     versions = {}
-    for package, distributions in (("torch_tensorrt", ("torch-tensorrt", "torch_tensorrt")), ("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"))):
+    for package, distributions in (
+        ("torch_tensorrt", ("torch-tensorrt", "torch_tensorrt")),
+        ("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")),
+    ):
         versions[package] = "absent"
         for distribution in distributions:
             try:
@@ -62,7 +65,9 @@ def _compile(torch_tensorrt, program, inputs: tuple[torch.Tensor, ...], dtype: t
     """torch_tensorrt.dynamo.compile with explicit typing (newer API), else enabled precisions."""
     try:
         # TF32 would round the float32 attention's q.k (logits ~1e5-1e6) far too coarsely.
-        return torch_tensorrt.dynamo.compile(program, arg_inputs=list(inputs), use_explicit_typing=True, disable_tf32=True)
+        return torch_tensorrt.dynamo.compile(
+            program, arg_inputs=list(inputs), use_explicit_typing=True, disable_tf32=True
+        )
     except TypeError:  # torch-tensorrt before explicit typing / arg_inputs
         return torch_tensorrt.dynamo.compile(
             program, inputs=list(inputs), enabled_precisions={dtype, torch.float32}, disable_tf32=True
