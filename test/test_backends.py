@@ -278,6 +278,25 @@ def test_build_command_errors_are_one_line(tmp_path, capsys):
         == 1
     )
     assert "checkpoint file not found" in capsys.readouterr().err
+    checkpoint = save_checkpoint(tiny_model(), tmp_path / "tiny.pt")
+    assert (
+        build_main(
+            [
+                "--backend",
+                "onnx",
+                "--checkpoint",
+                str(checkpoint),
+                "--size",
+                "64x64",
+                "--precision",
+                "bf16",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
+    assert "float32 or float16 only" in capsys.readouterr().err
     if not torch.cuda.is_available():
         checkpoint = save_checkpoint(tiny_model(), tmp_path / "tiny.pt")
         assert (
@@ -307,6 +326,14 @@ def test_gpu_backends_fall_back_on_the_cpu_with_one_message(backend, message, ca
     assert seg.backend == "eager"
     assert [r.getMessage() for r in ours(caplog) if message in r.getMessage()] and len(ours(caplog)) == 1
     assert_same_run(Segmenter(tiny_model()), seg, frames(5), atol=0.0)
+
+
+def test_onnx_in_bfloat16_falls_back_with_one_message(caplog):
+    with caplog.at_level(logging.WARNING, logger="tdnet_ros.backends"):
+        seg = Segmenter(tiny_model(), precision="bfloat16", backend="onnx")
+    assert seg.backend == "eager"
+    (record,) = ours(caplog)
+    assert "onnx backend unavailable in bfloat16" in record.getMessage()
 
 
 def test_unknown_backend_and_preprocess_are_value_errors():

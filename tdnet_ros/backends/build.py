@@ -21,6 +21,7 @@ from ..checkpoint import CheckpointError, load_model
 from ..segmenter import PRECISIONS, Segmenter
 from .artifacts import ArtifactKey, BackendUnavailable, artifact_dir, checkpoint_hash, library_versions
 
+ONNX_BFLOAT16 = "ONNX steps are exported in float32 or float16 only (onnxruntime has few bfloat16 kernels)"
 PRECISION_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{p: p for p in PRECISIONS}}
 
 
@@ -47,6 +48,8 @@ def build(
     channels-last, precision), so that the exported steps compute what the segmenter does.
     """
     precision = PRECISION_ALIASES[precision]
+    if backend == "onnx" and precision == "bfloat16":
+        raise ValueError(ONNX_BFLOAT16)
     model = load_model(checkpoint, model_name)
     segmenter = Segmenter(model, device=device, precision=precision, checkpoint=checkpoint)
     sha = checkpoint_hash(checkpoint, segmenter.model)
