@@ -129,9 +129,12 @@ class Segmenter:
         self._normalize = Normalizer(self.device, self.dtype, channels_last)
         if preprocess not in ("cv2", "device"):
             raise ValueError(f"unknown preprocess {preprocess!r}; use 'cv2' or 'device'")
-        self._device_preprocess = DevicePreprocessor(self.device, self.dtype, channels_last) if preprocess == "device" else None
+        self._device_preprocess = (
+            DevicePreprocessor(self.device, self.dtype, channels_last) if preprocess == "device" else None
+        )
+        options = backend_options or {}
         self._runner = make_runner(
-            backend, self.model, device=self.device, precision=precision, checkpoint=checkpoint, **(backend_options or {})
+            backend, self.model, device=self.device, precision=precision, checkpoint=checkpoint, **options
         )
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # streams may be served from several threads
@@ -214,7 +217,8 @@ class Segmenter:
         if frame_size is None and self.input_size == "frame":
             raise ValueError("warm_up needs frame_size when the segmenter runs at each frame's own size")
         size = self.model_input_size(frame_size or (0, 0))
-        x = torch.zeros(1, 3, *size, device=self.device, dtype=self.dtype).contiguous(memory_format=self._normalize.memory_format)
+        x = torch.zeros(1, 3, *size, device=self.device, dtype=self.dtype)  # (1, 3, H, W)
+        x = x.contiguous(memory_format=self._normalize.memory_format)
         with self._lock, torch.inference_mode():
             for stream in streams:
                 state, _ = self._stream_state(stream, size)
