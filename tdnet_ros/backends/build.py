@@ -17,20 +17,13 @@ import logging
 import sys
 from pathlib import Path
 
+from ..benchmark import parse_size
 from ..checkpoint import CheckpointError, load_model
 from ..segmenter import PRECISIONS, Segmenter
 from .artifacts import ArtifactKey, BackendUnavailable, artifact_dir, checkpoint_hash, library_versions
 
 ONNX_BFLOAT16 = "ONNX steps are exported in float32 or float16 only (onnxruntime has few bfloat16 kernels)"
 PRECISION_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{p: p for p in PRECISIONS}}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH, got {text!r}") from None
-    return height, width
 
 
 def build(
