@@ -65,6 +65,8 @@ class Normalizer:
         self.shift = (torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1).to(device)
 
     def __call__(self, frame: np.ndarray) -> torch.Tensor:
+        if not frame.flags.writeable:  # e.g. a view of a received message's buffer
+            frame = frame.copy()  # torch.from_numpy wants memory it may write to
         pixels = torch.from_numpy(frame).to(self.device, non_blocking=True)
         x = pixels.permute(2, 0, 1)[None].float()  # (H, W, 3) -> (1, 3, H, W)
         x = x.mul_(self.scale).sub_(self.shift)  # (x / 255 - mean) / std
