@@ -31,6 +31,7 @@ setup(
             "segmenter_node = tdnet_ros.ros.node:main",
             "tdnet-eval = tdnet_ros.evaluation.cli:main",
             "tdnet-generate = tdnet_ros.data.generate_cli:main",
+            "tdnet-train = tdnet_ros.training.cli:main",
         ],
     },
 )

@@ -1,0 +1,95 @@
+"""Clip augmentations: one random draw (scale, crop, flip, colour jitter) for all frames."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from tdnet_ros.data.classes import IGNORE_ID
+from tdnet_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32) * 255
+_STD = np.array(IMAGENET_STD, dtype=np.float32) * 255
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    base_size: tuple[int, int] = (256, 512)  # frames are first resized to this (height, width)
+    crop: tuple[int, int] = (256, 512)  # training crop (height, width)
+    scale: tuple[float, float] = (0.75, 1.5)  # random scale range applied after the base resize
+    flip: bool = True
+    color_jitter: float = 0.2  # brightness/contrast/saturation factors drawn in [1-j, 1+j]
+
+
+def to_tensor(frame: np.ndarray) -> torch.Tensor:
+    """uint8 RGB (H, W, 3) -> normalized float (3, H, W), as at inference (ImageNet mean/std)."""
+    x = (frame.astype(np.float32) - _MEAN) / _STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def _resize(frame: np.ndarray, size: tuple[int, int], labels: bool) -> np.ndarray:
+    if frame.shape[:2] == tuple(size):
+        return frame
+    method = cv2.INTER_NEAREST if labels else cv2.INTER_LINEAR
+    return cv2.resize(frame, (size[1], size[0]), interpolation=method)
+
+
+def _jitter(frame: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
+    x = frame.astype(np.float32) * brightness
+    gray = x.mean(axis=2, keepdims=True)
+    x = gray + (x - gray) * saturation
+    x = x.mean() + (x - x.mean()) * contrast
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def _crop_or_pad(image: np.ndarray, top: int, left: int, crop: tuple[int, int], fill: int) -> np.ndarray:
+    h, w = crop
+    pad_h, pad_w = max(h - image.shape[0], 0), max(w - image.shape[1], 0)
+    if pad_h or pad_w:
+        pad = ((0, pad_h), (0, pad_w)) + (((0, 0),) if image.ndim == 3 else ())
+        image = np.pad(image, pad, constant_values=fill)
+    return image[top : top + h, left : left + w]
+
+
+def augment_clip(
+    frames: list[np.ndarray], labels: list[np.ndarray | None], config: AugmentConfig, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Applies the same random scale, crop, flip and colour jitter to every frame of a clip.
+
+    Returns uint8 frames (crop size) and labels (crop size; 255 where a frame had none and in
+    the padding).
+    """
+    s = rng.uniform(*config.scale)
+    size = (round(config.base_size[0] * s), round(config.base_size[1] * s))
+    top = int(rng.integers(0, max(size[0] - config.crop[0], 0) + 1))
+    left = int(rng.integers(0, max(size[1] - config.crop[1], 0) + 1))
+    flip = config.flip and rng.random() < 0.5
+    j = config.color_jitter
+    factors = rng.uniform(1 - j, 1 + j, size=3) if j else None
+    out_frames, out_labels = [], []
+    for frame, label in zip(frames, labels):
+        frame = _crop_or_pad(_resize(frame, size, False), top, left, config.crop, 0)
+        if label is None:
+            label = np.full(config.crop, IGNORE_ID, dtype=np.uint8)
+        else:
+            label = _crop_or_pad(_resize(label, size, True), top, left, config.crop, IGNORE_ID)
+        if flip:
+            frame, label = frame[:, ::-1], label[:, ::-1]
+        if factors is not None:
+            frame = _jitter(frame, *factors)
+        out_frames.append(np.ascontiguousarray(frame))
+        out_labels.append(np.ascontiguousarray(label))
+    return out_frames, out_labels
+
+
+def prepare_eval_clip(
+    frames: list[np.ndarray], labels: list[np.ndarray | None], size: tuple[int, int]
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Validation: frames resized to the model input size; the last frame's labels unchanged."""
+    last = labels[-1]
+    if last is None:
+        raise ValueError("the last frame of a validation clip has no labels")
+    return [_resize(f, size, False) for f in frames], last

@@ -1,0 +1,166 @@
+"""Training configuration: one dataclass per section of the YAML file.
+
+Unknown keys (in any section) fail when the file is read, before anything is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .augment import AugmentConfig
+from .losses import LossWeights
+
+
+class ConfigError(ValueError):
+    """A training configuration file or value is invalid (names the file and key)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: str = "generated"  # "generated", "cityscapes" (also generated folders) or "camvid"
+    root: str = ""  # dataset root for cityscapes / camvid
+    train_split: str = "train"
+    val_split: str = "val"
+    train_seeds: tuple[int, ...] = (1, 2, 3)  # generated: sequences used for training
+    val_seeds: tuple[int, ...] = (1001,)  # generated: held-out sequences for validation
+    frames: int = 120  # generated: frames per training sequence
+    val_frames: int = 40  # generated: frames per validation sequence
+    size: tuple[int, int] = (256, 512)  # generated: rendered (height, width)
+    gaps: tuple[int, int] = (1, 2)  # range of frame gaps inside a clip
+    cache_dir: str = "outputs/cache"  # generated: rendered sequences are kept here ("" = no cache)
+    num_workers: int = 0  # DataLoader workers
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    iterations: int = 1000
+    batch_size: int = 2  # per process
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 50  # linear warm-up from lr * warmup_ratio
+    warmup_ratio: float = 0.1
+    power: float = 0.9  # poly decay: lr * (1 - it / iterations) ** power
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out_dir: str = "outputs/train"
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0: leave PyTorch's default)
+    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
+    amp: bool = True  # float16 autocast + grad scaling; CUDA only (ignored on the CPU)
+    val_interval: int = 200  # iterations between validations (0: only at the end)
+    val_max_clips: int = 40  # validation clips (evenly spread over the val set)
+    checkpoint_interval: int = 100  # iterations between checkpoint saves (always at the end)
+    progress: bool = True  # tqdm progress bar
+    log_interval: int = 10  # iterations between CSV rows
+    init_checkpoint: str = ""  # start the student from these weights (project checkpoint)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "student"  # "teacher" (single-frame grouped teacher) or "student" (TDNet)
+    model: str = "td4-r18-narrow"  # ModelConfig variant of the student
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to replace
+    teacher: dict[str, Any] = field(default_factory=dict)  # TeacherConfig fields (teacher stage)
+    teacher_checkpoint: str = ""  # trained teacher for the distillation terms ("" = no KD)
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: LossWeights = LossWeights()
+    run: RunConfig = RunConfig()
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("teacher", "student"):
+            raise ConfigError(f"stage must be 'teacher' or 'student', got {self.stage!r}")
+        if self.data.kind not in ("generated", "cityscapes", "camvid"):
+            raise ConfigError(f"data.kind must be generated, cityscapes or camvid, got {self.data.kind!r}")
+        if self.data.gaps[0] < 1 or self.data.gaps[1] < self.data.gaps[0]:
+            raise ConfigError(f"data.gaps must be [min, max] with 1 <= min <= max, got {list(self.data.gaps)}")
+        if self.optim.iterations < 1 or self.optim.batch_size < 1:
+            raise ConfigError("optim.iterations and optim.batch_size must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **sections: dict[str, Any]) -> "TrainConfig":
+        """A copy with some fields of some sections replaced: replace(optim={"iterations": 2})."""
+        return from_dict(_merge(self.to_dict(), sections))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("model_overrides", "teacher"):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _section(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(fields)}")
+    converted = {}
+    defaults = cls()
+    for key, value in values.items():
+        default = getattr(defaults, key)
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        converted[key] = value
+    return cls(**converted)
+
+
+_SECTIONS = {"data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig, "loss": LossWeights, "run": RunConfig}
+
+
+def from_dict(values: dict[str, Any], source: str = "configuration") -> TrainConfig:
+    """Builds a TrainConfig, failing on unknown keys with the section and key named."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source} must be a mapping at the top level")
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - top)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {source}: {', '.join(unknown)}; known: {', '.join(sorted(top))}")
+    kwargs = dict(values)
+    try:
+        for name, cls in _SECTIONS.items():
+            if name in kwargs:
+                kwargs[name] = _section(cls, kwargs[name] or {}, f"{source} section '{name}'")
+        return TrainConfig(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Reads a YAML training configuration (then applies `overrides`, nested by section)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training configuration not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"cannot parse {path}: {error}") from None
+    if overrides:
+        values = _merge(values, overrides)
+    return from_dict(values, str(path))

@@ -1,0 +1,104 @@
+"""Held-out accuracy on generated street videos: mIoU, per-class IoU and CPU latency.
+
+    python -m tdnet_ros.training.heldout --checkpoint tdnet_ros/models/default.pt --seeds 2001 2002 2003
+    python -m tdnet_ros.training.heldout --teacher outputs/train_teacher/model.pt --seeds 2001 2002 2003
+
+A student runs through `Segmenter` (the inference path of the node), frame by frame with its
+feature cache, reset at the start of each sequence; every frame is scored with
+`tdnet_ros.metrics`. A teacher checkpoint runs single-frame. Use seeds never used in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tdnet_ros.data.classes import CLASS_NAMES
+from tdnet_ros.metrics import SegmentationScores
+
+from .augment import to_tensor
+from .teacher import load_teacher
+
+
+def evaluate(
+    seeds: Sequence[int], frames: int, *, checkpoint: str | None = None, teacher: str | None = None,
+    width: int = 512, height: int = 256,
+) -> dict:
+    """Scores a student checkpoint (or a teacher) on the generated sequences of `seeds`."""
+    from tdnet_ros.data import generate_sequence
+    from tdnet_ros.segmenter import Segmenter
+
+    if (checkpoint is None) == (teacher is None):
+        raise ValueError("give exactly one of checkpoint and teacher")
+    if checkpoint is not None:
+        segmenter = Segmenter.from_checkpoint(checkpoint)
+        num_classes = segmenter.num_classes
+
+        def run(rgb: np.ndarray) -> np.ndarray:
+            return segmenter.segment(rgb).labels
+    else:
+        net = load_teacher(teacher)
+        num_classes = net.config.num_classes
+
+        @torch.no_grad()
+        def run(rgb: np.ndarray) -> np.ndarray:
+            logits = net(to_tensor(cv2.resize(rgb, (width, height)))[None])["out"]
+            logits = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear", align_corners=False)
+            return logits.argmax(1)[0].numpy()
+
+    scores = SegmentationScores(num_classes)
+    seconds = []
+    for seed in seeds:
+        if checkpoint is not None:
+            segmenter.reset()
+        for frame in generate_sequence(seed, frames, width=width, height=height):
+            began = time.perf_counter()
+            labels = run(frame.rgb)
+            seconds.append(time.perf_counter() - began)
+            scores.update(labels.astype(np.int64), frame.labels.astype(np.int64))
+    names = list(CLASS_NAMES)[:num_classes]
+    return {
+        "model": checkpoint or teacher,
+        "seeds": list(seeds),
+        "frames": scores.frames,
+        "miou": scores.mean_iou,
+        "pixel_accuracy": scores.pixel_accuracy,
+        "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(names, scores.iou)},
+        "latency_ms_median": 1000 * float(np.median(seconds[1:] or seconds)),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="held-out mIoU on generated street videos")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="student checkpoint (project format)")
+    which.add_argument("--teacher", help="teacher checkpoint written by tdnet-train (stage: teacher)")
+    parser.add_argument("--seeds", type=int, nargs="+", required=True, help="held-out sequence seeds")
+    parser.add_argument("--frames", type=int, default=60, help="frames per sequence")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = evaluate(args.seeds, args.frames, checkpoint=args.checkpoint, teacher=args.teacher)
+    print(f"{result['model']}: mIoU {100 * result['miou']:.1f} over {result['frames']} frames "
+          f"(seeds {result['seeds']}), pixel accuracy {100 * result['pixel_accuracy']:.1f}, "
+          f"median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)")
+    for name, value in result["iou"].items():
+        print(f"  {name:14s} {'-' if value is None else f'{100 * value:.1f}'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Loss terms of TDNet training: OHEM cross-entropy and the (grouped) distillation KL.
+
+Every function takes logits at any resolution and the target at label resolution; logits
+are upsampled bilinearly to the target size first, as in the published training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+
+def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of (B, K, h, w) logits to (B, K, H, W)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def ohem_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    threshold: float = 0.7,
+    min_kept: int = 10_000,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Online hard example mining cross-entropy.
+
+    A pixel is hard when the probability of its true class is below `threshold` (its
+    cross-entropy above -log(threshold)). The loss is the mean cross-entropy of the hard
+    pixels, or of the `min_kept` highest-loss pixels when fewer are hard. Pixels labelled
+    `ignore_index` never count.
+
+    Args:
+        logits: (B, K, h, w) class scores.
+        target: (B, H, W) integer class ids.
+    """
+    logits = upsample_to(logits, tuple(target.shape[-2:])).float()
+    losses = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="none")
+    losses = losses[target != ignore_index]  # (valid pixels,)
+    if losses.numel() == 0:
+        return logits.sum() * 0.0  # keeps the graph; no labelled pixel in the batch
+    hard = losses > -math.log(threshold)
+    keep = max(int(hard.sum()), min(min_kept, losses.numel()))
+    return torch.topk(losses, keep, sorted=False).values.mean()
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Plain cross-entropy (mean over labelled pixels), used for the auxiliary heads."""
+    logits = upsample_to(logits, tuple(target.shape[-2:])).float()
+    if not bool((target != ignore_index).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Pixel-wise KL divergence of the student's class distribution from the teacher's.
+
+    KL(p_t || p_s) = sum_k p_t,k (log p_t,k - log p_s,k), with p = softmax(logits / T), averaged
+    over pixels and scaled by T^2 (so the gradient scale does not depend on T). The teacher is
+    detached; both are brought to the larger of the two resolutions.
+    """
+    if student.shape[-2:] != teacher.shape[-2:]:
+        size = max(tuple(student.shape[-2:]), tuple(teacher.shape[-2:]))
+        student, teacher = upsample_to(student, size), upsample_to(teacher, size)
+    log_s = F.log_softmax(student.float() / temperature, dim=1)  # (B, K, H, W)
+    log_t = F.log_softmax(teacher.detach().float() / temperature, dim=1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(dim=1)  # (B, H, W)
+    return kl.mean() * temperature**2
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the student's loss terms; 0 switches a term off (for ablations)."""
+
+    ohem: float = 1.0  # OHEM cross-entropy of the final (attention-composed) output
+    auxiliary: float = 0.4  # cross-entropy of the auxiliary heads on every frame's layer3
+    kd_full: float = 1.0  # KL(teacher full output || student final output)
+    kd_group: float = 0.5  # KL(teacher group head i || sub-network i's output), mean over frames
+    temperature: float = 1.0
+    ohem_threshold: float = 0.7
+    ohem_min_kept: int = 10_000
+
+
+def student_loss(
+    final_logits: torch.Tensor,
+    target: torch.Tensor,
+    weights: LossWeights,
+    *,
+    auxiliary_logits: list[torch.Tensor] | None = None,
+    auxiliary_targets: list[torch.Tensor] | None = None,
+    teacher_full: torch.Tensor | None = None,
+    sub_logits: list[torch.Tensor] | None = None,
+    teacher_groups: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total student loss and its terms (as floats, for logging).
+
+    Args:
+        final_logits: (B, K, h, w) the last frame's attention-composed output.
+        target: (B, H, W) labels of the last frame.
+        auxiliary_logits / auxiliary_targets: auxiliary head outputs and labels per frame.
+        teacher_full: (B, K, h', w') teacher's full output on the last frame.
+        sub_logits: each frame's sub-network output (the last frame's is `final_logits`).
+        teacher_groups: the teacher's group head output matching each entry of `sub_logits`.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    if weights.ohem:
+        terms["ohem"] = weights.ohem * ohem_cross_entropy(
+            final_logits, target, threshold=weights.ohem_threshold, min_kept=weights.ohem_min_kept
+        )
+    if weights.auxiliary and auxiliary_logits:
+        assert auxiliary_targets is not None and len(auxiliary_targets) == len(auxiliary_logits)
+        aux = [cross_entropy(a, t) for a, t in zip(auxiliary_logits, auxiliary_targets)]
+        terms["auxiliary"] = weights.auxiliary * torch.stack(aux).mean()
+    if weights.kd_full and teacher_full is not None:
+        terms["kd_full"] = weights.kd_full * distillation_kl(final_logits, teacher_full, weights.temperature)
+    if weights.kd_group and sub_logits and teacher_groups:
+        assert len(sub_logits) == len(teacher_groups)
+        kls = [distillation_kl(s, t, weights.temperature) for s, t in zip(sub_logits, teacher_groups)]
+        terms["kd_group"] = weights.kd_group * torch.stack(kls).mean()
+    if not terms:
+        raise ValueError("every loss term is switched off; enable at least one")
+    total = torch.stack(list(terms.values())).sum()
+    return total, {name: float(value.detach()) for name, value in terms.items()}

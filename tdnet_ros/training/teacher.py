@@ -1,0 +1,116 @@
+"""The single-frame teacher: a dilated ResNet + pyramid pooling whose features are split into
+the student's N channel groups, each with its own head ("grouped" outputs), plus a full head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tdnet_ros.backbone import DilatedResNet
+
+TEACHER_FORMAT = "tdnet_ros-teacher/1"
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Architecture of the teacher (deeper and wider than the student's sub-networks)."""
+
+    block: str = "basic"  # "basic" or "bottleneck"
+    layers: tuple[int, int, int, int] = (3, 4, 6, 3)  # ResNet-34 layout
+    base_width: int = 32
+    deep_stem: bool = False
+    feature_channels: int = 256  # channels after the pyramid fusion conv, split into groups
+    num_groups: int = 4  # the student's N
+    num_classes: int = 19
+
+    def __post_init__(self) -> None:
+        if self.feature_channels % self.num_groups:
+            raise ValueError(
+                f"teacher feature_channels {self.feature_channels} do not split into {self.num_groups} groups"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TeacherConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown teacher configuration keys: {unknown}")
+        values = dict(values)
+        if "layers" in values:
+            values["layers"] = tuple(values["layers"])
+        return cls(**values)
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+def _head(cin: int, hidden: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(_conv_bn_relu(cin, hidden, 3), nn.Dropout2d(0.1), nn.Conv2d(hidden, num_classes, 1))
+
+
+class TeacherNet(nn.Module):
+    """PSP teacher. `forward` returns {"out", "groups", "aux"} logits at stride 8."""
+
+    def __init__(self, config: TeacherConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = DilatedResNet(config.block, config.layers, config.base_width, config.deep_stem)
+        c = self.backbone.out_channels
+        c3 = 4 * config.base_width * (4 if config.block == "bottleneck" else 1)
+        self.bins = (1, 2, 3, 6)
+        self.pool_convs = nn.ModuleList(_conv_bn_relu(c, c // 4, 1) for _ in self.bins)
+        self.fuse = _conv_bn_relu(2 * c, config.feature_channels, 3)  # (B, D, h, w), D split in groups
+        group = config.feature_channels // config.num_groups
+        self.full_head = _head(config.feature_channels, config.feature_channels // 2, config.num_classes)
+        self.group_heads = nn.ModuleList(
+            _head(group, max(group // 2, 8), config.num_classes) for _ in range(config.num_groups)
+        )
+        self.aux_head = _head(c3, max(c3 // 2, 8), config.num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        features, layer3 = self.backbone(x, with_layer3=True)  # (B, C, h, w), (B, C3, h, w)
+        size = features.shape[-2:]
+        pooled = [
+            F.interpolate(conv(F.adaptive_avg_pool2d(features, b)), size=size, mode="bilinear", align_corners=False)
+            for b, conv in zip(self.bins, self.pool_convs)
+        ]
+        fused = self.fuse(torch.cat([features, *pooled], dim=1))  # (B, D, h, w)
+        chunks = fused.chunk(self.config.num_groups, dim=1)  # N x (B, D/N, h, w)
+        return {
+            "out": self.full_head(fused),
+            "groups": [head(chunk) for head, chunk in zip(self.group_heads, chunks)],
+            "aux": self.aux_head(layer3),
+        }
+
+
+def save_teacher(model: TeacherNet, path: str | Path, **extra: Any) -> Path:
+    """Saves the teacher with its configuration (loads with weights_only=True)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = asdict(model.config)
+    torch.save({"format": TEACHER_FORMAT, "config": config, "state_dict": model.state_dict(), **extra}, path)
+    return path
+
+
+def load_teacher(path: str | Path) -> TeacherNet:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(content, dict) or content.get("format") != TEACHER_FORMAT:
+        raise ValueError(f"{path} is not a teacher checkpoint written by tdnet-train")
+    model = TeacherNet(TeacherConfig.from_dict(content["config"]))
+    model.load_state_dict(content["state_dict"])
+    return model.eval()

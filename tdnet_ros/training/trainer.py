@@ -1,0 +1,478 @@
+"""The training loop: teacher or TDNet student, one process or several (DDP)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tdnet_ros.checkpoint import read_checkpoint, save_checkpoint
+from tdnet_ros.config import ModelConfig
+from tdnet_ros.data.classes import CLASS_COLORS, CLASS_NAMES
+from tdnet_ros.metrics import SegmentationScores
+from tdnet_ros.model import TDNet, build_model
+
+from .augment import augment_clip, prepare_eval_clip, to_tensor
+from .config import TrainConfig
+from .datasets import CAMVID_CLASSES, CAMVID_COLORS, CamVidClips, CityscapesClips, ClipDataset, GeneratedClips
+from .losses import cross_entropy, ohem_cross_entropy, student_loss
+from .teacher import TeacherConfig, TeacherNet, load_teacher, save_teacher
+
+LAST_CHECKPOINT = "last.pt"
+FINAL_CHECKPOINT = "model.pt"
+
+
+# -- schedule -------------------------------------------------------------------------------
+
+
+def learning_rate(iteration: int, config: TrainConfig) -> float:
+    """Linear warm-up to `lr`, then poly decay to 0 at `iterations`."""
+    o = config.optim
+    if iteration < o.warmup_iterations:
+        ratio = o.warmup_ratio + (1 - o.warmup_ratio) * iteration / o.warmup_iterations
+        return o.lr * ratio
+    return o.lr * (1 - iteration / o.iterations) ** o.power
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+class AuxiliaryHeads(nn.Module):
+    """One auxiliary classifier per sub-network on its layer3 features (training only)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c3 = 4 * config.base_width * config.expansion
+        hidden = max(c3 // 2, 8)
+        self.heads = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(c3, hidden, 3, padding=1, bias=False),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout2d(0.1),
+                nn.Conv2d(hidden, config.num_classes, 1),
+            )
+            for _ in range(config.num_paths)
+        )
+
+
+class StudentForTraining(nn.Module):
+    """TDNet + auxiliary heads behind one `forward`, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: TDNet, with_auxiliary: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.auxiliary = AuxiliaryHeads(model.config) if with_auxiliary else None
+
+    def forward(self, clip: list[torch.Tensor], first_path: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        outputs = self.model.forward_clip(clip, first_path, with_layer3=self.auxiliary is not None)
+        logits = [o.logits for o in outputs]  # N x (B, K, h, w); the last is attention-composed
+        aux = []
+        if self.auxiliary is not None:
+            n = self.model.num_paths
+            aux = [self.auxiliary.heads[(first_path + j) % n](o.layer3) for j, o in enumerate(outputs)]
+        return logits, aux
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def class_table(config: TrainConfig) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
+    if config.data.kind == "camvid":
+        return CAMVID_CLASSES, CAMVID_COLORS
+    return tuple(CLASS_NAMES), tuple(tuple(c) for c in CLASS_COLORS)
+
+
+def build_datasets(config: TrainConfig, clip_length: int) -> tuple[ClipDataset, ClipDataset]:
+    d = config.data
+    num_classes = len(class_table(config)[0])
+    if d.kind == "generated":
+        cache = d.cache_dir or None
+        train = GeneratedClips(d.train_seeds, d.frames, d.size, clip_length, d.gaps, cache, num_classes)
+        val = GeneratedClips(d.val_seeds, d.val_frames, d.size, clip_length, (1, 1), cache, num_classes)
+    elif d.kind == "cityscapes":
+        train = CityscapesClips(d.root, d.train_split, clip_length, d.gaps, num_classes)
+        val = CityscapesClips(d.root, d.val_split, clip_length, (1, 1), num_classes)
+    else:
+        train = CamVidClips(d.root, d.train_split, clip_length, d.gaps, num_classes)
+        val = CamVidClips(d.root, d.val_split, clip_length, (1, 1), num_classes)
+    return train, val
+
+
+class _TrainView(torch.utils.data.Dataset):
+    """Augmented training clips; the random draw depends on (seed, epoch, index) only."""
+
+    def __init__(self, clips: ClipDataset, config: TrainConfig) -> None:
+        self.clips, self.config, self.epoch = clips, config, 0
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.config.run.seed, self.epoch, index])
+        frames, labels = self.clips.load_clip(index, rng)
+        frames, labels = augment_clip(frames, labels, self.config.augment, rng)
+        x = torch.stack([to_tensor(f) for f in frames])  # (N, 3, h, w)
+        y = torch.from_numpy(np.stack(labels)).long()  # (N, h, w)
+        return x, y
+
+
+def _batches(view: _TrainView, config: TrainConfig, rank: int, world: int, start_iteration: int):
+    """Endless batches; epoch e shuffles with seed (run.seed, e), sharded over the processes."""
+    per_epoch = max(len(view) // (config.optim.batch_size * world), 1)
+    epoch, skip = divmod(start_iteration, per_epoch)
+    while True:
+        view.epoch = epoch
+        sampler = torch.utils.data.DistributedSampler(
+            view, num_replicas=world, rank=rank, shuffle=True, seed=config.run.seed, drop_last=True
+        )
+        sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            view, batch_size=config.optim.batch_size, sampler=sampler, drop_last=True,
+            num_workers=config.data.num_workers,
+        )
+        for index, batch in enumerate(loader):
+            if index >= per_epoch:
+                break
+            if index >= skip:
+                yield batch
+        skip, epoch = 0, epoch + 1
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module, clips: ClipDataset, config: TrainConfig, input_size: tuple[int, int], device: torch.device,
+    num_classes: int, teacher_stage: bool,
+) -> SegmentationScores:
+    """mIoU of the last frame's output on evenly spread validation clips (tdnet_ros.metrics)."""
+    was_training = model.training
+    model.eval()
+    scores = SegmentationScores(num_classes)
+    count = min(config.run.val_max_clips, len(clips))
+    for index in np.linspace(0, len(clips) - 1, count).round().astype(int):
+        frames, labels = clips.load_clip(int(index), None)
+        frames, target = prepare_eval_clip(frames, labels, input_size)
+        tensors = [to_tensor(f)[None].to(device) for f in frames]
+        if teacher_stage:
+            logits = model(tensors[-1])["out"]
+        else:
+            logits = model.forward_clip(tensors, 0)[-1].logits
+        logits = F.interpolate(logits.float(), size=target.shape, mode="bilinear", align_corners=False)
+        scores.update(logits.argmax(1)[0].cpu().numpy().astype(np.int64), target.astype(np.int64))
+    model.train(was_training)
+    return scores
+
+
+# -- logging --------------------------------------------------------------------------------
+
+
+class TrainingLog:
+    """CSV rows (iteration, lr, loss terms, mIoU) and a PNG plot of them."""
+
+    def __init__(self, out_dir: Path, resume: bool) -> None:
+        self.csv_path, self.png_path = out_dir / "log.csv", out_dir / "log.png"
+        self.rows: list[dict[str, Any]] = []
+        if resume and self.csv_path.is_file():
+            with open(self.csv_path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def write(self, plot: bool = True) -> None:
+        columns: list[str] = []
+        for row in self.rows:
+            columns += [k for k in row if k not in columns]
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        if plot:
+            self._plot(columns)
+
+    def _plot(self, columns: list[str]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        def series(name: str) -> tuple[list[int], list[float]]:
+            points = [(int(r["iteration"]), float(r[name])) for r in self.rows if r.get(name) not in (None, "")]
+            return [p[0] for p in points], [p[1] for p in points]
+
+        fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(11, 4))
+        for name in columns:
+            if name == "loss" or name.startswith("loss_"):
+                ax_loss.plot(*series(name), label=name)
+        ax_loss.set_xlabel("iteration")
+        ax_loss.set_ylabel("loss")
+        ax_loss.legend(fontsize=8)
+        ax_miou.plot(*series("val_miou"), marker="o")
+        ax_miou.set_xlabel("iteration")
+        ax_miou.set_ylabel("validation mIoU")
+        fig.tight_layout()
+        fig.savefig(self.png_path, dpi=90)
+        plt.close(fig)
+
+
+# -- the loop -------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path  # final checkpoint (project format for the student, teacher format otherwise)
+    iterations: int
+    val_miou: float
+    seconds: float
+    model: nn.Module  # the trained network (TDNet or TeacherNet), on the training device
+
+
+def _device(config: TrainConfig, local_rank: int) -> torch.device:
+    name = config.run.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+def _student_config(config: TrainConfig) -> ModelConfig:
+    names, colors = class_table(config)
+    overrides = {"num_classes": len(names), "class_names": names, "class_colors": colors}
+    if config.data.kind == "generated":
+        overrides["input_size"] = tuple(config.data.size)
+    overrides.update(config.model_overrides)
+    for key in ("input_size", "layers", "class_names"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
+    if "class_colors" in overrides:
+        overrides["class_colors"] = tuple(tuple(c) for c in overrides["class_colors"])
+    return ModelConfig.from_name(config.model, **overrides)
+
+
+def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None) -> TrainResult:
+    """Trains the teacher or the student as `config` says; returns the final checkpoint.
+
+    With `resume`, continues from `<out_dir>/last.pt` (weights, optimizer, iteration and random
+    state, so the learning-rate schedule and the data go on where they stopped). `stop_at`
+    ends the run after that iteration (with `last.pt` written), as an interruption would. Under torchrun (WORLD_SIZE > 1) every
+    process runs this and gradients are averaged by DistributedDataParallel.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(config, local_rank)
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    torch.manual_seed(config.run.seed)
+    main_process = rank == 0
+    out_dir = Path(config.run.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher_stage = config.stage == "teacher"
+    names, _ = class_table(config)
+    num_classes = len(names)
+
+    # Models
+    student_config = _student_config(config)
+    teacher_kd: TeacherNet | None = None
+    if teacher_stage:
+        teacher_fields = {"num_groups": student_config.num_paths, "num_classes": num_classes, **config.teacher}
+        net: nn.Module = TeacherNet(TeacherConfig.from_dict(teacher_fields))
+        clip_length = 1
+        input_size = student_config.input_size
+    else:
+        student = build_model(student_config)
+        if config.run.init_checkpoint:
+            student.load_state_dict(read_checkpoint(config.run.init_checkpoint)["state_dict"])
+        net = StudentForTraining(student, with_auxiliary=bool(config.loss.auxiliary))
+        clip_length = student_config.num_paths
+        input_size = student_config.input_size
+        if config.teacher_checkpoint and (config.loss.kd_full or config.loss.kd_group):
+            teacher_kd = load_teacher(config.teacher_checkpoint).to(device).eval()
+            if teacher_kd.config.num_groups != student_config.num_paths:
+                raise ValueError(
+                    f"teacher {config.teacher_checkpoint} has {teacher_kd.config.num_groups} groups, "
+                    f"the student {student_config.num_paths} sub-networks"
+                )
+    net.to(device).train()
+    if distributed and device.type == "cuda":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay
+    )
+    use_amp = config.run.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    # Resume
+    start = 0
+    last_path = out_dir / LAST_CHECKPOINT
+    if resume:
+        if not last_path.is_file():
+            raise FileNotFoundError(f"cannot resume: no checkpoint {last_path}")
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        _module_of(net, teacher_stage).load_state_dict(state["state_dict"])
+        if not teacher_stage and state.get("auxiliary_state") is not None and net.auxiliary is not None:
+            net.auxiliary.load_state_dict(state["auxiliary_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start = int(state["iteration"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+    wrapped = (
+        nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+        if distributed
+        else net
+    )
+
+    train_set, val_set = build_datasets(config, clip_length)
+    batches = _batches(_TrainView(train_set, config), config, rank, world, start)
+    log = TrainingLog(out_dir, resume)
+    progress = None
+    if main_process and config.run.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=config.optim.iterations, initial=start, desc=f"train {config.stage}", dynamic_ncols=True)
+
+    began = time.time()
+    val_miou = math.nan
+    path_rng = np.random.default_rng([config.run.seed, 7])  # first sub-network of each clip
+    for _ in range(start):
+        path_rng.integers(0, clip_length)  # the same draws as an uninterrupted run
+    end = config.optim.iterations if stop_at is None else min(stop_at, config.optim.iterations)
+    for iteration in range(start, end):
+        lr = learning_rate(iteration, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = next(batches)  # (B, N, 3, h, w), (B, N, h, w)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        first_path = int(path_rng.integers(0, clip_length))
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            if teacher_stage:
+                total, terms = _teacher_loss(wrapped, x[:, -1], y[:, -1], config)
+            else:
+                total, terms = _student_step_loss(wrapped, teacher_kd, x, y, first_path, config)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        done = iteration + 1
+        total = total.detach()
+        row: dict[str, Any] = {}
+        if done % config.run.log_interval == 0 or done == config.optim.iterations:
+            row = {"iteration": done, "lr": f"{lr:.6g}", "loss": f"{float(total):.5f}"}
+            row.update({f"loss_{k}": f"{v:.5f}" for k, v in terms.items()})
+            row["seconds"] = f"{time.time() - began:.1f}"
+        validate_now = done == config.optim.iterations or (config.run.val_interval and done % config.run.val_interval == 0)
+        if validate_now and main_process:
+            module = _module_of(net, teacher_stage)
+            scores = validate(module, val_set, config, input_size, device, num_classes, teacher_stage)
+            val_miou = scores.mean_iou
+            row = row or {"iteration": done, "lr": f"{lr:.6g}", "loss": f"{float(total):.5f}"}
+            row["val_miou"] = f"{val_miou:.4f}"
+            if progress is not None:
+                progress.write(f"iteration {done}: validation mIoU {100 * val_miou:.1f}")
+        if row and main_process:
+            log.add(row)
+            log.write(plot="val_miou" in row)
+        if main_process and (done % config.run.checkpoint_interval == 0 or done in (end, config.optim.iterations)):
+            _save(net, teacher_stage, optimizer, scaler, done, config, last_path)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(total):.3f}", lr=f"{lr:.2e}")
+    if progress is not None:
+        progress.close()
+    if distributed:
+        _average_buffers(net, world)
+    final = out_dir / FINAL_CHECKPOINT
+    if main_process and end == config.optim.iterations:
+        _save(net, teacher_stage, None, None, end, config, final, val_miou=val_miou)
+    if distributed:
+        dist.barrier()
+    return TrainResult(final if end == config.optim.iterations else last_path, end, val_miou,
+                       time.time() - began, _module_of(net, teacher_stage))
+
+
+def _average_buffers(net: nn.Module, world: int) -> None:
+    """BatchNorm running statistics differ per process (each saw its own data): average them."""
+    for buffer in net.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(world)
+
+
+def _module_of(net: nn.Module, teacher_stage: bool) -> nn.Module:
+    return net if teacher_stage else net.model
+
+
+def _save(net, teacher_stage, optimizer, scaler, iteration, config, path, **extra) -> None:
+    content: dict[str, Any] = {"iteration": iteration, "train_config": config.to_dict(), **extra}
+    if optimizer is not None:
+        content["optimizer"] = optimizer.state_dict()
+        content["scaler"] = scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}
+        content["torch_rng"] = torch.get_rng_state()
+    tmp = path.with_suffix(".tmp")
+    if teacher_stage:
+        save_teacher(net, tmp, **content)
+    else:
+        if net.auxiliary is not None and optimizer is not None:
+            content["auxiliary_state"] = net.auxiliary.state_dict()
+        save_checkpoint(net.model, tmp, **content)
+    tmp.replace(path)
+
+
+def _teacher_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
+    """OHEM on the full head, plus cross-entropy on every group head and the auxiliary head."""
+    out = net(x)
+    w = config.loss
+    terms = {"ohem": ohem_cross_entropy(out["out"], y, threshold=w.ohem_threshold, min_kept=w.ohem_min_kept)}
+    terms["groups"] = torch.stack([cross_entropy(g, y) for g in out["groups"]]).mean()
+    if w.auxiliary:
+        terms["auxiliary"] = w.auxiliary * cross_entropy(out["aux"], y)
+    total = torch.stack(list(terms.values())).sum()
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _student_step_loss(net, teacher: TeacherNet | None, x, y, first_path: int, config: TrainConfig):
+    """Student loss on one batch of clips (B, N, 3, h, w) with labels (B, N, h, w)."""
+    n = x.shape[1]
+    clip = [x[:, j] for j in range(n)]
+    logits, aux = net(clip, first_path)
+    teacher_full, sub_logits, teacher_groups = None, None, None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_out = teacher(x.flatten(0, 1))  # every frame at once: (B*N, 3, h, w)
+        b = x.shape[0]
+        teacher_full = teacher_out["out"].unflatten(0, (b, n))[:, -1]
+        # Sub-network p keeps channel group p: its single-frame outputs (the frames before
+        # the last) learn from the teacher's group-p head on the same frame.
+        sub_logits = logits[:-1]
+        teacher_groups = [
+            teacher_out["groups"][(first_path + j) % n].unflatten(0, (b, n))[:, j] for j in range(n - 1)
+        ]
+    return student_loss(
+        logits[-1], y[:, -1], config.loss,
+        auxiliary_logits=aux, auxiliary_targets=[y[:, j] for j in range(n)],
+        teacher_full=teacher_full, sub_logits=sub_logits, teacher_groups=teacher_groups,
+    )

@@ -1,0 +1,127 @@
+"""Training datasets on tiny trees in the official Cityscapes and CamVid layouts, the clip
+augmentation, and the errors bad input gives."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tdnet_ros.training.augment import AugmentConfig, augment_clip
+from tdnet_ros.training.datasets import CamVidClips, CityscapesClips, DatasetError, clip_offsets
+
+H, W = 24, 48
+
+
+def _frame(value: int) -> np.ndarray:
+    frame = np.zeros((H, W, 3), np.uint8)
+    frame[..., 0] = value  # each frame's red channel tells which frame it is
+    return frame
+
+
+def _write_rgb(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def _write_gray(path: Path, labels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), labels)
+
+
+def make_cityscapes(root: Path, label_ids: np.ndarray | None = None) -> Path:
+    """One 30-frame snippet of `aachen`, annotated on its 20th frame (as in Cityscapes)."""
+    for frame in range(30):
+        _write_rgb(root / "leftImg8bit_sequence/train/aachen" / f"aachen_000000_{frame:06d}_leftImg8bit.png", _frame(frame))
+    if label_ids is None:
+        label_ids = np.full((H, W), 7, np.uint8)  # road
+        label_ids[:, : W // 2] = 26  # car
+        label_ids[0] = 0  # unlabeled
+    _write_gray(root / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png", label_ids)
+    return root
+
+
+def make_camvid(root: Path) -> Path:
+    """SegNet-layout CamVid (train/, trainannot/) plus the video's frames in sequences/."""
+    for frame in range(90, 121):
+        _write_rgb(root / "sequences/0001TP" / f"0001TP_{frame:06d}.png", _frame(frame - 90))
+    _write_rgb(root / "train/0001TP_000120.png", _frame(30))
+    labels = np.full((H, W), 3, np.uint8)  # road
+    labels[0] = 11  # void
+    _write_gray(root / "trainannot/0001TP_000120.png", labels)
+    return root
+
+
+def test_clip_offsets():
+    assert clip_offsets([1, 2, 1]) == [-4, -3, -1, 0]
+
+
+def test_cityscapes_clip(tmp_path):
+    data = CityscapesClips(make_cityscapes(tmp_path), "train", clip_length=4, gaps=(1, 2))
+    assert len(data) == 1
+    frames, labels = data.load_clip(0, None)  # smallest gaps: frames 16..19
+    assert [int(f[0, 0, 0]) for f in frames] == [16, 17, 18, 19]
+    assert labels[:3] == [None, None, None]
+    assert labels[3][1, 0] == 13 and labels[3][1, -1] == 0 and (labels[3][0] == 255).all()
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        frames, _ = data.load_clip(0, rng)
+        red = [int(f[0, 0, 0]) for f in frames]
+        assert red[-1] == 19 and all(1 <= b - a <= 2 for a, b in zip(red, red[1:]))
+
+
+def test_camvid_clip(tmp_path):
+    data = CamVidClips(make_camvid(tmp_path), "train", clip_length=4, gaps=(2, 2))
+    frames, labels = data.load_clip(0, None)
+    assert [int(f[0, 0, 0]) for f in frames] == [24, 26, 28, 30]
+    assert labels[-1][1, 0] == 3 and (labels[-1][0] == 255).all()
+
+
+def test_missing_label_names_the_file(tmp_path):
+    root = make_camvid(tmp_path)
+    (root / "trainannot/0001TP_000120.png").unlink()
+    with pytest.raises(DatasetError, match="0001TP_000120.png"):
+        CamVidClips(root, "train", 4, (1, 2))
+
+
+def test_missing_sequence_frame_names_the_file(tmp_path):
+    root = make_cityscapes(tmp_path)
+    (root / "leftImg8bit_sequence/train/aachen/aachen_000000_000017_leftImg8bit.png").unlink()
+    data = CityscapesClips(root, "train", 4, (1, 1))
+    with pytest.raises(DatasetError, match="aachen_000000_000017_leftImg8bit.png"):
+        data.load_clip(0, None)
+
+
+def test_mismatched_sizes_name_the_file(tmp_path):
+    root = make_cityscapes(tmp_path, label_ids=np.full((H + 2, W), 7, np.uint8))
+    data = CityscapesClips(root, "train", 4, (1, 1))
+    with pytest.raises(DatasetError, match="aachen_000000_000019_leftImg8bit.png"):
+        data.load_clip(0, None)
+
+
+def test_unknown_class_id_names_the_file(tmp_path):
+    root = make_cityscapes(tmp_path)
+    train_ids = np.zeros((H, W), np.uint8)
+    train_ids[3, 3] = 42
+    _write_gray(root / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png", train_ids)
+    data = CityscapesClips(root, "train", 4, (1, 1))  # the train-id file is preferred
+    with pytest.raises(DatasetError, match=r"aachen_000000_000019_gtFine_labelTrainIds\.png.*\[42\]"):
+        data.load_clip(0, None)
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(DatasetError, match="gtFine"):
+        CityscapesClips(tmp_path, "train", 4, (1, 2))
+
+
+def test_augmentation_is_the_same_for_every_frame():
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    labels = rng.integers(0, 19, (64, 128), dtype=np.uint8)
+    config = AugmentConfig(base_size=(64, 128), crop=(48, 96), scale=(0.5, 1.5), flip=True, color_jitter=0.3)
+    for seed in range(6):
+        frames, out_labels = augment_clip([frame] * 4, [labels, None, labels, labels], config, np.random.default_rng(seed))
+        assert all(f.shape == (48, 96, 3) for f in frames)
+        assert all(np.array_equal(f, frames[0]) for f in frames)
+        assert np.array_equal(out_labels[0], out_labels[2]) and np.array_equal(out_labels[0], out_labels[3])
+        assert (out_labels[1] == 255).all()  # the frame without labels is ignored

@@ -1,0 +1,106 @@
+"""Loss terms of the trainer on hand-made tensors, against values worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from tdnet_ros.training.losses import (
+    LossWeights,
+    cross_entropy,
+    distillation_kl,
+    ohem_cross_entropy,
+    student_loss,
+)
+
+
+def _logits_for(probabilities: list[list[float]]) -> torch.Tensor:
+    """(1, K, 1, P) logits whose softmax over K gives the listed per-pixel probabilities."""
+    p = torch.tensor(probabilities, dtype=torch.float64).T  # (K, P)
+    return p.log()[None, :, None, :].float()
+
+
+def test_ohem_keeps_hard_pixels_only():
+    # Four pixels, two classes. True-class probabilities: 0.9, 0.6, 0.2, 0.95; one ignored pixel.
+    logits = _logits_for([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.05, 0.95], [0.5, 0.5]])
+    target = torch.tensor([[[0, 0, 1, 1, 255]]])
+    # Hard (p < 0.7): pixels 2 and 3 -> mean of -log 0.6 and -log 0.2.
+    expected = (-math.log(0.6) - math.log(0.2)) / 2
+    value = ohem_cross_entropy(logits, target, threshold=0.7, min_kept=1)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ohem_keeps_min_kept_hardest_when_few_are_hard():
+    logits = _logits_for([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.05, 0.95]])
+    target = torch.tensor([[[0, 0, 1, 1]]])
+    # Only two hard pixels but three must be kept: add the next hardest (p = 0.9).
+    expected = (-math.log(0.6) - math.log(0.2) - math.log(0.9)) / 3
+    assert ohem_cross_entropy(logits, target, threshold=0.7, min_kept=3).item() == pytest.approx(expected, rel=1e-5)
+    # min_kept above the labelled count keeps them all: the plain mean.
+    everything = (-math.log(0.9) - math.log(0.6) - math.log(0.2) - math.log(0.95)) / 4
+    assert ohem_cross_entropy(logits, target, min_kept=100).item() == pytest.approx(everything, rel=1e-5)
+
+
+def test_ohem_upsamples_logits_to_the_label_size():
+    logits = torch.zeros(1, 3, 2, 2)  # uniform: every pixel has CE log 3
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    assert ohem_cross_entropy(logits, target).item() == pytest.approx(math.log(3), rel=1e-6)
+
+
+def test_all_ignored_gives_zero_with_a_graph():
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    target = torch.full((1, 4, 4), 255)
+    for loss in (ohem_cross_entropy(logits, target), cross_entropy(logits, target)):
+        assert loss.item() == 0.0
+        loss.backward()
+
+
+def test_kl_by_hand():
+    # One pixel, teacher p = (0.5, 0.5), student q = (0.8, 0.2):
+    # KL(p || q) = 0.5 ln(0.5/0.8) + 0.5 ln(0.5/0.2).
+    teacher = _logits_for([[0.5, 0.5]])
+    student = _logits_for([[0.8, 0.2]])
+    expected = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
+    assert distillation_kl(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    assert distillation_kl(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kl_temperature_scaling():
+    # Logits (ln 4, 0) at T = 2 become (ln 2, 0): p = (2/3, 1/3). Teacher uniform.
+    student = torch.tensor([math.log(4.0), 0.0]).view(1, 2, 1, 1)
+    teacher = torch.zeros(1, 2, 1, 1)
+    kl = 0.5 * math.log(0.5 / (2 / 3)) + 0.5 * math.log(0.5 / (1 / 3))
+    assert distillation_kl(student, teacher, temperature=2.0).item() == pytest.approx(4 * kl, rel=1e-5)
+
+
+def test_kl_does_not_train_the_teacher():
+    student = torch.randn(1, 3, 2, 2, requires_grad=True)
+    teacher = torch.randn(1, 3, 2, 2, requires_grad=True)
+    distillation_kl(student, teacher).backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+def test_student_loss_combines_and_switches_terms():
+    target = torch.tensor([[[0, 1]]])
+    final = _logits_for([[0.5, 0.5], [0.5, 0.5]])  # CE = ln 2 on both pixels
+    teacher = _logits_for([[0.8, 0.2], [0.8, 0.2]])
+    sub = _logits_for([[0.8, 0.2], [0.8, 0.2]])  # agrees with its group head: KL 0
+    group = _logits_for([[0.8, 0.2], [0.8, 0.2]])
+    kl_full = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
+    weights = LossWeights(ohem=1.0, auxiliary=0.4, kd_full=1.0, kd_group=0.5, ohem_min_kept=10)
+    total, terms = student_loss(
+        final, target, weights,
+        auxiliary_logits=[final], auxiliary_targets=[target],
+        teacher_full=teacher, sub_logits=[sub], teacher_groups=[group],
+    )
+    assert terms["ohem"] == pytest.approx(math.log(2), rel=1e-5)
+    assert terms["auxiliary"] == pytest.approx(0.4 * math.log(2), rel=1e-5)
+    assert terms["kd_full"] == pytest.approx(kl_full, rel=1e-5)
+    assert terms["kd_group"] == pytest.approx(0.0, abs=1e-6)
+    assert total.item() == pytest.approx(sum(terms.values()), rel=1e-6)
+
+    no_kd = LossWeights(kd_full=0.0, kd_group=0.0, auxiliary=0.0, ohem_min_kept=10)
+    _, terms = student_loss(final, target, no_kd, teacher_full=teacher, sub_logits=[sub], teacher_groups=[group])
+    assert set(terms) == {"ohem"}
+    with pytest.raises(ValueError, match="switched off"):
+        student_loss(final, target, LossWeights(ohem=0.0, auxiliary=0.0, kd_full=0.0, kd_group=0.0))

@@ -1,0 +1,101 @@
+"""Short training runs of the tiny model on the CPU: checkpoint, resume, teacher + distillation,
+configuration errors. Sequences are rendered once per session (pybullet) and cached."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tdnet_ros.checkpoint import read_checkpoint
+from tdnet_ros.segmenter import Segmenter
+from tdnet_ros.training.cli import main as train_cli
+from tdnet_ros.training.config import ConfigError, TrainConfig, from_dict, load_config
+from tdnet_ros.training.trainer import learning_rate, train
+
+TINY = {
+    "model": "td4-tiny",
+    "data": {"train_seeds": [1], "val_seeds": [2], "frames": 10, "val_frames": 6, "size": [64, 128]},
+    "augment": {"base_size": [64, 128], "crop": [48, 96]},
+    "optim": {"iterations": 2, "batch_size": 2, "warmup_iterations": 1},
+    "run": {"threads": 1, "val_interval": 0, "val_max_clips": 2, "log_interval": 1, "progress": False},
+}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("street_cache"))
+
+
+def tiny_config(out_dir: Path, cache: str, **sections) -> TrainConfig:
+    config = from_dict(TINY).replace(data={"cache_dir": cache}, run={"out_dir": str(out_dir)})
+    return config.replace(**sections) if sections else config
+
+
+def _log(out_dir: Path) -> list[dict]:
+    with open(out_dir / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_iterations_write_a_checkpoint_that_segments(tmp_path, cache_dir):
+    result = train(tiny_config(tmp_path, cache_dir))
+    assert result.checkpoint == tmp_path / "model.pt" and result.iterations == 2
+    assert (tmp_path / "log.csv").is_file() and (tmp_path / "log.png").is_file()
+    rows = _log(tmp_path)
+    assert [int(r["iteration"]) for r in rows] == [1, 2] and rows[-1]["val_miou"] != ""
+    segmenter = Segmenter.from_checkpoint(result.checkpoint)
+    assert segmenter.class_names[13] == "car" and segmenter.config.input_size == (64, 128)
+    frame = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    labels = segmenter.segment(frame).labels
+    assert labels.shape == (64, 128) and labels.max() < 19
+    content = torch.load(result.checkpoint, weights_only=True)  # extra entries are plain data
+    assert content["train_config"]["model"] == "td4-tiny"
+
+
+def test_resume_continues_the_schedule(tmp_path, cache_dir):
+    sections = {"optim": {"iterations": 4, "warmup_iterations": 2}, "run": {"checkpoint_interval": 1}}
+    straight = tiny_config(tmp_path / "straight", cache_dir, **sections)
+    train(straight)
+    broken = tiny_config(tmp_path / "broken", cache_dir, **sections)
+    first = train(broken, stop_at=2)
+    assert first.iterations == 2 and not (tmp_path / "broken/model.pt").exists()
+    assert read_checkpoint(tmp_path / "broken/last.pt")["iteration"] == 2
+    train(broken, resume=True)
+    lrs = [float(r["lr"]) for r in _log(tmp_path / "broken")]
+    assert lrs == pytest.approx([learning_rate(i, broken) for i in range(4)], rel=1e-4)
+    assert lrs == pytest.approx([float(r["lr"]) for r in _log(tmp_path / "straight")], rel=1e-6)
+    a = read_checkpoint(tmp_path / "straight/model.pt")["state_dict"]
+    b = read_checkpoint(tmp_path / "broken/model.pt")["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_teacher_then_distilled_student(tmp_path, cache_dir):
+    teacher = train(tiny_config(tmp_path / "teacher", cache_dir).replace(
+        stage="teacher", teacher={"layers": [1, 1, 1, 1], "base_width": 8, "feature_channels": 32}
+    ))
+    student = tiny_config(tmp_path / "student", cache_dir).replace(teacher_checkpoint=str(teacher.checkpoint))
+    train(student)
+    row = _log(tmp_path / "student")[-1]
+    assert float(row["loss_kd_full"]) > 0 and float(row["loss_kd_group"]) > 0
+    no_kd = tiny_config(tmp_path / "no_kd", cache_dir).replace(
+        teacher_checkpoint=str(teacher.checkpoint), loss={"kd_full": 0.0, "kd_group": 0.0}
+    )
+    train(no_kd)
+    assert "loss_kd_full" not in _log(tmp_path / "no_kd")[-1]
+
+
+def test_unknown_key_fails_before_training(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"run: {{out_dir: {tmp_path / 'out'}}}\noptim: {{iteratons: 2}}\n")
+    assert train_cli([str(config)]) == 2
+    assert "iteratons" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    config.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(config)
+
+
+def test_default_config_is_valid():
+    config = load_config(Path(__file__).parents[1] / "config/train_default.yaml")
+    assert config.model == "td4-r18-narrow" and config.stage == "student"
