@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import time
@@ -66,6 +67,14 @@ class AuxiliaryHeads(nn.Module):
         )
 
 
+def clip_outputs(model: TDNet, clip: list[torch.Tensor], first_path: int, with_layer3: bool = False):
+    """`model.forward_clip`, also for a single sub-network (N = 1), where forward_clip would
+    hand `step` an empty cache list instead of None."""
+    if model.num_paths == 1:
+        return [model.step(clip[0], first_path, None, with_layer3=with_layer3)]
+    return model.forward_clip(clip, first_path, with_layer3=with_layer3)
+
+
 class StudentForTraining(nn.Module):
     """TDNet + auxiliary heads behind one `forward`, so DistributedDataParallel can wrap it."""
 
@@ -75,7 +84,7 @@ class StudentForTraining(nn.Module):
         self.auxiliary = AuxiliaryHeads(model.config) if with_auxiliary else None
 
     def forward(self, clip: list[torch.Tensor], first_path: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        outputs = self.model.forward_clip(clip, first_path, with_layer3=self.auxiliary is not None)
+        outputs = clip_outputs(self.model, clip, first_path, self.auxiliary is not None)
         logits = [o.logits for o in outputs]  # N x (B, K, h, w); the last is attention-composed
         aux = []
         if self.auxiliary is not None:
@@ -169,7 +178,7 @@ def validate(
         if teacher_stage:
             logits = model(tensors[-1])["out"]
         else:
-            logits = model.forward_clip(tensors, 0)[-1].logits
+            logits = clip_outputs(model, tensors, 0)[-1].logits
         logits = F.interpolate(logits.float(), size=target.shape, mode="bilinear", align_corners=False)
         scores.update(logits.argmax(1)[0].cpu().numpy().astype(np.int64), target.astype(np.int64))
     model.train(was_training)
@@ -260,7 +269,8 @@ def _student_config(config: TrainConfig) -> ModelConfig:
             overrides[key] = tuple(overrides[key])
     if "class_colors" in overrides:
         overrides["class_colors"] = tuple(tuple(c) for c in overrides["class_colors"])
-    return ModelConfig.from_name(config.model, **overrides)
+    name = overrides.pop("name", config.model)  # a renamed variant, e.g. one sub-network alone
+    return dataclasses.replace(ModelConfig.from_name(config.model, **overrides), name=name)
 
 
 def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None) -> TrainResult:

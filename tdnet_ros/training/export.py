@@ -1,0 +1,47 @@
+"""Packs a trained student checkpoint for shipping: weights, configuration and the training
+configuration only (no optimizer), written atomically, with its SHA-256 next to it.
+
+    python -m tdnet_ros.training.export outputs/train_default/model.pt tdnet_ros/models/default.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from tdnet_ros.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
+
+KEEP = ("train_config", "val_miou", "iteration")
+
+
+def export(source: str | Path, target: str | Path, **extra) -> str:
+    """Writes `target` (loadable by Segmenter.from_checkpoint) and `<target>.sha256`; returns the hash."""
+    content = read_checkpoint(source)
+    model = load_model(source)
+    kept = {k: content[k] for k in KEEP if k in content}
+    target = Path(target)
+    tmp = target.with_suffix(".tmp")
+    save_checkpoint(model, tmp, **kept, **extra)
+    tmp.replace(target)
+    digest = file_sha256(target)
+    target.with_name(target.name + ".sha256").write_text(f"{digest}  {target.name}\n")
+    return digest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="checkpoint written by tdnet-train (model.pt)")
+    parser.add_argument("target", help="file to write, e.g. tdnet_ros/models/default.pt")
+    args = parser.parse_args(argv)
+    digest = export(args.source, args.target)
+    size = Path(args.target).stat().st_size
+    print(f"{args.target}: {size / 1e6:.2f} MB, sha256 {digest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
