@@ -99,3 +99,28 @@ def test_unknown_key_fails_before_training(tmp_path, capsys):
 def test_default_config_is_valid():
     config = load_config(Path(__file__).parents[1] / "config/train_default.yaml")
     assert config.model == "td4-r18-narrow" and config.stage == "student"
+
+
+def test_export_and_held_out_scoring(tmp_path, cache_dir):
+    from tdnet_ros.checkpoint import file_sha256
+    from tdnet_ros.training.export import export
+    from tdnet_ros.training.heldout import evaluate
+
+    result = train(tiny_config(tmp_path / "run", cache_dir))
+    digest = export(result.checkpoint, tmp_path / "shipped.pt")
+    assert digest == file_sha256(tmp_path / "shipped.pt")
+    assert (tmp_path / "shipped.pt.sha256").read_text().split()[0] == digest
+    assert "optimizer" not in torch.load(tmp_path / "shipped.pt", weights_only=True)
+    scores = evaluate([5], 3, checkpoint=str(tmp_path / "shipped.pt"), width=128, height=64)
+    assert scores["frames"] == 3 and 0.0 <= scores["miou"] <= 1.0 and "car" in scores["iou"]
+
+
+def test_bundled_default_model_matches_its_hash():
+    from tdnet_ros.checkpoint import file_sha256
+
+    models = Path(__file__).parents[1] / "tdnet_ros/models"
+    path = models / "default.pt"
+    assert path.stat().st_size <= 20 * 1024 * 1024
+    assert (models / "default.pt.sha256").read_text().split()[0] == file_sha256(path)
+    segmenter = Segmenter.default()
+    assert segmenter.config.name == "td4-r18-narrow" and segmenter.config.input_size == (256, 512)
