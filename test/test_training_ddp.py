@@ -5,10 +5,9 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from test_training_run import TINY
 
 from tdnet_ros.training.config import from_dict
-
-from test_training_run import TINY
 
 
 def _worker(rank: int, world: int, out_dir: str, cache: str, port: int) -> None:

@@ -89,7 +89,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
-    def replace(self, **sections: dict[str, Any]) -> "TrainConfig":
+    def replace(self, **sections: dict[str, Any]) -> TrainConfig:
         """A copy with some fields of some sections replaced: replace(optim={"iterations": 2})."""
         return from_dict(_merge(self.to_dict(), sections))
 

@@ -8,9 +8,8 @@ and a label map per frame (train ids, 255 = ignore; None where a frame has no la
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np

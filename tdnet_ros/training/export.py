@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
-import torch
 
 from tdnet_ros.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
 

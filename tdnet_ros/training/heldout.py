@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from tdnet_ros.backbone import DilatedResNet
 
@@ -36,7 +36,7 @@ class TeacherConfig:
             )
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TeacherConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TeacherConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from tdnet_ros.checkpoint import read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
