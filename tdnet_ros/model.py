@@ -298,7 +298,7 @@ class TDNet(nn.Module):
         outputs: list[StepOutput] = []
         for j, frame in enumerate(clip):
             path = (first_path + j) % self.num_paths
-            cached = [o.cache_entry for o in outputs] if j == len(clip) - 1 else None
+            cached = [o.cache_entry for o in outputs] if 0 < j == len(clip) - 1 else None
             outputs.append(self.step(frame, path, cached, with_layer3=with_layer3))
         return outputs
 
