@@ -39,11 +39,16 @@ class FeatureCache:
         """True once it holds N-1 frames, so that the next frame gets the attention term."""
         return self.frames_written >= self.num_paths - 1 and self.num_paths > 1
 
-    def write(self, slot: int, entry: CachedFrame) -> None:
+    def store(self, slot: int, entry: CachedFrame) -> None:
+        """Copies one frame's (q, k, v) into a slot, without counting it as a frame."""
         query, key, value = entry
         self.query[slot].copy_(query)  # (B, L, d_k)
         self.key[slot].copy_(key)
         self.value[slot].copy_(value)  # (B, L, d_v)
+
+    def write(self, slot: int, entry: CachedFrame) -> None:
+        """Stores this frame's (q, k, v) and counts it (the count decides the schedule)."""
+        self.store(slot, entry)
         self.frames_written += 1
 
     def read(self, slots: list[int]) -> list[CachedFrame] | None:

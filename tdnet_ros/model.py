@@ -187,8 +187,6 @@ CachedFrame = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class StepOutput:
     logits: torch.Tensor  # (B, K, h, w): head output at stride 8
     cache_entry: CachedFrame  # this frame's subsampled (q, k, v), to cache
-    value: torch.Tensor  # (B, d_v, h, w): this frame's own value features
-    head_input: torch.Tensor  # (B, d_v, h, w): layer-normed features fed to the head
     layer3: torch.Tensor | None  # (B, C3, h, w) when asked for (auxiliary loss)
 
 
@@ -266,7 +264,7 @@ class TDNet(nn.Module):
             head_input = net.layer_norm(combined)
         with timer("head"):
             logits = net.head(head_input.to(self.conv_dtype))
-        return StepOutput(logits, cache_entry, value, head_input, layer3)
+        return StepOutput(logits, cache_entry, layer3)
 
     def propagate(
         self, path: int, cached: Sequence[CachedFrame], query: torch.Tensor, value_shape: torch.Size

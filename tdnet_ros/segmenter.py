@@ -42,9 +42,8 @@ class SegmentResult:
 
 @dataclass
 class _Stream:
-    cache: FeatureCache
+    cache: FeatureCache  # its frames_written (since the last reset) decides the sub-network
     input_size: tuple[int, int]
-    frame_index: int = 0  # frames since the last reset; decides the sub-network
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -202,13 +201,9 @@ class Segmenter:
     def reset(self, stream: str | None = None) -> None:
         """Forgets the temporal state of one stream, or of all streams."""
         with self._lock:
-            if stream is None:
-                for state in self._streams.values():
+            for name, state in self._streams.items():
+                if stream is None or name == stream:
                     state.cache.reset()
-                    state.frame_index = 0
-            elif stream in self._streams:
-                self._streams[stream].cache.reset()
-                self._streams[stream].frame_index = 0
 
     def warm_up(self, frame_size: tuple[int, int] | None = None, streams: tuple[str, ...] = ("default",)) -> None:
         """Allocates the streams' caches and does the backend's one-off work (CUDA graph
@@ -224,7 +219,6 @@ class Segmenter:
                 state, _ = self._stream_state(stream, size)
                 self._runner.prepare(x, state.cache, stream)
                 state.cache.reset()
-                state.frame_index = 0
 
     def segment(self, frame: np.ndarray, stream: str = "default") -> SegmentResult:
         """Segments one HxWx3 uint8 RGB frame; labels come back at the frame's resolution."""
@@ -254,14 +248,14 @@ class Segmenter:
     ) -> SegmentResult:
         with self._lock:
             state, was_reset = self._stream_state(stream, tuple(x.shape[-2:]))
-            path = state.frame_index % self.config.num_paths
+            path = state.cache.frames_written % self.config.num_paths
             with torch.inference_mode():
                 logits, warm = self._runner.run(x, path, state.cache, stream, times)
-                state.frame_index += 1
                 logits = logits.float()
                 with times("postprocess"):
                     # Labels at the model input size, then nearest to the frame's: the
-                    # published pipeline's order, and 19x fewer pixels to interpolate.
+                    # published pipeline's order (and K logit maps interpolated at the
+                    # model's size rather than the camera's).
                     labels = labels_from_logits(logits, tuple(x.shape[-2:]))
                     labels = resize_labels(labels, out_size)
         times.ms["total"] = (time.perf_counter() - start) * 1e3
@@ -271,7 +265,7 @@ class Segmenter:
         """The stream's state, (re)allocated on its first frame and when its input size changes."""
         state = self._streams.get(stream)
         if state is not None and state.input_size == input_size:
-            return state, state.frame_index == 0
+            return state, state.cache.frames_written == 0
         if state is not None:
             log.info("stream %r changed input size %s -> %s: cache reset", stream, state.input_size, input_size)
         h, w = feature_size_for(input_size)

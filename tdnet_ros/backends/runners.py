@@ -203,9 +203,7 @@ class CudaGraphRunner(StepRunner):
         cache = graphs.cache
         inputs = (graphs.static_x, *gather_cache(cache, index)) if warm else (graphs.static_x,)
         logits, query, key, value = self._modules[(path, warm)](*inputs)
-        cache.query[path].copy_(query)  # (B, L, d_k) into slot `path`
-        cache.key[path].copy_(key)
-        cache.value[path].copy_(value)  # (B, L, d_v)
+        cache.store(path, (query, key, value))  # captured: replays count the frame themselves
         return logits
 
     def prepare(self, x: torch.Tensor, cache: FeatureCache, stream: str) -> None:
