@@ -59,3 +59,34 @@ class FeatureCache:
 
     def reset(self) -> None:
         self.frames_written = 0
+
+
+# Several streams at the same sub-network step run as one batch: their caches are read
+# as one (B, L, d) batch per cached frame and this frame's entry is split back by row.
+
+
+def read_batch(caches: list[FeatureCache], slots: list[int]) -> list[CachedFrame] | None:
+    """The cached frames of several streams in `slots` order, concatenated along the batch
+    (row i = caches[i]), or None while they are not warm (they are warm or cold together)."""
+    if len(caches) == 1:
+        return caches[0].read(slots)
+    per_cache = [cache.read(slots) for cache in caches]
+    if any(frames is None for frames in per_cache):
+        return None
+    return [
+        tuple(torch.cat([frames[j][part] for frames in per_cache]) for part in range(3))  # (B, L, d) each
+        for j in range(len(slots))
+    ]
+
+
+def store_batch(caches: list[FeatureCache], slot: int, entry: CachedFrame) -> None:
+    """Stores row i of a batched entry into caches[i] (without counting the frame)."""
+    for row, cache in enumerate(caches):
+        cache.store(slot, tuple(part[row : row + 1] for part in entry))  # (1, L, d) each
+
+
+def write_batch(caches: list[FeatureCache], slot: int, entry: CachedFrame) -> None:
+    """Stores row i of a batched entry into caches[i] and counts the frame in each."""
+    store_batch(caches, slot, entry)
+    for cache in caches:
+        cache.frames_written += 1

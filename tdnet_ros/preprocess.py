@@ -73,20 +73,30 @@ class Normalizer:
         return x.to(dtype=self.dtype, memory_format=self.memory_format)
 
 
-def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Upsamples (1, K, h, w) logits bilinearly (align_corners=True) to `size` and takes argmax.
+def labels_from_logits(
+    logits: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Class ids of (1, K, h, w) logits, on the logits' device.
 
-    Returns an HxW uint8 array (uint16 when there are more than 255 classes).
+    The logits are upsampled bilinearly (align_corners=True) to `size` (the model input)
+    and their argmax is resized nearest to `out_size` (the frame's; cv2 INTER_NEAREST's
+    geometry): the published pipeline's order, with K maps interpolated at the model's
+    size rather than the camera's.
+
+    Returns:
+        (H, W) uint8 labels (int32 above 255 classes) at `out_size` (default `size`).
     """
     upsampled = F.interpolate(logits, size, mode="bilinear", align_corners=True)  # (1, K, H, W)
-    labels = upsampled.argmax(dim=1)[0]  # (H, W)
-    dtype = torch.uint8 if logits.shape[1] <= 255 else torch.int32
-    labels = labels.to(dtype).cpu().numpy()
-    return labels if dtype == torch.uint8 else labels.astype(np.uint16)
+    labels = upsampled.argmax(dim=1, keepdim=True)  # (1, 1, H, W)
+    small_ids = logits.shape[1] <= 255
+    # nearest resampling takes uint8 or floats (exact for ids below 2**24), not int64
+    labels = labels.to(torch.uint8 if small_ids else torch.float32)
+    if out_size is not None and tuple(out_size) != tuple(size):
+        labels = F.interpolate(labels, tuple(out_size), mode="nearest")  # (1, 1, H', W')
+    return labels[0, 0] if small_ids else labels[0, 0].to(torch.int32)
 
 
-def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label image to (height, width)."""
-    if labels.shape == tuple(size):
-        return labels
-    return cv2.resize(labels, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+def labels_to_numpy(labels: torch.Tensor) -> np.ndarray:
+    """(H, W) labels from :func:`labels_from_logits` as a host array: uint8, or uint16 above 255 classes."""
+    array = labels.cpu().numpy()
+    return array if array.dtype == np.uint8 else array.astype(np.uint16)

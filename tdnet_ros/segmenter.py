@@ -6,7 +6,9 @@ import copy
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,14 @@ from .config import ModelConfig, feature_size_for
 from .fusion import fold_batch_norms
 from .data.classes import CLASS_COLORS, CLASS_NAMES
 from .model import TDNet
-from .preprocess import Normalizer, check_frame, check_normalized, labels_from_logits, resize_frame, resize_labels
+from .preprocess import (
+    Normalizer,
+    check_frame,
+    check_normalized,
+    labels_from_logits,
+    labels_to_numpy,
+    resize_frame,
+)
 from .timing import StageTimes
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,8 @@ class SegmentResult:
 class _Stream:
     cache: FeatureCache  # its frames_written (since the last reset) decides the sub-network
     input_size: tuple[int, int]
+    preprocessor: DevicePreprocessor | None  # device preprocessing: its own pinned staging buffer
+    cuda_stream: torch.cuda.Stream | None  # CUDA: its uploads, preprocessing and downloads
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -91,8 +102,13 @@ class Segmenter:
         backend_options: keyword arguments of `tdnet_ros.backends.make_runner`:
             `engine_dir` (prebuilt ONNX files / TensorRT engines), `compile_options`,
             `fallback` ("eager" or "cuda-graph").
-        preprocess: "cv2" (default: resize on the host, as the published pipeline) or
-            "device" (upload uint8 once, resize and normalize on the model's device).
+        preprocess: "cv2" (default: resize on the host, as the published pipeline),
+            "device" (upload uint8 once, resize and normalize on the model's device) or
+            "auto" (device on CUDA, cv2 on the CPU).
+
+    Several streams' frames given together (`segment_batch`) run as one batch where their
+    caches are at the same step; on CUDA each stream has its own CUDA stream for its
+    upload, preprocessing and download, so that those overlap with the others' compute.
     """
 
     def __init__(
@@ -126,11 +142,11 @@ class Segmenter:
         self.input_size = tuple(input_size) if isinstance(input_size, (tuple, list)) else input_size
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self._normalize = Normalizer(self.device, self.dtype, channels_last)
-        if preprocess not in ("cv2", "device"):
-            raise ValueError(f"unknown preprocess {preprocess!r}; use 'cv2' or 'device'")
-        self._device_preprocess = (
-            DevicePreprocessor(self.device, self.dtype, channels_last) if preprocess == "device" else None
-        )
+        if preprocess not in ("cv2", "device", "auto"):
+            raise ValueError(f"unknown preprocess {preprocess!r}; use 'cv2', 'device' or 'auto'")
+        if preprocess == "auto":
+            preprocess = "device" if self.device.type == "cuda" else "cv2"
+        self.preprocess = preprocess
         options = backend_options or {}
         self._runner = make_runner(
             backend, self.model, device=self.device, precision=precision, checkpoint=checkpoint, **options
@@ -207,31 +223,62 @@ class Segmenter:
 
     def warm_up(self, frame_size: tuple[int, int] | None = None, streams: tuple[str, ...] = ("default",)) -> None:
         """Allocates the streams' caches and does the backend's one-off work (CUDA graph
-        captures, engine loads) for frames of `frame_size` (default: the model input size),
-        so that the first real frame runs at full speed. The streams start cold afterwards."""
+        captures, compilation, engine loads) for frames of `frame_size` (default: the model
+        input size), so that the first real frame runs at full speed: for each stream alone,
+        and for all of them as one batch (cameras triggered together reach each step together).
+        The streams start cold afterwards."""
         if frame_size is None and self.input_size == "frame":
             raise ValueError("warm_up needs frame_size when the segmenter runs at each frame's own size")
         size = self.model_input_size(frame_size or (0, 0))
         x = torch.zeros(1, 3, *size, device=self.device, dtype=self.dtype)  # (1, 3, H, W)
         x = x.contiguous(memory_format=self._normalize.memory_format)
         with self._lock, torch.inference_mode():
-            for stream in streams:
-                state, _ = self._stream_state(stream, size)
-                self._runner.prepare(x, state.cache, stream)
+            states = [self._stream_state(stream, size) for stream in streams]
+            for stream, state in zip(streams, states):
+                self._runner.prepare(x, [state.cache], [stream])
+            if len(streams) > 1:
+                batch = x.expand(len(streams), -1, -1, -1).contiguous(memory_format=self._normalize.memory_format)
+                self._runner.prepare(batch, [state.cache for state in states], list(streams))  # (B, 3, H, W)
+            for state in states:
                 state.cache.reset()
 
     def segment(self, frame: np.ndarray, stream: str = "default") -> SegmentResult:
         """Segments one HxWx3 uint8 RGB frame; labels come back at the frame's resolution."""
+        return self.segment_batch({stream: frame})[stream]
+
+    def segment_batch(self, frames: Mapping[str, np.ndarray]) -> dict[str, SegmentResult]:
+        """Segments one HxWx3 uint8 RGB frame of each of several streams (e.g. a camera rig).
+
+        Streams whose caches are at the same step (same sub-network, warm state and input
+        size) run as one batch, in the order given. Results equal `segment` on each frame in
+        turn. Stage times: with one frame, each stage's own (CUDA: synchronized); with
+        several, the batch's stages, where on CUDA "postprocess" also waits for the GPU.
+
+        Raises:
+            ValueError: a frame is not HxWx3 uint8 C-contiguous (the message names its
+                stream); no frame is processed then.
+        """
         start = time.perf_counter()
-        frame = check_frame(frame)
-        times = StageTimes(self.device)
-        with times("preprocess"):
-            size = self.model_input_size(frame.shape[:2])
-            if self._device_preprocess is not None:
-                x = self._device_preprocess(frame, size)
-            else:
-                x = self._normalize(resize_frame(frame, size))
-        return self._run(x, stream, frame.shape[:2], times, start)
+        checked = {}
+        for stream, frame in frames.items():
+            try:
+                checked[stream] = check_frame(frame)
+            except ValueError as error:
+                raise ValueError(f"stream {stream!r}: {error}") from None
+        times = StageTimes(self.device, synchronize=len(checked) == 1)
+        with self._lock, torch.inference_mode():
+            inputs = {}
+            with times("preprocess"):
+                for stream, frame in checked.items():
+                    size = self.model_input_size(frame.shape[:2])
+                    state = self._stream_state(stream, size)
+                    with self._on_stream(state):
+                        if state.preprocessor is not None:
+                            inputs[stream] = state.preprocessor(frame, size)
+                        else:
+                            inputs[stream] = self._normalize(resize_frame(frame, size))
+            out_sizes = {stream: frame.shape[:2] for stream, frame in checked.items()}
+            return self._run(inputs, out_sizes, times, start)
 
     def segment_normalized(self, x: torch.Tensor, stream: str = "default") -> SegmentResult:
         """Segments a (1, 3, H, W) float32 tensor already normalized at the model input size."""
@@ -241,33 +288,78 @@ class Segmenter:
         times = StageTimes(self.device)
         memory_format = self._normalize.memory_format
         x = x.to(self.device, self.dtype, memory_format=memory_format)
-        return self._run(x, stream, tuple(x.shape[-2:]), times, start)
+        with self._lock, torch.inference_mode():
+            self._stream_state(stream, tuple(x.shape[-2:]))
+            return self._run({stream: x}, {stream: tuple(x.shape[-2:])}, times, start)[stream]
 
     def _run(
-        self, x: torch.Tensor, stream: str, out_size: tuple[int, int], times: StageTimes, start: float
-    ) -> SegmentResult:
-        with self._lock:
-            state, was_reset = self._stream_state(stream, tuple(x.shape[-2:]))
-            path = state.cache.frames_written % self.config.num_paths
-            with torch.inference_mode():
-                logits, warm = self._runner.run(x, path, state.cache, stream, times)
-                logits = logits.float()
-                with times("postprocess"):
-                    # Labels at the model input size, then nearest to the frame's: the
-                    # published pipeline's order (and K logit maps interpolated at the
-                    # model's size rather than the camera's).
-                    labels = labels_from_logits(logits, tuple(x.shape[-2:]))
-                    labels = resize_labels(labels, out_size)
-        times.ms["total"] = (time.perf_counter() - start) * 1e3
-        return SegmentResult(labels, logits[0], path, times.ms, warm, was_reset)
+        self,
+        inputs: dict[str, torch.Tensor],
+        out_sizes: dict[str, tuple[int, int]],
+        times: StageTimes,
+        start: float,
+    ) -> dict[str, SegmentResult]:
+        """Runs the streams' preprocessed (1, 3, H, W) inputs, batching those at the same step.
 
-    def _stream_state(self, stream: str, input_size: tuple[int, int]) -> tuple[_Stream, bool]:
+        Called with the lock held, after `_stream_state` for each stream at its input's size.
+        """
+        groups: dict[tuple[tuple[int, int], int, bool], list[str]] = {}
+        for stream, x in inputs.items():
+            cache = self._streams[stream].cache
+            step = (tuple(x.shape[-2:]), cache.frames_written % self.config.num_paths, cache.warm)
+            groups.setdefault(step, []).append(stream)
+        compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        labels: dict[str, torch.Tensor] = {}
+        outputs: dict[str, tuple[torch.Tensor, int, bool, bool]] = {}
+        for (size, path, _), members in groups.items():
+            states = [self._streams[stream] for stream in members]
+            for stream, state in zip(members, states):
+                self._hand_over(inputs[stream], state.cuda_stream, compute)
+            x = inputs[members[0]] if len(members) == 1 else torch.cat([inputs[s] for s in members])  # (B, 3, H, W)
+            resets = [state.cache.frames_written == 0 for state in states]
+            logits, warm = self._runner.run(x, path, [state.cache for state in states], members, times)
+            logits = logits.float()  # (B, K, h, w)
+            with times("postprocess"):
+                for row, (stream, state) in enumerate(zip(members, states)):
+                    self._hand_over(logits, compute, state.cuda_stream)
+                    with self._on_stream(state):
+                        labels[stream] = labels_from_logits(logits[row : row + 1], size, out_sizes[stream])
+                    outputs[stream] = (logits[row], path, warm, resets[row])
+        on_host = {}
+        with times("postprocess"):  # downloads: the other streams' work goes on meanwhile
+            for stream in inputs:
+                with self._on_stream(self._streams[stream]):
+                    on_host[stream] = labels_to_numpy(labels[stream])
+        timings = dict(times.ms, total=(time.perf_counter() - start) * 1e3)
+        results = {}
+        for stream in inputs:  # in the order given
+            logits, path, warm, reset = outputs[stream]
+            results[stream] = SegmentResult(on_host[stream], logits, path, dict(timings), warm, reset)
+        return results
+
+    @staticmethod
+    def _hand_over(
+        tensor: torch.Tensor, producer: torch.cuda.Stream | None, consumer: torch.cuda.Stream | None
+    ) -> None:
+        """Makes `consumer` wait for the work `producer` queued so far, and keeps the tensor's
+        memory from being reused before `consumer` is done with it (no-op on the CPU)."""
+        if producer is None or consumer is None or producer == consumer:
+            return
+        consumer.wait_stream(producer)
+        tensor.record_stream(consumer)
+
+    @staticmethod
+    def _on_stream(state: _Stream) -> AbstractContextManager:
+        return torch.cuda.stream(state.cuda_stream) if state.cuda_stream is not None else nullcontext()
+
+    def _stream_state(self, stream: str, input_size: tuple[int, int]) -> _Stream:
         """The stream's state, (re)allocated on its first frame and when its input size changes."""
         state = self._streams.get(stream)
         if state is not None and state.input_size == input_size:
-            return state, state.cache.frames_written == 0
+            return state
         if state is not None:
             log.info("stream %r changed input size %s -> %s: cache reset", stream, state.input_size, input_size)
+            self._runner.forget(stream)  # graphs over the old cache
         h, w = feature_size_for(input_size)
         s = self.config.cache_stride
         cached_tokens = ((h - 1) // s + 1) * ((w - 1) // s + 1)
@@ -279,8 +371,15 @@ class Segmenter:
             device=self.device,
             dtype=self.model.attention_dtype,
         )
-        state = self._streams[stream] = _Stream(cache, input_size)
-        return state, True
+        cuda = self.device.type == "cuda"
+        channels_last = self._normalize.memory_format == torch.channels_last
+        state = self._streams[stream] = _Stream(
+            cache,
+            input_size,
+            DevicePreprocessor(self.device, self.dtype, channels_last) if self.preprocess == "device" else None,
+            (state.cuda_stream if state is not None else torch.cuda.Stream(self.device)) if cuda else None,
+        )
+        return state
 
     def streams(self) -> list[str]:
         return list(self._streams)

@@ -154,6 +154,29 @@ def test_onnx_segmenter_matches_eager_across_reset(onnx_build):
     assert onnx.segment(inputs[0], "s").timings["network"] > 0
 
 
+def assert_same_batches(reference: Segmenter, other: Segmenter, count: int = 6, atol: float = 1e-4) -> None:
+    """Three streams, "c" one frame behind: batches of two and of one, through both segmenters."""
+    streams = {name: frames(count + 1, seed=seed) for seed, name in enumerate("abc")}
+    for t in range(count):
+        batch = {"a": streams["a"][t], "b": streams["b"][t], "c": streams["c"][max(t - 1, 0)]}
+        if t == 0:
+            del batch["c"]
+        want, got = reference.segment_batch(batch), other.segment_batch(batch)
+        for name in batch:
+            a, b = want[name], got[name]
+            assert (a.path, a.cache_warm) == (b.path, b.cache_warm), f"{name} frame {t}"
+            diff = (a.logits - b.logits).abs().max().item()
+            assert diff <= atol, f"{name} frame {t}: logits differ by {diff}"
+            assert (a.labels == b.labels).mean() >= 0.999, f"{name} frame {t}: labels differ"
+
+
+def test_onnx_runs_a_batch_of_streams_row_by_row(onnx_build):
+    checkpoint, engines = onnx_build
+    onnx = Segmenter.from_checkpoint(checkpoint, backend="onnx", backend_options={"engine_dir": engines})
+    onnx.warm_up(streams=("a", "b", "c"))
+    assert_same_batches(Segmenter.from_checkpoint(checkpoint), onnx)
+
+
 def test_onnx_missing_artefacts_fall_back_with_one_message(onnx_build, tmp_path, caplog):
     checkpoint, engines = onnx_build
     # Another input size than the one exported: no artefacts for its key.
@@ -351,6 +374,13 @@ def test_compile_traced_by_dynamo_matches_eager():
     assert seg.backend == "compile"
     seg.warm_up(streams=("s",))
     assert_same_run(Segmenter(tiny_model()), seg, frames(6), atol=1e-5)
+
+
+def test_compile_runs_batches_of_streams():
+    options = {"compile_options": {"backend": "eager"}}
+    seg = Segmenter(tiny_model(), backend="compile", backend_options=options)
+    seg.warm_up(streams=("a", "b", "c"))
+    assert_same_batches(Segmenter(tiny_model()), seg, atol=1e-5)
 
 
 def test_compile_failure_falls_back_with_one_message(caplog):

@@ -201,3 +201,62 @@ def test_bfloat16_agrees_with_float32():
         a = full.segment(frame, stream="s").labels
         b = reduced.segment(frame, stream="s").labels
         assert (a == b).mean() >= 0.9  # random tiny weights: near-flat logits, so a loose bound
+
+
+# --- several streams at once ------------------------------------------------------------------
+
+
+def run_alone(frames_by_stream: dict[str, list[np.ndarray]], **options) -> dict[str, list]:
+    """Each stream's frames through `segment`, one stream after the other (the reference)."""
+    seg = tiny_segmenter(**options)
+    return {name: [seg.segment(f, stream=name) for f in frames] for name, frames in frames_by_stream.items()}
+
+
+def test_batch_equals_each_stream_alone():
+    # "late" starts one frame after the others: it is one step behind, so the streams run
+    # as a batch of two and a batch of one, and "late" joins nobody's step.
+    frames = {name: random_frames(7, seed=seed) for seed, name in enumerate(("front", "left", "late"))}
+    reference = run_alone({"front": frames["front"], "left": frames["left"], "late": frames["late"][:6]})
+    seg = tiny_segmenter()
+    got: dict[str, list] = {name: [] for name in frames}
+    for t in range(7):
+        batch = {name: frames[name][t] for name in ("front", "left")}
+        if t >= 1:
+            batch["late"] = frames["late"][t - 1]
+        results = seg.segment_batch(batch)
+        assert list(results) == list(batch)  # in the order given
+        for name, result in results.items():
+            got[name].append(result)
+    assert [r.path for r in got["late"]] == [0, 1, 2, 3, 0, 1]
+    for name in frames:
+        assert len(got[name]) == len(reference[name])
+        for t, (want, have) in enumerate(zip(reference[name], got[name])):
+            assert (want.path, want.cache_warm, want.cache_reset) == (have.path, have.cache_warm, have.cache_reset)
+            # a batch of B convolves the same numbers in another order: logits differ by rounding
+            torch.testing.assert_close(have.logits, want.logits, atol=1e-4, rtol=1e-4, msg=f"{name} frame {t}")
+            assert (have.labels == want.labels).mean() >= 0.999, f"{name} frame {t}"
+
+
+def test_batch_of_different_frame_sizes_keeps_each_frame_size():
+    seg = tiny_segmenter(input_size="frame")
+    frames = {"wide": random_frames(1, 96, 160)[0], "small": random_frames(1, 64, 64, seed=3)[0]}
+    results = seg.segment_batch(frames)
+    assert results["wide"].labels.shape == (96, 160) and results["small"].labels.shape == (64, 64)
+    assert results["wide"].logits.shape[-2:] != results["small"].logits.shape[-2:]
+
+
+def test_bad_frame_in_a_batch_names_its_stream_and_nothing_runs():
+    seg = tiny_segmenter()
+    good = random_frames(1)[0]
+    with pytest.raises(ValueError, match="stream 'rear': frame must be uint8"):
+        seg.segment_batch({"front": good, "rear": good.astype(np.float32)})
+    assert seg.streams() == []  # the good frame did not advance its stream either
+    assert seg.segment_batch({}) == {}
+
+
+def test_warm_up_allocates_every_stream_cold():
+    seg = tiny_segmenter()
+    seg.warm_up(streams=("a", "b", "c"))
+    assert seg.streams() == ["a", "b", "c"]
+    results = seg.segment_batch({name: frame for name, frame in zip("abc", random_frames(3))})
+    assert all(r.path == 0 and r.cache_reset and not r.cache_warm for r in results.values())

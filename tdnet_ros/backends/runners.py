@@ -1,7 +1,9 @@
 """Step runners: how a segmenter runs one frame's step against a stream's feature cache.
 
 Every runner does read cache -> step -> write cache and returns (logits, warm), where warm
-says whether the attention term over the cached frames was used. The eager runner is the
+says whether the attention term over the cached frames was used. A call carries a batch:
+one frame of each of B streams whose caches are at the same step (same path, warm state
+and input size), row i of x belonging to caches[i] and streams[i]. The eager runner is the
 reference; the others run the same `StepModule` (see step.py) through a compiler or a
 captured CUDA graph, and fall back with one log line when they cannot run here.
 """
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..cache import FeatureCache
+from ..cache import FeatureCache, read_batch, store_batch, write_batch
 from ..model import TDNet
 from .artifacts import ArtifactKey, BackendUnavailable, checkpoint_hash, find_artifacts, library_versions
 from .step import StepModule, example_inputs, gather_cache, step_keys, step_name
@@ -35,7 +37,7 @@ def _no_timer(_: str) -> AbstractContextManager:
 
 
 class StepRunner:
-    """Runs sub-network `path` on x against `cache`, updating the cache (eager reference)."""
+    """Runs sub-network `path` on a batch against its streams' caches, updating them (eager reference)."""
 
     name = "eager"
 
@@ -43,25 +45,34 @@ class StepRunner:
         self.model = model
 
     def run(
-        self, x: torch.Tensor, path: int, cache: FeatureCache, stream: str, timer: StageTimer = _no_timer
+        self,
+        x: torch.Tensor,
+        path: int,
+        caches: list[FeatureCache],
+        streams: list[str],
+        timer: StageTimer = _no_timer,
     ) -> tuple[torch.Tensor, bool]:
-        cached = cache.read(self.model.cache_order(path))
+        """x: (B, 3, H, W) with B = len(caches) = len(streams); returns ((B, K, h, w) logits, warm)."""
+        cached = read_batch(caches, self.model.cache_order(path))
         out = self.model.step(x, path, cached, timer=timer)
-        cache.write(path, out.cache_entry)
+        write_batch(caches, path, out.cache_entry)
         return out.logits, cached is not None
 
-    def prepare(self, x: torch.Tensor, cache: FeatureCache, stream: str) -> None:
-        """Does all one-off work for a stream's input shape (captures, engine loads) before frames arrive."""
+    def prepare(self, x: torch.Tensor, caches: list[FeatureCache], streams: list[str]) -> None:
+        """Does all one-off work for these streams batched at x's shape (captures, engine
+        loads, compilation) before frames arrive."""
 
     def forget(self, stream: str | None = None) -> None:
         """Drops per-stream resources (all streams when None)."""
 
 
 class ModuleRunner(StepRunner):
-    """Runs one callable per (path, warm) with the cache gathered into stacked tensors.
+    """Runs one callable per (path, warm) with the caches gathered into stacked tensors.
 
     `steps_for(input_size)` returns the callables for a model input size, or raises
-    BackendUnavailable; then this size runs on `fallback`, after one log line.
+    BackendUnavailable; then this size runs on `fallback`, after one log line. Callables of
+    a fixed batch of one (ONNX files, TensorRT engines) have `batched=False`: a batch then
+    runs through them row by row.
     """
 
     def __init__(
@@ -70,11 +81,13 @@ class ModuleRunner(StepRunner):
         name: str,
         steps_for: Callable[[tuple[int, int]], dict[tuple[int, bool], StepFn]],
         fallback: StepRunner,
+        batched: bool = True,
     ) -> None:
         super().__init__(model)
         self.name = name
         self._steps_for = steps_for
         self._fallback = fallback
+        self._batched = batched
         self._by_size: dict[tuple[int, int], dict[tuple[int, bool], StepFn] | None] = {}
 
     def steps(self, input_size: tuple[int, int]) -> dict[tuple[int, bool], StepFn] | None:
@@ -92,24 +105,36 @@ class ModuleRunner(StepRunner):
                 self._by_size[input_size] = None
         return self._by_size[input_size]
 
-    def run(self, x, path, cache, stream, timer=_no_timer):
+    def run(self, x, path, caches, streams, timer=_no_timer):
         steps = self.steps(tuple(x.shape[-2:]))
         if steps is None:
-            return self._fallback.run(x, path, cache, stream, timer)
-        warm = cache.warm
+            return self._fallback.run(x, path, caches, streams, timer)
+        warm = caches[0].warm
+        step = steps[(path, warm)]
         with timer("network"):
-            inputs = (x, *gather_cache(cache, self.model.cache_order(path))) if warm else (x,)
-            logits, query, key, value = steps[(path, warm)](*inputs)
-            cache.write(path, (query, key, value))
+            if self._batched or len(caches) == 1:
+                logits = self._run_step(step, x, path, caches, warm)
+            else:
+                logits = torch.cat(
+                    [self._run_step(step, x[i : i + 1], path, [c], warm) for i, c in enumerate(caches)]
+                )  # (B, K, h, w)
         return logits, warm
 
-    def prepare(self, x, cache, stream):
+    def _run_step(self, step: StepFn, x: torch.Tensor, path: int, caches: list[FeatureCache], warm: bool):
+        inputs = (x, *gather_cache(caches, self.model.cache_order(path))) if warm else (x,)
+        logits, query, key, value = step(*inputs)
+        write_batch(caches, path, (query, key, value))
+        return logits
+
+    def prepare(self, x, caches, streams):
         """Loads (or compiles) every step for this input size and runs each once."""
         size = tuple(x.shape[-2:])
         steps = self.steps(size)
         if steps is None:
-            self._fallback.prepare(x, cache, stream)
+            self._fallback.prepare(x, caches, streams)
             return
+        if not self._batched:
+            x = x[:1]  # the artefacts take one frame; a batch runs them row by row
         for (path, warm), step in steps.items():
             cached = example_inputs(self.model, size, warm, batch=x.shape[0], device=x.device)[1:]
             step(x, *cached)  # x as the frames will come (dtype, memory format)
@@ -173,21 +198,30 @@ class _Capture:
 
 
 @dataclass
-class _StreamGraphs:
-    cache: FeatureCache
+class _BatchGraphs:
+    """The graphs of one batch of streams (often a single stream) at one input shape."""
+
+    caches: list[FeatureCache]
     shape: tuple[int, ...]
     static_x: torch.Tensor  # (B, 3, H, W) static input
     captures: dict[tuple[int, bool], _Capture] = field(default_factory=dict)
 
+    def serves(self, x: torch.Tensor, caches: list[FeatureCache]) -> bool:
+        same_caches = len(caches) == len(self.caches) and all(a is b for a, b in zip(caches, self.caches))
+        return same_caches and self.shape == tuple(x.shape)
+
 
 class CudaGraphRunner(StepRunner):
-    """One CUDA graph per (path, warm) per stream and input shape.
+    """One CUDA graph per (path, warm) per batch of streams and input shape.
 
-    Each graph reads the stream's cache slots in place (index_select on the device) and
-    writes this frame's entry into its slot, so a replay is one graph launch after one copy
-    of the frame into the static input. A new cache (first frame, size change) gets new
-    graphs; a reset keeps them (the cold graphs run until the cache is warm again).
-    All graphs of a runner share one memory pool; frames of a segmenter run one at a time.
+    Each graph reads its streams' cache slots in place (index_select on the device) and
+    writes this frame's entries into their slots, so a replay is one graph launch after one
+    copy of the frames into the static input. A batch of streams (cameras at the same step)
+    gets graphs of its own, captured at its first frame unless `prepare` captured them. A
+    new cache (first frame, size change) gets new graphs; a reset keeps them (the cold
+    graphs run until the caches are warm again). All graphs of a runner share one memory
+    pool: their replays must not overlap, so the segmenter runs every step on one CUDA
+    stream, one at a time.
     """
 
     name = "cuda-graph"
@@ -195,20 +229,20 @@ class CudaGraphRunner(StepRunner):
     def __init__(self, model: TDNet, warmup_iterations: int = 2) -> None:
         super().__init__(model)
         self._modules = {key: StepModule(model, *key).eval() for key in step_keys(model)}
-        self._streams: dict[str, _StreamGraphs] = {}
+        self._batches: dict[tuple[str, ...], _BatchGraphs] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._warmup_iterations = warmup_iterations
 
-    def _body(self, graphs: _StreamGraphs, path: int, warm: bool, index: torch.Tensor | None) -> torch.Tensor:
-        cache = graphs.cache
-        inputs = (graphs.static_x, *gather_cache(cache, index)) if warm else (graphs.static_x,)
+    def _body(self, graphs: _BatchGraphs, path: int, warm: bool, index: torch.Tensor | None) -> torch.Tensor:
+        caches = graphs.caches
+        inputs = (graphs.static_x, *gather_cache(caches, index)) if warm else (graphs.static_x,)
         logits, query, key, value = self._modules[(path, warm)](*inputs)
-        cache.store(path, (query, key, value))  # captured: replays count the frame themselves
+        store_batch(caches, path, (query, key, value))  # captured: replays count the frame themselves
         return logits
 
-    def prepare(self, x: torch.Tensor, cache: FeatureCache, stream: str) -> None:
-        """Captures every step's graph for this stream's cache and input shape."""
-        graphs = _StreamGraphs(cache, tuple(x.shape), torch.empty_like(x))
+    def prepare(self, x: torch.Tensor, caches: list[FeatureCache], streams: list[str]) -> None:
+        """Captures every step's graph for these streams' caches and input shape."""
+        graphs = _BatchGraphs(list(caches), tuple(x.shape), torch.empty_like(x))
         graphs.static_x.copy_(x)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -222,30 +256,41 @@ class CudaGraphRunner(StepRunner):
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = self._body(graphs, path, warm, index)
             graphs.captures[(path, warm)] = _Capture(graph, logits)
-        cache.reset()  # the warm-up wrote into the slots: nothing in them is a real frame
-        self._streams[stream] = graphs
-        log.info("stream %r: captured %d CUDA graphs for input %s", stream, len(graphs.captures), tuple(x.shape))
+        for cache in caches:
+            cache.reset()  # the warm-up wrote into the slots: nothing in them is a real frame
+        self._batches[tuple(streams)] = graphs
+        log.info("streams %s: captured %d CUDA graphs for input %s", list(streams), len(graphs.captures), tuple(x.shape))
 
-    def run(self, x, path, cache, stream, timer=_no_timer):
-        graphs = self._streams.get(stream)
-        if graphs is None or graphs.cache is not cache or graphs.shape != tuple(x.shape):
-            self.forget(stream)
-            self.prepare(x, cache, stream)
-            graphs = self._streams[stream]
-        warm = cache.warm
+    def run(self, x, path, caches, streams, timer=_no_timer):
+        graphs = self._batches.get(tuple(streams))
+        if graphs is None or not graphs.serves(x, caches):
+            if graphs is not None:
+                self._batches.pop(tuple(streams))
+            # Capturing resets the caches: keep their frames across it (a batch seen for
+            # the first time is usually made of streams already running).
+            saved = [(c.query.clone(), c.key.clone(), c.value.clone(), c.frames_written) for c in caches]
+            self.prepare(x, caches, streams)
+            for cache, (query, key, value, count) in zip(caches, saved):
+                cache.query.copy_(query)
+                cache.key.copy_(key)
+                cache.value.copy_(value)
+                cache.frames_written = count
+            graphs = self._batches[tuple(streams)]
+        warm = caches[0].warm
         with timer("network"):
             capture = graphs.captures[(path, warm)]
             graphs.static_x.copy_(x)
             capture.graph.replay()
-            cache.frames_written += 1
+            for cache in caches:
+                cache.frames_written += 1
             logits = capture.logits.clone()  # the static output is overwritten by the next replay
         return logits, warm
 
     def forget(self, stream: str | None = None) -> None:
-        if stream is None:
-            self._streams.clear()
-        else:
-            self._streams.pop(stream, None)
+        """Drops the graphs of every batch `stream` belongs to (all graphs when None)."""
+        for streams in list(self._batches):
+            if stream is None or stream in streams:
+                del self._batches[streams]
 
 
 def _artifact_key(
@@ -331,7 +376,7 @@ def make_runner(
             files = find_artifacts(engine_dir, key_for(input_size))
             return {k: load_onnx_step(files[step_name(*k)], device) for k in step_keys(model)}
 
-        return ModuleRunner(model, "onnx", onnx_steps, eager)
+        return ModuleRunner(model, "onnx", onnx_steps, eager, batched=False)
     # tensorrt
     from .tensorrt import import_torch_tensorrt, load_engine
 
@@ -345,4 +390,4 @@ def make_runner(
         files = find_artifacts(engine_dir, key_for(input_size))
         return {k: load_engine(files[step_name(*k)], device) for k in step_keys(model)}
 
-    return ModuleRunner(model, "tensorrt", engine_steps, eager)
+    return ModuleRunner(model, "tensorrt", engine_steps, eager, batched=False)

@@ -98,12 +98,17 @@ def example_inputs(
 
 
 def gather_cache(
-    cache: FeatureCache, slots: list[int] | torch.Tensor
+    caches: list[FeatureCache], slots: list[int] | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cached frames in `slots` order (oldest first), stacked: (N-1, B, L, d) each.
+    """Several streams' cached frames in `slots` order (oldest first), stacked and batched:
+    (N-1, B, L, d) each, row i of the batch from caches[i].
 
-    `slots` may be a prebuilt index tensor on the cache's device (needed inside a CUDA
+    `slots` may be a prebuilt index tensor on the caches' device (needed inside a CUDA
     graph capture, where no host-to-device copy may happen).
     """
-    index = slots if isinstance(slots, torch.Tensor) else torch.tensor(slots, device=cache.query.device)
-    return cache.query.index_select(0, index), cache.key.index_select(0, index), cache.value.index_select(0, index)
+    device = caches[0].query.device
+    index = slots if isinstance(slots, torch.Tensor) else torch.tensor(slots, device=device)
+    parts = [(c.query.index_select(0, index), c.key.index_select(0, index), c.value.index_select(0, index)) for c in caches]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(3))  # (N-1, B, L, d)
