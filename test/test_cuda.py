@@ -176,7 +176,7 @@ def test_cuda_graph_replay_across_reset_and_size_change():
     runner = graphs._runner
     assert isinstance(runner, CudaGraphRunner)
     graphs.warm_up(frame_size=(96, 160), streams=("s",))
-    captured = runner._streams["s"]
+    captured = runner._batches[("s",)]
     assert len(captured.captures) == 8
     schedule = (
         frames(6, 96, 160)
@@ -192,9 +192,9 @@ def test_cuda_graph_replay_across_reset_and_size_change():
             continue
         assert_same(eager.segment(frame, "s"), graphs.segment(frame, "s"), t)
         if t < 12:  # before the size change: the warm-up's graphs replayed, across the reset
-            assert runner._streams["s"] is captured
-    assert runner._streams["s"] is not captured  # a size change captured new graphs
-    assert runner._streams["s"].shape[-2:] == (96, 160)
+            assert runner._batches[("s",)] is captured
+    assert runner._batches[("s",)] is not captured  # a size change captured new graphs
+    assert runner._batches[("s",)].shape[-2:] == (96, 160)
 
 
 def test_cuda_graph_several_streams_interleaved():
@@ -204,7 +204,39 @@ def test_cuda_graph_several_streams_interleaved():
     for t, name in enumerate(names):
         frame = synthetic_frame(96, 160, seed=100 + t)
         assert_same(eager.segment(frame, name), graphs.segment(frame, name), t)
-    assert sorted(graphs._runner._streams) == ["front", "left", "rear"]
+    assert set(graphs._runner._batches) == {("front",), ("left",), ("rear",), ("front", "rear", "left")}
+
+
+def test_cuda_graph_batches_of_streams_match_eager():
+    eager, graphs = tiny_pair()
+    names = ("front", "rear", "left")
+    graphs.warm_up(frame_size=(96, 160), streams=names)
+    rig = graphs._runner._batches[names]  # the warm-up captured the whole rig as one batch
+    for t in range(10):
+        batch = {name: synthetic_frame(96, 160, seed=10 * t + i) for i, name in enumerate(names)}
+        if t in (4, 5):
+            del batch["left"]  # "left" falls one step behind: a batch of two and one of one
+        want, got = eager.segment_batch(batch), graphs.segment_batch(batch)
+        for name in batch:
+            assert_same(want[name], got[name], t)
+    assert graphs._runner._batches[names] is rig
+    assert ("front", "rear") in graphs._runner._batches  # captured at its first frame
+
+
+def test_batch_on_cuda_streams_with_device_preprocess_matches_one_at_a_time():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("td4-tiny"))
+    alone = Segmenter(model, device="cuda", preprocess="device")
+    batched = Segmenter(model, device="cuda", preprocess="device", backend="cuda-graph")
+    names = [f"camera{i}" for i in range(4)]
+    batched.warm_up(streams=tuple(names))
+    for t in range(6):
+        batch = {name: synthetic_frame(1080, 1920, seed=100 * i + t) for i, name in enumerate(names)}
+        got = batched.segment_batch(batch)
+        for name, frame in batch.items():
+            assert_same(alone.segment(frame, name), got[name], t)
+    cuda_streams = {batched._streams[name].cuda_stream for name in names}
+    assert len(cuda_streams) == 4 and torch.cuda.current_stream() not in cuda_streams
 
 
 def test_cuda_graph_logits_are_not_overwritten_by_the_next_replay():
