@@ -47,6 +47,7 @@ class SegmentResult:
     timings: dict[str, float]  # stage -> milliseconds
     cache_warm: bool  # whether the attention term over the cached frames was used
     cache_reset: bool  # whether this frame started a new temporal sequence
+    batch_size: int = 1  # frames of streams at the same step that ran with this one, itself included
 
 
 @dataclass
@@ -221,12 +222,14 @@ class Segmenter:
                 if stream is None or name == stream:
                     state.cache.reset()
 
-    def warm_up(self, frame_size: tuple[int, int] | None = None, streams: tuple[str, ...] = ("default",)) -> None:
+    def warm_up(
+        self, frame_size: tuple[int, int] | None = None, streams: tuple[str, ...] = ("default",), batched: bool = True
+    ) -> None:
         """Allocates the streams' caches and does the backend's one-off work (CUDA graph
         captures, compilation, engine loads) for frames of `frame_size` (default: the model
         input size), so that the first real frame runs at full speed: for each stream alone,
-        and for all of them as one batch (cameras triggered together reach each step together).
-        The streams start cold afterwards."""
+        and, when `batched`, for all of them as one batch (cameras triggered together reach
+        each step together). The streams start cold afterwards."""
         if frame_size is None and self.input_size == "frame":
             raise ValueError("warm_up needs frame_size when the segmenter runs at each frame's own size")
         size = self.model_input_size(frame_size or (0, 0))
@@ -236,7 +239,7 @@ class Segmenter:
             states = [self._stream_state(stream, size) for stream in streams]
             for stream, state in zip(streams, states):
                 self._runner.prepare(x, [state.cache], [stream])
-            if len(streams) > 1:
+            if batched and len(streams) > 1:
                 batch = x.expand(len(streams), -1, -1, -1).contiguous(memory_format=self._normalize.memory_format)
                 self._runner.prepare(batch, [state.cache for state in states], list(streams))  # (B, 3, H, W)
             for state in states:
@@ -310,7 +313,7 @@ class Segmenter:
             groups.setdefault(step, []).append(stream)
         compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         labels: dict[str, torch.Tensor] = {}
-        outputs: dict[str, tuple[torch.Tensor, int, bool, bool]] = {}
+        outputs: dict[str, tuple[torch.Tensor, int, bool, bool, int]] = {}
         for (size, path, _), members in groups.items():
             states = [self._streams[stream] for stream in members]
             for stream, state in zip(members, states):
@@ -324,7 +327,7 @@ class Segmenter:
                     self._hand_over(logits, compute, state.cuda_stream)
                     with self._on_stream(state):
                         labels[stream] = labels_from_logits(logits[row : row + 1], size, out_sizes[stream])
-                    outputs[stream] = (logits[row], path, warm, resets[row])
+                    outputs[stream] = (logits[row], path, warm, resets[row], len(members))
         on_host = {}
         with times("postprocess"):  # downloads: the other streams' work goes on meanwhile
             for stream in inputs:
@@ -333,8 +336,8 @@ class Segmenter:
         timings = dict(times.ms, total=(time.perf_counter() - start) * 1e3)
         results = {}
         for stream in inputs:  # in the order given
-            logits, path, warm, reset = outputs[stream]
-            results[stream] = SegmentResult(on_host[stream], logits, path, dict(timings), warm, reset)
+            logits, path, warm, reset, batch_size = outputs[stream]
+            results[stream] = SegmentResult(on_host[stream], logits, path, dict(timings), warm, reset, batch_size)
         return results
 
     @staticmethod

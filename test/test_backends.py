@@ -274,6 +274,16 @@ def test_artifact_key_changes_with_everything_it_depends_on(tmp_path):
     )
 
 
+def test_weights_hash_of_an_in_memory_channels_last_model():
+    from tdnet_ros.backends import checkpoint_hash
+
+    model = Segmenter(tiny_model()).model  # channels-last, BatchNorm folded: (K, C, 1, 1) weights
+    before = checkpoint_hash(None, model)
+    with torch.no_grad():
+        model.paths[0].head[-1].weight[0, 0] += 1.0
+    assert checkpoint_hash(None, model) != before
+
+
 def test_find_artifacts_says_what_is_missing(tmp_path):
     key = ArtifactKey("tensorrt", "td4-tiny", (128, 256), "float16", "ab" * 32, {"torch": "x"})
     with pytest.raises(BackendUnavailable, match="no engine directory"):

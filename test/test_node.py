@@ -327,6 +327,38 @@ def test_two_cameras_at_once(harness: Harness) -> None:
         assert len(received & set(sent[topic])) >= 2
 
 
+def test_cameras_waiting_together_run_as_one_batch(harness: Harness) -> None:
+    """A frame of camera C keeps the worker busy while A and B arrive: their frames wait
+    together, start new sequences (same step), and run as one batch whose labels equal the
+    core's segment_batch of the same frames."""
+    h = harness
+    for attempt in range(5):
+        stamp = h.next_stamp(10.0)
+        sent = {"a": frame(300 + attempt), "b": frame(310 + attempt), "c": frame(320 + attempt)}
+        ok, png = cv2.imencode(".png", sent["c"][..., ::-1])
+        assert ok
+        busy = CompressedImage(format="png", data=png.tobytes())
+        busy.header.stamp.sec, busy.header.stamp.nanosec = divmod(stamp, 10**9)
+        busy.header.frame_id = "camera_c"
+        h.pub[CAM_C].publish(busy)
+        h.pub[CAM_A].publish(make_image(sent["a"], stamp_ns=stamp, frame_id="camera_a"))
+        h.pub[CAM_B].publish(make_image(sent["b"], stamp_ns=stamp, frame_id="camera_b"))
+        out = {name: h.outputs(o, stamp, names=("labels", "timing")) for name, o in (("a", OUT_A), ("b", OUT_B))}
+        sizes = {name: out[name]["timing"].batch_size for name in out}
+        if min(sizes.values()) < 2:
+            continue  # the worker took A before B arrived: try again
+        assert sizes["a"] == sizes["b"]
+        batch = ("a", "b", "c")[: sizes["a"]]  # C joins when its frame was still waiting too
+        for name in batch:
+            h.reference.reset(name)
+        expected = h.reference.segment_batch({name: sent[name] for name in batch})
+        for name in ("a", "b"):
+            assert out[name]["timing"].path == 0 and not out[name]["timing"].cache_warm
+            np.testing.assert_array_equal(decoded(out[name]["labels"]), expected[name].labels)
+        return
+    pytest.fail(f"A and B never ran as one batch in 5 attempts:\n{h.node.log()[-3000:]}")
+
+
 def test_class_table_reaches_a_late_subscriber(harness: Harness) -> None:
     h = harness
     table_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,

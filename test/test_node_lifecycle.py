@@ -72,6 +72,10 @@ def test_configuration_errors_stop_the_node_with_one_clear_error(checkpoint: Pat
                                ["parameter 'overlay_alpha'"]),
         "bad device": (["-p", f"checkpoint:={checkpoint}", "-p", "device:=gpu0"],
                        ["parameter 'device': 'gpu0' is not auto, cpu, cuda or cuda:N"]),
+        "bad backend": (["-p", f"checkpoint:={checkpoint}", "-p", "backend:=trt"],
+                        ["parameter 'backend': 'trt' is not one of auto, eager, compile, cuda-graph, onnx, tensorrt"]),
+        "bad input size": (["-p", f"checkpoint:={checkpoint}", "-p", "input_size:=720p"],
+                           ["parameter 'input_size': '720p' is not empty, HEIGHTxWIDTH"]),
         "class table of another size": (
             ["-p", f"checkpoint:={checkpoint}", "-p", f"class_table:={small_table}"],
             [f"class table '{small_table}'", "0..18"]),
@@ -99,6 +103,33 @@ def test_configuration_errors_stop_the_node_with_one_clear_error(checkpoint: Pat
     finally:
         for process in processes.values():
             process.kill()
+
+
+def test_missing_engines_fall_back_with_one_warning_before_ready(checkpoint: Path, tmp_path: Path) -> None:
+    node = NodeProcess(
+        ["-p", f"checkpoint:={checkpoint}", "-p", "device:=cpu", "-p", "backend:=onnx",
+         "-p", f"engine_dir:={tmp_path / 'engines'}", "-p", "input_size:=96x160",
+         "-p", "cameras:=[/left/image,/right/image]"],
+        domain_id=pick_domain_id(), log_path=tmp_path / "node.log",
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "ready:" not in node.log() and node.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = node.log()
+        (ready,) = [line for line in log.splitlines() if "ready:" in line]
+        assert "backend eager" in ready and "input 96x160" in ready and "preprocess cv2" in ready, ready
+        warnings = [line for line in log.splitlines() if "[WARN]" in line]
+        assert len(warnings) == 1, log
+        assert "onnx backend unavailable at input 96x160, running eager" in warnings[0]
+        assert "tdnet-build-engines --backend onnx" in warnings[0]
+        # the warning came during the warm-up, before the node said it was ready
+        assert log.index(warnings[0]) < log.index(ready)
+        assert "warm-up (eager, 2 camera(s))" in log
+        code, _ = node.stop()
+        assert code == 0, log
+    finally:
+        node.kill()
 
 
 # --- signals -------------------------------------------------------------------------------

@@ -228,6 +228,7 @@ def test_batch_equals_each_stream_alone():
         for name, result in results.items():
             got[name].append(result)
     assert [r.path for r in got["late"]] == [0, 1, 2, 3, 0, 1]
+    assert [r.batch_size for r in got["front"]] == [2] * 7 and {r.batch_size for r in got["late"]} == {1}
     for name in frames:
         assert len(got[name]) == len(reference[name])
         for t, (want, have) in enumerate(zip(reference[name], got[name])):

@@ -84,11 +84,18 @@ class ModuleRunner(StepRunner):
         batched: bool = True,
     ) -> None:
         super().__init__(model)
-        self.name = name
+        self._name = name
         self._steps_for = steps_for
         self._fallback = fallback
         self._batched = batched
         self._by_size: dict[tuple[int, int], dict[tuple[int, bool], StepFn] | None] = {}
+
+    @property
+    def name(self) -> str:
+        """This backend's name, or the fallback's once every input size seen fell back."""
+        if self._by_size and all(steps is None for steps in self._by_size.values()):
+            return self._fallback.name
+        return self._name
 
     def steps(self, input_size: tuple[int, int]) -> dict[tuple[int, bool], StepFn] | None:
         if input_size not in self._by_size:
@@ -97,7 +104,7 @@ class ModuleRunner(StepRunner):
             except BackendUnavailable as error:
                 log.warning(
                     "%s backend unavailable at input %dx%d, running %s instead: %s",
-                    self.name,
+                    self._name,
                     *input_size,
                     self._fallback.name,
                     error,

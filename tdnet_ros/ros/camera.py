@@ -23,6 +23,7 @@ from tdnet_ros.image_encoding import (
     image_to_rgb,
 )
 from tdnet_ros.masks import class_regions, color_lut, colorize, overlay
+from tdnet_ros.preprocess import check_frame
 from tdnet_ros.ros.serialized_image import SerializedImageError, parse_image, serialize_image
 
 if TYPE_CHECKING:
@@ -39,6 +40,19 @@ class FrameJob:
     msg: Any
     received_ns: int  # time.monotonic_ns() at reception
     wall_received_ns: int  # time.time_ns() at reception
+
+
+@dataclass
+class PreparedFrame:
+    """A decoded frame on its way to the segmenter."""
+
+    job: FrameJob
+    rgb: np.ndarray  # (H, W, 3) uint8
+    header: Header
+    stamp_ns: int
+    wanted: dict[str, bool]  # output -> somebody subscribes to it
+    start_ns: int  # time.monotonic_ns() when the worker took the frame
+    decoded_ns: int
 
 
 def output_namespaces(topics: list[str], output_namespace: str) -> list[str]:
@@ -264,37 +278,42 @@ class CameraStream:
             "timing": self.pub_timing.get_subscription_count() > 0,
         }
 
-    def process(self, job: FrameJob, segmenter: Any, names: list[str], colors: np.ndarray, msgs: Any) -> None:
-        """Decodes, segments and publishes one frame (worker thread)."""
+    def prepare(self, job: FrameJob, segmenter: Any) -> Optional[PreparedFrame]:
+        """Decodes a frame and applies a due cache reset (worker thread).
+
+        Returns None, after counting it, for bad input and when nobody subscribes to any
+        output; otherwise the frame for the segmenter.
+        """
         start_ns = time.monotonic_ns()
-        msg = job.msg
         try:
-            rgb, header = self._decode(msg)
-        except (ImageEncodingError, SerializedImageError) as error:
+            rgb, header = self._decode(job.msg)
+            check_frame(rgb)  # what the segmenter will demand: refused here, alone
+        except (ImageEncodingError, SerializedImageError, ValueError) as error:
             # Throttled per kind of problem: the message with its numbers masked.
             self.report_error("input:" + re.sub(r"\d+", "#", str(error)), str(error))
-            return
+            return None
         decoded_ns = time.monotonic_ns()
 
         wanted = self._subscribed()
         if not any(wanted.values()):
             self.skipped_idle += 1
-            return
+            return None
 
         stamp_ns = _stamp_ns(header.stamp)
-        size = rgb.shape[:2]
-        reason = self._reset_reason(stamp_ns, size, header.frame_id)
+        reason = self._reset_reason(stamp_ns, rgb.shape[:2], header.frame_id)
         if reason:
             segmenter.reset(stream=self.topic)
             self.resets += 1
             self.node.get_logger().info(f"topic '{self.topic}': feature cache reset ({reason})")
-        try:
-            result = segmenter.segment(rgb, stream=self.topic)
-        except ValueError as error:
-            self.report_error("segment", f"segmenter refused the frame: {error}")
-            return
-        segmented_ns = time.monotonic_ns()
-        self._last_stamp_ns, self._last_size, self._last_frame_id = stamp_ns, size, header.frame_id
+        return PreparedFrame(job, rgb, header, stamp_ns, wanted, start_ns, decoded_ns)
+
+    def publish(
+        self, frame: PreparedFrame, result: Any, segmented_ns: int, names: list[str], colors: np.ndarray, msgs: Any
+    ) -> None:
+        """Renders and publishes the outputs of a segmented frame, and records its timing (worker thread)."""
+        job, rgb, header, stamp_ns, wanted = frame.job, frame.rgb, frame.header, frame.stamp_ns, frame.wanted
+        start_ns, decoded_ns = frame.start_ns, frame.decoded_ns
+        self._last_stamp_ns, self._last_size, self._last_frame_id = stamp_ns, rgb.shape[:2], header.frame_id
 
         labels = result.labels  # (H, W) class ids at the camera's resolution
         output_ms: dict[str, float] = {}  # per-output rendering + publishing time
@@ -343,6 +362,7 @@ class CameraStream:
             timing.header = header
             timing.path = int(result.path)
             timing.cache_warm = bool(result.cache_warm)
+            timing.batch_size = int(result.batch_size)
             timing.stage_names = list(result.timings.keys())
             timing.stage_ms = [float(v) for v in result.timings.values()]
             timing.receive_ms = stages["receive"]

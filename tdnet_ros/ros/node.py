@@ -2,9 +2,10 @@
 
 One model serves every camera; each camera is its own stream of the segmenter (its own
 feature cache). Subscription callbacks only store the newest message of their camera; a
-single worker thread runs the model on the newest pending frame of each camera in turn, so
-frames that arrive while the model is busy replace the waiting one and are counted as
-dropped, never queued.
+single worker thread takes the newest pending frame of every camera and runs them through
+the model together (cameras at the same sub-network step as one batch), so frames that
+arrive while the model is busy replace the waiting one and are counted as dropped, never
+queued.
 
 Run it:
     .venv/bin/segmenter_node --ros-args --params-file config/segmenter.yaml \
@@ -13,13 +14,14 @@ Run it:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import threading
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 # Camera images over best effort are lost with Fast DDS's default transports (its
 # shared-memory segments are ~0.5 MB): use its large-data builtin transports unless the
@@ -45,13 +47,14 @@ from rclpy.signals import SignalHandlerOptions  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from tdnet_ros.ros.camera import CameraStream, FrameJob, output_namespaces  # noqa: E402
+from tdnet_ros.ros.camera import CameraStream, FrameJob, PreparedFrame, output_namespaces  # noqa: E402
 from tdnet_ros.ros.interfaces import load_messages  # noqa: E402
 from tdnet_ros.ros.parameters import (  # noqa: E402
     NodeConfig,
     ParameterError,
     apply_parameters,
     declare_parameters,
+    parse_input_size,
 )
 
 NODE_NAME = "segmenter_node"
@@ -110,23 +113,32 @@ def load_segmenter(config: NodeConfig, logger: Any) -> Any:
             ModelConfig.from_name(config.model)
         except ValueError as error:
             raise FatalError(f"parameter 'model': {error}") from error
-    if config.device == "auto" and not torch.cuda.is_available():
-        logger.warning("parameter 'device' is auto and CUDA is not available: running on the CPU")
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            logger.warning("parameter 'device' is auto and CUDA is not available: running on the CPU")
+    on_cuda = device.startswith("cuda")
+    backend = config.backend if config.backend != "auto" else ("cuda-graph" if on_cuda else "eager")
+    options = dict(
+        device=device,
+        precision=config.precision,
+        input_size=parse_input_size(config.input_size),
+        backend=backend,
+        # a missing engine on CUDA: CUDA graphs rather than eager launches
+        backend_options={"engine_dir": config.engine_dir or None, "fallback": "cuda-graph" if on_cuda else "eager"},
+        preprocess=config.preprocess,
+    )
     try:
         if config.checkpoint:
-            return Segmenter.from_checkpoint(
-                config.checkpoint,
-                model=config.model or None,
-                device=config.device,
-                precision=config.precision,
-            )
+            return Segmenter.from_checkpoint(config.checkpoint, model=config.model or None, **options)
         if config.model:
             raise FatalError(
                 f"parameter 'model' is '{config.model}' but 'checkpoint' is empty: set "
                 "'checkpoint' to a file of that model, or leave 'model' empty to use the "
                 "bundled default model"
             )
-        return Segmenter.default(device=config.device, precision=config.precision)
+        return Segmenter.default(**options)
     except FatalError:
         raise
     except CheckpointError as error:
@@ -139,6 +151,24 @@ def load_segmenter(config: NodeConfig, logger: Any) -> Any:
         raise FatalError(f"parameter 'device' is '{config.device}': {error}") from error
 
 
+class RosLogHandler(logging.Handler):
+    """Forwards the core's Python log records (backend fallbacks, graph captures, size
+    changes) to the node's ROS logger, so that they reach /rosout and the console."""
+
+    def __init__(self, logger: Any) -> None:
+        super().__init__(logging.INFO)
+        self._logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            self._logger.error(message)
+        elif record.levelno >= logging.WARNING:
+            self._logger.warning(message)
+        else:
+            self._logger.info(message)
+
+
 class SegmenterNode(Node):
     """Runs the TDNet segmenter on one or more camera topics.
 
@@ -149,6 +179,10 @@ class SegmenterNode(Node):
     def __init__(self, *, node_name: str = NODE_NAME, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         self.config = declare_parameters(self)
+        core_log = logging.getLogger("tdnet_ros")
+        core_log.setLevel(logging.INFO)
+        core_log.propagate = False
+        core_log.handlers = [RosLogHandler(self.get_logger())]
         self.segmenter = load_segmenter(self.config, self.get_logger())
         self.class_names = list(self.segmenter.class_names)
         self.class_colors = np.asarray(self.segmenter.class_colors, dtype=np.uint8)
@@ -172,7 +206,7 @@ class SegmenterNode(Node):
 
         self._wakeup = threading.Condition()
         self._stopping = threading.Event()
-        self._next_camera = 0
+        self._batching = self.config.batch_cameras
 
         input_qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST,
@@ -195,6 +229,7 @@ class SegmenterNode(Node):
 
         resolved = [self.resolve_topic_name(topic) for topic in self.config.cameras]
         namespaces = output_namespaces(resolved, self.config.output_namespace)
+        self._warm_up(resolved)
         self.cameras: list[CameraStream] = []
         for topic, namespace in zip(resolved, namespaces):
             camera = CameraStream(topic=topic, output_namespace=namespace, node=self)
@@ -246,9 +281,26 @@ class SegmenterNode(Node):
         self._worker = threading.Thread(target=self._work, name="segmenter-worker", daemon=True)
         self._worker.start()
         self.get_logger().info(
-            f"segmenting with {self.segmenter.num_classes} classes on "
-            f"{self.segmenter.device} ({self.segmenter.precision})"
+            f"ready: segmenting with {self.segmenter.num_classes} classes on {self.segmenter.device} "
+            f"({self.segmenter.precision}, backend {self.segmenter.backend}, preprocess "
+            f"{self.segmenter.preprocess}, input {self._input_size_text()})"
         )
+
+    def _warm_up(self, topics: list[str]) -> None:
+        """Captures/compiles/loads every step for every camera (and for all cameras as one
+        batch) before any subscription exists, so that no frame waits for it."""
+        if self.segmenter.input_size == "frame":
+            self.get_logger().info("input_size is frame: each camera's steps are prepared at its first frame")
+            return
+        started = time.monotonic()
+        self.segmenter.warm_up(streams=tuple(topics), batched=self._batching)
+        self.get_logger().info(
+            f"warm-up ({self.segmenter.backend}, {len(topics)} camera(s)) took {time.monotonic() - started:.2f} s"
+        )
+
+    def _input_size_text(self) -> str:
+        size = self.segmenter.input_size or self.segmenter.config.input_size
+        return size if isinstance(size, str) else f"{size[0]}x{size[1]}"
 
     # --- callbacks (executor thread): never wait on the model ---------------------------
 
@@ -286,31 +338,65 @@ class SegmenterNode(Node):
 
     # --- the worker thread ---------------------------------------------------------------
 
-    def _take_next(self) -> Optional[tuple[CameraStream, FrameJob]]:
-        """The oldest-served camera with a pending frame, and that frame (round robin)."""
-        count = len(self.cameras)
-        for offset in range(count):
-            camera = self.cameras[(self._next_camera + offset) % count]
-            job = camera.take()
-            if job is not None:
-                self._next_camera = (self._next_camera + offset + 1) % count
-                return camera, job
-        return None
+    def _take_pending(self) -> list[tuple[CameraStream, FrameJob]]:
+        """Every camera's pending frame, in the cameras' order (the order batches keep)."""
+        taken = [(camera, camera.take()) for camera in self.cameras]
+        return [(camera, job) for camera, job in taken if job is not None]
 
     def _work(self) -> None:
         while not self._stopping.is_set():
             with self._wakeup:
-                item = self._take_next()
-                if item is None:
+                pending = self._take_pending()
+                if not pending:
                     self._wakeup.wait(timeout=0.1)
                     continue
-            camera, job = item
+            self._process(pending)
+
+    def _process(self, pending: list[tuple[CameraStream, FrameJob]]) -> None:
+        """Segments the pending frames, all cameras in one segmenter call when batching,
+        and publishes each camera's outputs. No camera's failure stops another's output."""
+        prepared = []
+        for camera, job in pending:
+            frame = self._guarded(camera, camera.prepare, job, self.segmenter)
+            if frame is not None:
+                prepared.append((camera, frame))
+        if self._batching and len(prepared) > 1:
             try:
-                camera.process(job, self.segmenter, self.class_names, self.class_colors, self.msgs)
-            except Exception as error:  # keep serving the other cameras whatever happens
+                self._segment_and_publish(prepared)
+                return
+            except Exception as error:  # e.g. out of GPU memory for the batch
                 if self._stopping.is_set():
                     return
+                self._batching = False
+                self.get_logger().error(
+                    f"a batch of {len(prepared)} cameras failed ({error!r}): cameras run one by one from now on"
+                )
+        for item in prepared:
+            self._guarded(item[0], self._segment_and_publish, [item])
+
+    def _segment_and_publish(self, prepared: list[tuple[CameraStream, PreparedFrame]]) -> None:
+        results = self.segmenter.segment_batch({camera.topic: frame.rgb for camera, frame in prepared})
+        segmented_ns = time.monotonic_ns()
+        for camera, frame in prepared:
+            self._guarded(
+                camera,
+                camera.publish,
+                frame,
+                results[camera.topic],
+                segmented_ns,
+                self.class_names,
+                self.class_colors,
+                self.msgs,
+            )
+
+    def _guarded(self, camera: CameraStream, work: Callable[..., Any], *args: Any) -> Any:
+        """work(*args) for one camera; an unexpected error is counted and logged for that camera only."""
+        try:
+            return work(*args)
+        except Exception as error:  # keep serving the other cameras whatever happens
+            if not self._stopping.is_set():
                 camera.report_error("processing", f"unexpected error: {error!r}")
+            return None
 
     def stop(self, timeout: float = 1.0) -> bool:
         """Stops the worker; True when it ended within ``timeout`` seconds."""

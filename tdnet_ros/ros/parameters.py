@@ -24,6 +24,11 @@ class NodeConfig:
     checkpoint: str = ""  # "" = the bundled default model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "float32"  # float32 | float16 | bfloat16 (weights and activations)
+    backend: str = "auto"  # auto (cuda-graph on CUDA, eager on the CPU) | eager | compile | cuda-graph | onnx | tensorrt
+    engine_dir: str = ""  # prebuilt ONNX files / TensorRT engines (tdnet-build-engines)
+    preprocess: str = "auto"  # auto (device on CUDA, cv2 on the CPU) | cv2 | device
+    input_size: str = ""  # "" = the model's training size | HEIGHTxWIDTH | frame
+    batch_cameras: bool = True  # cameras at the same sub-network step run as one batch
     class_table: str = ""  # YAML class table overriding the checkpoint's names/colours
     use_cv_bridge: bool = True  # convert with cv_bridge where it is installed
     cameras: list[str] = field(default_factory=lambda: ["image"])  # input topics
@@ -67,6 +72,35 @@ _SPECS: dict[str, _Spec] = {
         "Numeric precision of the model: float32, float16 (CUDA) or bfloat16.",
         read_only=True,
         choices=("float32", "float16", "bfloat16"),
+    ),
+    "backend": _Spec(
+        "How each sub-network step runs: auto (cuda-graph on CUDA, eager on the CPU), eager, "
+        "compile (torch.compile), cuda-graph (captured CUDA graphs, replayed every frame), onnx "
+        "(onnxruntime) or tensorrt (torch-tensorrt); onnx and tensorrt load prebuilt files from "
+        "engine_dir. One that cannot run falls back with one log line.",
+        read_only=True,
+        choices=("auto", "eager", "compile", "cuda-graph", "onnx", "tensorrt"),
+    ),
+    "engine_dir": _Spec(
+        "Folder of prebuilt ONNX files / TensorRT engines (built by tdnet-build-engines for this "
+        "checkpoint, input size and precision); empty = none.",
+        read_only=True,
+    ),
+    "preprocess": _Spec(
+        "Where frames are resized and normalized: auto (device on CUDA, cv2 on the CPU), cv2 "
+        "(on the host, as the published pipeline) or device (uint8 uploaded once, resized on the GPU).",
+        read_only=True,
+        choices=("auto", "cv2", "device"),
+    ),
+    "input_size": _Spec(
+        "Size frames are resized to for the network: empty = the model's training size, "
+        "HEIGHTxWIDTH (e.g. 544x960), or frame (each frame's own size).",
+        read_only=True,
+    ),
+    "batch_cameras": _Spec(
+        "Run cameras whose frames wait together and are at the same sub-network step as one "
+        "batch (fewer, larger GPU launches; more GPU memory).",
+        read_only=True,
     ),
     "class_table": _Spec(
         "YAML class table (classes: [{id, name, color}]) overriding the checkpoint's class "
@@ -138,6 +172,7 @@ _SPECS: dict[str, _Spec] = {
 }
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_SIZE_PATTERN = re.compile(r"^([1-9]\d*)x([1-9]\d*)$")
 _TOPIC_PATTERN = re.compile(r"^[~/]?[A-Za-z_{][A-Za-z0-9_/{}~]*$")
 
 
@@ -180,6 +215,8 @@ def check_value(name: str, value: Any) -> Optional[str]:
         return f"parameter '{name}': {value} is outside [{low}, {high}]"
     if name == "device" and not _DEVICE_PATTERN.match(value):
         return f"parameter 'device': '{value}' is not auto, cpu, cuda or cuda:N"
+    if name == "input_size" and value not in ("", "frame") and not _SIZE_PATTERN.match(value):
+        return f"parameter 'input_size': '{value}' is not empty, HEIGHTxWIDTH (e.g. 544x960) or frame"
     if name == "cameras":
         if not value:
             return "parameter 'cameras': needs at least one topic"
@@ -191,6 +228,14 @@ def check_value(name: str, value: Any) -> Optional[str]:
     if name == "output_namespace" and (not value or not re.match(r"^[A-Za-z_][A-Za-z0-9_/]*$", value)):
         return f"parameter 'output_namespace': '{value}' is not a valid relative namespace"
     return None
+
+
+def parse_input_size(value: str) -> tuple[int, int] | str | None:
+    """The segmenter's `input_size` for a valid parameter value: None, (height, width) or "frame"."""
+    if value in ("", "frame"):
+        return value or None
+    height, width = _SIZE_PATTERN.match(value).groups()
+    return int(height), int(width)
 
 
 class ParameterError(ValueError):
