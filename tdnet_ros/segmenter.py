@@ -205,6 +205,12 @@ class Segmenter:
         return rng.integers(0, 256, (self.num_classes, 3), dtype=np.uint8)
 
     @property
+    def weights_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers, as placed on the device."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
     def checkpoint_sha256(self) -> str | None:
         return file_sha256(self.checkpoint) if self.checkpoint else None
 

@@ -14,6 +14,13 @@ so nothing is dropped or queued). For each frame:
 
     .venv/bin/python -m tdnet_ros.ros.bench_overhead --frames 100 --size 1280x720
     .venv/bin/python -m tdnet_ros.ros.bench_overhead --outputs all
+    # GPU: td4-psp18 (random weights) at 1920x1080, CUDA graphs, 4 cameras triggered together
+    .venv/bin/python -m tdnet_ros.ros.bench_overhead --device cuda --model td4-psp18 \
+        --size 1920x1080 --precision float16 --cameras 4
+
+With several cameras every frame goes to all of them at once (a rig triggered together);
+the figures are over all cameras' frames. On CUDA the node's GPU memory (from its
+diagnostics) is printed beside the size of the model's weights.
 """
 
 from __future__ import annotations
@@ -32,8 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=100, help="measured frames (after warm-up)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT of the rgb8 frames")
-    parser.add_argument("--checkpoint", default="", help="default: a random-weights td4-tiny")
+    parser.add_argument("--checkpoint", default="", help="default: random weights of --model")
+    parser.add_argument("--model", default="td4-tiny", help="variant for the random weights (e.g. td4-psp18)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--backend", default="auto", help="node parameter backend (auto: cuda-graph on CUDA)")
+    parser.add_argument("--engine-dir", default="", help="node parameter engine_dir")
+    parser.add_argument("--preprocess", default="auto", choices=("auto", "cv2", "device"))
+    parser.add_argument("--cameras", type=int, default=1, help="cameras, each sent every frame")
     parser.add_argument("--outputs", choices=("labels", "all"), default="labels",
                         help="subscribe to the label image only, or to every output")
     args = parser.parse_args(argv)
@@ -56,43 +69,51 @@ def main(argv: list[str] | None = None) -> int:
     msgs = load_messages()
     width, height = (int(v) for v in args.size.lower().split("x"))
     workdir = Path(tempfile.mkdtemp(prefix="tdnet_bench_"))
-    checkpoint = args.checkpoint or str(make_tiny_checkpoint(workdir / "tiny.pt"))
     domain = pick_domain_id()
-    node = NodeProcess(
-        ["-p", f"checkpoint:={checkpoint}", "-p", f"device:={args.device}", "-r", "image:=/bench/image"],
-        domain_id=domain, log_path=workdir / "node.log",
-    )
+    checkpoint = args.checkpoint or str(make_tiny_checkpoint(workdir / f"{args.model}.pt", args.model))
+    topics = [f"/bench/cam{i}/image" for i in range(args.cameras)]
+    outputs = [f"/bench/cam{i}/segmentation" for i in range(args.cameras)]
+    parameters = dict(checkpoint=checkpoint, device=args.device, precision=args.precision, backend=args.backend,
+                      engine_dir=args.engine_dir, preprocess=args.preprocess, cameras=f"[{','.join(topics)}]")
+    ros_args = [arg for name, value in parameters.items() if value for arg in ("-p", f"{name}:={value}")]
+    node = NodeProcess(ros_args, domain_id=domain, log_path=workdir / "node.log")
     client = GraphClient("overhead_bench", domain)
     try:
-        publisher = client.publisher(Image, "/bench/image", qos_profile_sensor_data)
-        labels = client.subscribe(Image, "/bench/segmentation/labels")
+        publishers = [client.publisher(Image, topic, qos_profile_sensor_data) for topic in topics]
+        labels = [client.subscribe(Image, f"{out}/labels") for out in outputs]
+        timing = [client.subscribe(msgs.SegmentationTiming, f"{out}/timing") for out in outputs]
         diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
-        timing = client.subscribe(msgs.SegmentationTiming, "/bench/segmentation/timing")
         others = []
         if args.outputs == "all":
-            others = [client.subscribe(Image, "/bench/segmentation/color"),
-                      client.subscribe(Image, "/bench/segmentation/overlay"),
-                      client.subscribe(msgs.ClassMasks, "/bench/segmentation/masks")]
-        if not client.wait_for_subscribers(publisher, timeout=60):
-            raise SystemExit(f"the node did not subscribe:\n{node.log()}")
+            for out in outputs:
+                others += [client.subscribe(Image, f"{out}/color"), client.subscribe(Image, f"{out}/overlay"),
+                           client.subscribe(msgs.ClassMasks, f"{out}/masks")]
+        deadline = time.monotonic() + 300  # the warm-up (graph captures, compilation) comes first
+        for publisher in publishers:
+            while not client.wait_for_subscribers(publisher, timeout=1.0):
+                if not node.alive() or time.monotonic() > deadline:
+                    raise SystemExit(f"the node did not subscribe:\n{node.log()}")
         time.sleep(1.0)
         rng = np.random.default_rng(0)
         frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(4)]
-        rows = []
+        rows, batch_sizes = [], []
         for index in range(args.warmup + args.frames):
             message = make_image(frames[index % 4], stamp_ns=0, frame_id="bench")
             sent = time.time_ns()
             message.header.stamp.sec, message.header.stamp.nanosec = divmod(sent, 10**9)
-            publisher.publish(message)
+            for publisher in publishers:
+                publisher.publish(message)
             publish_ms = (time.time_ns() - sent) / 1e6
-            label = labels.wait_for(lambda m: stamp_ns(m.header.stamp) == sent, 30)
-            received = time.time_ns()
-            info = timing.wait_for(lambda m: stamp_ns(m.header.stamp) == sent, 30)
-            if label is None or info is None:
-                raise SystemExit(f"frame {index} got no outputs:\n{node.log()[-2000:]}")
-            if index >= args.warmup:
-                rows.append((info.segment_ms, info.end_to_end_ms, (received - sent) / 1e6,
-                             info.decode_ms, info.publish_ms, info.queue_ms, publish_ms, info.receive_ms))
+            for camera in range(args.cameras):
+                label = labels[camera].wait_for(lambda m: stamp_ns(m.header.stamp) == sent, 30)
+                received = time.time_ns()
+                info = timing[camera].wait_for(lambda m: stamp_ns(m.header.stamp) == sent, 30)
+                if label is None or info is None:
+                    raise SystemExit(f"frame {index} of camera {camera} got no outputs:\n{node.log()[-2000:]}")
+                if index >= args.warmup:
+                    rows.append((info.segment_ms, info.end_to_end_ms, (received - sent) / 1e6,
+                                 info.decode_ms, info.publish_ms, info.queue_ms, publish_ms, info.receive_ms))
+                    batch_sizes.append(info.batch_size)
             time.sleep(0.02)
         data = np.array(rows)
         count = len(diagnostics.messages)
@@ -104,10 +125,17 @@ def main(argv: list[str] | None = None) -> int:
         node.kill()
 
     segment, node_e2e, client_e2e = data[:, 0], data[:, 1], data[:, 2]
-    print(f"segmenter_node overhead, {args.frames} frames of {width}x{height} rgb8 over DDS "
-          f"(best effort in, FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA), outputs subscribed: {args.outputs}")
+    print(f"segmenter_node overhead, {args.frames} frames x {args.cameras} camera(s) of {width}x{height} rgb8 "
+          f"over DDS (best effort in, FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA), outputs subscribed: {args.outputs}")
     print(f"machine: {platform.processor() or platform.machine()}, {platform.platform()}, "
           f"device {args.device}, checkpoint {checkpoint}")
+    print(f"node: backend {args.backend}, precision {args.precision}, preprocess {args.preprocess}; "
+          f"segmenter batch sizes seen: {sorted(set(batch_sizes))}")
+    if "gpu_memory_peak_mb" in node_stages:
+        weights = float(node_stages["model_weights_mb"])
+        peak = float(node_stages["gpu_memory_peak_mb"])
+        print(f"GPU memory of the node: weights {weights:.1f} MB, peak allocated {peak:.1f} MB "
+              f"({peak - weights:.1f} MB beyond the weights), reserved {float(node_stages['gpu_memory_reserved_mb']):.1f} MB")
     print(f"{'ms':<44}{'p50':>9}{'p95':>9}{'mean':>9}")
     for name, values in (
         ("segmenter (segment_ms)", segment),

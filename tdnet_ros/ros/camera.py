@@ -492,6 +492,8 @@ class CameraStream:
             ]
         values.append(KeyValue(key="device", value=str(segmenter.device)))
         values.append(KeyValue(key="precision", value=str(segmenter.precision)))
+        values.append(KeyValue(key="backend", value=str(segmenter.backend)))
+        values.append(KeyValue(key="model_weights_mb", value=f"{segmenter.weights_bytes / 2**20:.1f}"))
         if segmenter.device.type == "cuda":
             import torch
 
@@ -505,6 +507,12 @@ class CameraStream:
                 KeyValue(
                     key="gpu_memory_reserved_mb",
                     value=f"{torch.cuda.memory_reserved(segmenter.device) / 2**20:.1f}",
+                )
+            )
+            values.append(
+                KeyValue(
+                    key="gpu_memory_peak_mb",
+                    value=f"{torch.cuda.max_memory_allocated(segmenter.device) / 2**20:.1f}",
                 )
             )
         values.append(KeyValue(key="last_error", value=last_error))
