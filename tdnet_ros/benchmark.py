@@ -1,6 +1,10 @@
 """Per-frame latency of the segmenter, per stage, for each model, size, device and precision.
 
     tdnet-bench --model td4-psp18 --size 769x1537 --device cpu --precision float32 bfloat16
+    # GPU, every backend, 1920x1080 camera frames, beside the published code:
+    tdnet-bench --model td4-psp18 td2-psp50 --size 769x1537 --frame-size 1080x1920 --device cuda \
+        --precision float32 float16 --backend eager cuda-graph compile tensorrt --engine-dir engines \
+        --preprocess device --published-code /path/to/TDNet/Testing
 
 With `--published-code DIR` (a local checkout of the published TDNet `Testing/` folder,
 which this project does not ship), the published model runs in the same process on the
@@ -96,10 +100,11 @@ def measure_one(args, name, model, published, size, device_name, precision, back
     options = {"engine_dir": args.engine_dir} if args.engine_dir else {}
     segmenter = Segmenter(
         model, device=device_name, precision=precision, input_size=size, backend=backend, backend_options=options,
-        checkpoint=args.checkpoint,
+        checkpoint=args.checkpoint, preprocess=args.preprocess,
     )
     device = segmenter.device
-    segmenter.warm_up(streams=("bench",))  # CUDA graph captures, compilation, engine loads
+    cameras = [f"camera{i}" for i in range(args.cameras)]
+    segmenter.warm_up(streams=tuple(cameras))  # CUDA graph captures, compilation, engine loads
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     frame = synthetic_frame(*(args.frame_size or size))
@@ -113,7 +118,7 @@ def measure_one(args, name, model, published, size, device_name, precision, back
     clock = time.process_time if args.clock == "process" else time.perf_counter
     for i in range(args.warmup + args.frames):
         start = clock()
-        result = segmenter.segment(frame, stream="bench")
+        result = segmenter.segment_batch({camera: frame for camera in cameras})[cameras[0]]  # a rig triggered together
         if i >= args.warmup:
             ours_ms.append((clock() - start) * 1e3)
             for stage, ms in result.timings.items():
@@ -126,7 +131,7 @@ def measure_one(args, name, model, published, size, device_name, precision, back
                 ours = resize_frame_labels(result.labels, labels.shape)
                 agreement.append(float((ours == labels).mean()))
         if reference is not None:
-            labels = reference.segment(frame, stream="bench").labels
+            labels = reference.segment(frame, stream=cameras[0]).labels
             if i >= args.warmup:
                 agreement.append(float((result.labels == labels).mean()))
     row = {
@@ -136,17 +141,21 @@ def measure_one(args, name, model, published, size, device_name, precision, back
         "device": str(device),
         "precision": precision,
         "backend": segmenter.backend,
+        "preprocess": segmenter.preprocess,
+        "cameras": args.cameras,
         "threads": torch.get_num_threads(),
         "clock": args.clock,
         "stages_ms": {stage: percentiles(v, (50, 95)) for stage, v in stages.items()},
         "frame_ms": percentiles(ours_ms, (50, 95)),
-        "fps": 1e3 / float(np.median(ours_ms)),  # per the chosen clock
+        "fps": args.cameras * 1e3 / float(np.median(ours_ms)),  # camera frames per second, per the chosen clock
     }
     if device.type == "cuda":
         row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        row["gpu_peak_beyond_weights_mb"] = row["gpu_peak_mb"] - segmenter.weights_bytes / 2**20
     if published_ms:
         row["published_ms"] = percentiles(published_ms, (50, 95))
-        row["speedup_p50"] = row["published_ms"]["p50"] / row["frame_ms"]["p50"]
+        # per camera frame: the published loop runs one frame where ours ran `cameras`
+        row["speedup_p50"] = row["published_ms"]["p50"] * args.cameras / row["frame_ms"]["p50"]
     if agreement:
         # with the published code (float32) or with our float32 (reduced precision)
         row["label_agreement_min"] = min(agreement)
@@ -160,17 +169,22 @@ def resize_frame_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarra
 
 def print_table(rows: list[dict]) -> None:
     print()
-    print("| model | input | device | precision | backend | frame p50 / p95 ms | per stage p50 ms | fps | published p50 ms | speed-up | min label agreement |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| model | input | frame | device | precision | backend | cameras | call p50 / p95 ms | per stage p50 ms "
+        "| camera fps | GPU peak MB (beyond weights) | published p50 ms | speed-up | min label agreement |"
+    )
+    print("| --- " * 14 + "|")
     for row in rows:
         total = row["frame_ms"]
-        stages = ", ".join(f"{k} {v['p50']:.0f}" for k, v in row["stages_ms"].items() if k != "total")
-        published = f"{row['published_ms']['p50']:.0f}" if "published_ms" in row else "-"
+        stages = ", ".join(f"{k} {v['p50']:.2f}" for k, v in row["stages_ms"].items() if k != "total")
+        published = f"{row['published_ms']['p50']:.2f}" if "published_ms" in row else "-"
         speedup = f"{row['speedup_p50']:.2f}x" if "speedup_p50" in row else "-"
         agreement = f"{row['label_agreement_min']:.2%}" if "label_agreement_min" in row else "-"
+        memory = f"{row['gpu_peak_mb']:.0f} ({row['gpu_peak_beyond_weights_mb']:.0f})" if "gpu_peak_mb" in row else "-"
         print(
-            f"| {row['model']} | {row['input']} | {row['device']} | {row['precision']} | {row.get('backend', 'eager')} | "
-            f"{total['p50']:.0f} / {total['p95']:.0f} | {stages} | {row['fps']:.2f} | {published} | {speedup} | {agreement} |"
+            f"| {row['model']} | {row['input']} | {row['frame']} | {row['device']} | {row['precision']} "
+            f"| {row['backend']} | {row['cameras']} | {total['p50']:.2f} / {total['p95']:.2f} | {stages} "
+            f"| {row['fps']:.1f} | {memory} | {published} | {speedup} | {agreement} |"
         )
 
 
@@ -187,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         help="step backends: eager, compile, cuda-graph, onnx, tensorrt (onnx/tensorrt need --engine-dir)",
     )
     parser.add_argument("--engine-dir", type=Path, help="prebuilt ONNX files / TensorRT engines (tdnet-build-engines)")
+    parser.add_argument("--preprocess", default="cv2", choices=("cv2", "device", "auto"),
+                        help="resize/normalize on the host (cv2, as the published code) or on the device")
+    parser.add_argument("--cameras", type=int, default=1,
+                        help="streams given the frame together (one batch per step); frame_ms is the whole call")
     parser.add_argument("--frames", type=int, default=20, help="timed frames per configuration")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
