@@ -261,3 +261,20 @@ def test_warm_up_allocates_every_stream_cold():
     assert seg.streams() == ["a", "b", "c"]
     results = seg.segment_batch({name: frame for name, frame in zip("abc", random_frames(3))})
     assert all(r.path == 0 and r.cache_reset and not r.cache_warm for r in results.values())
+
+
+@pytest.mark.parametrize(
+    "size, out_size", [((96, 192), (1080, 1920)), ((193, 385), (720, 1280)), ((100, 50), (33, 77))]
+)
+@pytest.mark.parametrize("num_classes", [19, 300])
+def test_labels_resize_on_device_matches_cv2_nearest(size, out_size, num_classes):
+    import cv2
+
+    from tdnet_ros.preprocess import labels_from_logits, labels_to_numpy
+
+    logits = torch.randn(1, num_classes, size[0] // 8 + 1, size[1] // 8 + 1, generator=torch.Generator().manual_seed(0))
+    at_model_size = labels_to_numpy(labels_from_logits(logits, size))
+    resized = labels_to_numpy(labels_from_logits(logits, size, out_size))
+    assert resized.dtype == (np.uint8 if num_classes <= 255 else np.uint16)
+    expected = cv2.resize(at_model_size, out_size[::-1], interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(resized, expected)
