@@ -34,6 +34,7 @@ from tdnet_ros.ros.interfaces import load_messages  # noqa: E402
 from tdnet_ros.ros.testing import (  # noqa: E402
     GraphClient,
     NodeProcess,
+    connect,
     diagnostics_values,
     make_image,
     make_tiny_checkpoint,
@@ -70,33 +71,37 @@ class Harness:
             domain_id=self.domain,
             log_path=tmp / "node.log",
         )
-        self.client = GraphClient("test_client", self.domain)
         self.reference = Segmenter.from_checkpoint(self.checkpoint, device="cpu")
         self.colors = np.asarray(self.reference.class_colors, np.uint8)
         self.names = list(self.reference.class_names)
+        try:
+            self.client = connect("test_client", self.domain, self.node, self._endpoints)
+            # All outputs matched before the first frame (the node skips unsubscribed outputs).
+            assert self.diagnostics.wait_count(1, 30), f"no diagnostics:\n{self.node.log()}"
+        except BaseException:
+            self.node.kill()  # a failed set-up leaves no node running
+            raise
+        time.sleep(1.0)
+        self._stamp = time.time_ns() - 3600 * 10**9
+
+    def _endpoints(self, client: GraphClient) -> list:
+        """The recorders and publishers on `client`; returns the publishers (see `connect`)."""
         self.out: dict[str, dict[str, object]] = {}
         for out in (OUT_A, OUT_B, OUT_C):
             self.out[out] = {
-                "labels": self.client.subscribe(Image, f"{out}/labels"),
-                "color": self.client.subscribe(Image, f"{out}/color"),
-                "overlay": self.client.subscribe(Image, f"{out}/overlay"),
-                "masks": self.client.subscribe(msgs.ClassMasks, f"{out}/masks"),
-                "timing": self.client.subscribe(msgs.SegmentationTiming, f"{out}/timing"),
+                "labels": client.subscribe(Image, f"{out}/labels"),
+                "color": client.subscribe(Image, f"{out}/color"),
+                "overlay": client.subscribe(Image, f"{out}/overlay"),
+                "masks": client.subscribe(msgs.ClassMasks, f"{out}/masks"),
+                "timing": client.subscribe(msgs.SegmentationTiming, f"{out}/timing"),
             }
-        self.diagnostics = self.client.subscribe(DiagnosticArray, "/diagnostics")
+        self.diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
         self.pub = {
-            CAM_A: self.client.publisher(Image, CAM_A, qos_profile_sensor_data),
-            CAM_B: self.client.publisher(Image, CAM_B, qos_profile_sensor_data),
-            CAM_C: self.client.publisher(CompressedImage, CAM_C, qos_profile_sensor_data),
+            CAM_A: client.publisher(Image, CAM_A, qos_profile_sensor_data),
+            CAM_B: client.publisher(Image, CAM_B, qos_profile_sensor_data),
+            CAM_C: client.publisher(CompressedImage, CAM_C, qos_profile_sensor_data),
         }
-        for topic, publisher in self.pub.items():
-            assert self.client.wait_for_subscribers(publisher, timeout=60), (
-                f"node never subscribed to {topic}:\n{self.node.log()}"
-            )
-        # All outputs matched before the first frame (the node skips unsubscribed outputs).
-        assert self.diagnostics.wait_count(1, 30), f"no diagnostics:\n{self.node.log()}"
-        time.sleep(1.0)
-        self._stamp = time.time_ns() - 3600 * 10**9
+        return list(self.pub.values())
 
     def next_stamp(self, step_s: float) -> int:
         self._stamp += int(step_s * 1e9)

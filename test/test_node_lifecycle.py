@@ -26,6 +26,7 @@ from tdnet_ros.ros.interfaces import load_messages  # noqa: E402
 from tdnet_ros.ros.testing import (  # noqa: E402
     GraphClient,
     NodeProcess,
+    connect,
     diagnostics_values,
     make_image,
     make_tiny_checkpoint,
@@ -151,11 +152,17 @@ def test_signals_exit_cleanly_within_two_seconds(
     model = slow_checkpoint if mid_frame else checkpoint
     node = NodeProcess(["-p", f"checkpoint:={model}", "-p", "device:=cpu", "-r", "image:=/sig/image"],
                        domain_id=domain, log_path=tmp_path / "node.log")
-    client = GraphClient("signal_test", domain)
+    endpoints = {}
+
+    def build(client: GraphClient) -> list:
+        endpoints["timing"] = client.subscribe(msgs.SegmentationTiming, "/sig/segmentation/timing")
+        endpoints["publisher"] = client.publisher(Image, "/sig/image", qos_profile_sensor_data)
+        return [endpoints["publisher"]]
+
+    client = None
     try:
-        publisher = client.publisher(Image, "/sig/image", qos_profile_sensor_data)
-        timing = client.subscribe(msgs.SegmentationTiming, "/sig/segmentation/timing")
-        assert client.wait_for_subscribers(publisher, timeout=60), node.log()
+        client = connect("signal_test", domain, node, build)
+        publisher, timing = endpoints["publisher"], endpoints["timing"]
         time.sleep(0.5)
         if mid_frame:
             base = time.time_ns()
@@ -172,7 +179,9 @@ def test_signals_exit_cleanly_within_two_seconds(
         assert seconds < 2.0, f"took {seconds:.2f} s to exit"
         assert "Traceback" not in node.log()
     finally:
-        client.close()
+        if client is not None:
+            client.close()
+        node.kill()
         node.kill()
 
 
@@ -189,11 +198,17 @@ class ReliableNode:
              "-p", "qos_reliability:=reliable", "-p", "qos_depth:=2"],
             domain_id=self.domain, log_path=tmp / "node.log",
         )
-        self.client = GraphClient("reliable_test", self.domain)
-        self.publisher = self.client.publisher(Image, TOPIC, RELIABLE)
-        self.diagnostics = self.client.subscribe(DiagnosticArray, "/diagnostics")
-        assert self.client.wait_for_subscribers(self.publisher, timeout=60), self.node.log()
+        try:
+            self.client = connect("reliable_test", self.domain, self.node, self._endpoints)
+        except BaseException:
+            self.node.kill()  # a failed set-up leaves no node running
+            raise
         self.stamp = time.time_ns()
+
+    def _endpoints(self, client: GraphClient) -> list:
+        self.publisher = client.publisher(Image, TOPIC, RELIABLE)
+        self.diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
+        return [self.publisher]
 
     def status(self) -> dict[str, str]:
         count = len(self.diagnostics.messages)

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         GraphClient,
         diagnostics_values,
         NodeProcess,
+        connect,
         make_image,
         make_tiny_checkpoint,
         pick_domain_id,
@@ -77,22 +78,28 @@ def main(argv: list[str] | None = None) -> int:
                       engine_dir=args.engine_dir, preprocess=args.preprocess, cameras=f"[{','.join(topics)}]")
     ros_args = [arg for name, value in parameters.items() if value for arg in ("-p", f"{name}:={value}")]
     node = NodeProcess(ros_args, domain_id=domain, log_path=workdir / "node.log")
-    client = GraphClient("overhead_bench", domain)
-    try:
-        publishers = [client.publisher(Image, topic, qos_profile_sensor_data) for topic in topics]
-        labels = [client.subscribe(Image, f"{out}/labels") for out in outputs]
-        timing = [client.subscribe(msgs.SegmentationTiming, f"{out}/timing") for out in outputs]
-        diagnostics = client.subscribe(DiagnosticArray, "/diagnostics")
-        others = []
+    endpoints: dict[str, list] = {}
+
+    def build(client: GraphClient) -> list:
+        endpoints["labels"] = [client.subscribe(Image, f"{out}/labels") for out in outputs]
+        endpoints["timing"] = [client.subscribe(msgs.SegmentationTiming, f"{out}/timing") for out in outputs]
+        endpoints["diagnostics"] = [client.subscribe(DiagnosticArray, "/diagnostics")]
+        endpoints["others"] = []
         if args.outputs == "all":
             for out in outputs:
-                others += [client.subscribe(Image, f"{out}/color"), client.subscribe(Image, f"{out}/overlay"),
-                           client.subscribe(msgs.ClassMasks, f"{out}/masks")]
-        deadline = time.monotonic() + 300  # the warm-up (graph captures, compilation) comes first
-        for publisher in publishers:
-            while not client.wait_for_subscribers(publisher, timeout=1.0):
-                if not node.alive() or time.monotonic() > deadline:
-                    raise SystemExit(f"the node did not subscribe:\n{node.log()}")
+                endpoints["others"] += [client.subscribe(Image, f"{out}/color"), client.subscribe(Image, f"{out}/overlay"),
+                                        client.subscribe(msgs.ClassMasks, f"{out}/masks")]
+        endpoints["publishers"] = [client.publisher(Image, topic, qos_profile_sensor_data) for topic in topics]
+        return endpoints["publishers"]
+
+    client = None
+    try:
+        try:  # the warm-up (graph captures, compilation) comes before the subscriptions
+            client = connect("overhead_bench", domain, node, build, timeout=300)
+        except TimeoutError as error:
+            raise SystemExit(str(error)) from None
+        publishers, labels, timing = endpoints["publishers"], endpoints["labels"], endpoints["timing"]
+        (diagnostics,), others = endpoints["diagnostics"], endpoints["others"]
         time.sleep(1.0)
         rng = np.random.default_rng(0)
         frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(4)]
@@ -120,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         diagnostics.wait_count(count + 1, 3.0)
         node_stages = diagnostics_values(diagnostics.messages[-1].status[0])
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         node.stop()
         node.kill()
 

@@ -199,6 +199,37 @@ class GraphClient:
         self._thread.join(2.0)
 
 
+#: Seconds an attempt waits for the node's subscriptions before a fresh participant is tried.
+DISCOVERY_ATTEMPT_S = 15.0
+
+
+def connect(name: str, domain_id: int, node: NodeProcess, build: Callable[[GraphClient], list[Any]],
+            timeout: float = 60.0) -> GraphClient:
+    """A GraphClient whose endpoints `build(client)` created, once the node subscribes to
+    every publisher `build` returned.
+
+    Now and then two DDS participants on one host never discover each other, while a
+    fresh participant does at once: an attempt not matched within DISCOVERY_ATTEMPT_S is
+    closed and `build` runs again on a new client.
+
+    Raises:
+        TimeoutError: not matched within `timeout`, or the node exited (its log attached).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        client = GraphClient(name, domain_id)
+        publishers = build(client)
+        attempt_end = min(deadline, time.monotonic() + DISCOVERY_ATTEMPT_S)
+        while time.monotonic() < attempt_end and node.alive():
+            if all(publisher.get_subscription_count() > 0 for publisher in publishers):
+                return client
+            time.sleep(0.05)
+        client.close()
+        if time.monotonic() >= deadline or not node.alive():
+            state = "exited" if not node.alive() else f"did not subscribe within {timeout:.0f} s"
+            raise TimeoutError(f"segmenter_node {state}:\n{node.log()[-3000:]}")
+
+
 def make_image(rgb: np.ndarray, *, stamp_ns: int, frame_id: str, encoding: str = "rgb8",
                padding: int = 0) -> Any:
     """A ``sensor_msgs/Image`` of an rgb8 frame (other encodings: pack them yourself)."""
