@@ -87,6 +87,5 @@ def store_batch(caches: list[FeatureCache], slot: int, entry: CachedFrame) -> No
 
 def write_batch(caches: list[FeatureCache], slot: int, entry: CachedFrame) -> None:
     """Stores row i of a batched entry into caches[i] and counts the frame in each."""
-    store_batch(caches, slot, entry)
-    for cache in caches:
-        cache.frames_written += 1
+    for row, cache in enumerate(caches):
+        cache.write(slot, tuple(part[row : row + 1] for part in entry))  # (1, L, d) each
