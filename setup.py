@@ -32,6 +32,7 @@ setup(
             "tdnet-eval = tdnet_ros.evaluation.cli:main",
             "tdnet-generate = tdnet_ros.data.generate_cli:main",
             "tdnet-train = tdnet_ros.training.cli:main",
+            "tdnet-recipe = tdnet_ros.training.recipe:main",
         ],
     },
 )

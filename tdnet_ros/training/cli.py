@@ -48,11 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = train(config, resume=args.resume)
-    except (DatasetError, FileNotFoundError) as error:
+    except (DatasetError, FileNotFoundError, FloatingPointError) as error:
         print(f"tdnet-train: {error}", file=sys.stderr)
         return 1
     print(f"checkpoint: {result.checkpoint}  iterations: {result.iterations}  "
-          f"validation mIoU: {100 * result.val_miou:.2f}  time: {result.seconds:.0f} s")
+          f"validation mIoU: {100 * result.val_miou:.2f}  time: {result.seconds:.0f} s  "
+          f"speed: {result.images_per_second:.2f} images/s")
     return 0
 
 

@@ -33,7 +33,8 @@ class DataConfig:
     size: tuple[int, int] = (256, 512)  # generated: rendered (height, width)
     gaps: tuple[int, int] = (1, 2)  # range of frame gaps inside a clip
     cache_dir: str = "outputs/cache"  # generated: rendered sequences are kept here ("" = no cache)
-    num_workers: int = 0  # DataLoader workers
+    num_workers: int = 1  # DataLoader workers preparing (augmenting) batches ahead of the step
+    prefetch: int = 4  # batches each worker keeps ready
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,16 @@ class RunConfig:
     seed: int = 0
     threads: int = 0  # torch CPU threads (0: leave PyTorch's default)
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
-    amp: bool = True  # float16 autocast + grad scaling; CUDA only (ignored on the CPU)
+    # Mixed precision with float32 master weights and float32 losses: float16 autocast + grad
+    # scaling on CUDA, bfloat16 autocast on the CPU (no scaling needed: bf16 has fp32's range).
+    amp: bool = True
+    channels_last: bool = True  # NHWC activations and weights (faster convolutions on CPU and GPU)
     val_interval: int = 200  # iterations between validations (0: only at the end)
     val_max_clips: int = 40  # validation clips (evenly spread over the val set)
     checkpoint_interval: int = 100  # iterations between checkpoint saves (always at the end)
     progress: bool = True  # tqdm progress bar
     log_interval: int = 10  # iterations between CSV rows
-    init_checkpoint: str = ""  # start the student from these weights (project checkpoint)
+    init_checkpoint: str = ""  # start from these weights (a project checkpoint, or a teacher's)
 
 
 @dataclass(frozen=True)

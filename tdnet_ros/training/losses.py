@@ -41,7 +41,7 @@ def ohem_cross_entropy(
         logits: (B, K, h, w) class scores.
         target: (B, H, W) integer class ids.
     """
-    logits = upsample_to(logits, tuple(target.shape[-2:])).float()
+    logits = upsample_to(logits.float(), tuple(target.shape[-2:]))
     losses = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="none")
     losses = losses[target != ignore_index]  # (valid pixels,)
     if losses.numel() == 0:
@@ -53,7 +53,7 @@ def ohem_cross_entropy(
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Plain cross-entropy (mean over labelled pixels), used for the auxiliary heads."""
-    logits = upsample_to(logits, tuple(target.shape[-2:])).float()
+    logits = upsample_to(logits.float(), tuple(target.shape[-2:]))
     if not bool((target != ignore_index).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
@@ -68,7 +68,7 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     """
     if student.shape[-2:] != teacher.shape[-2:]:
         size = max(tuple(student.shape[-2:]), tuple(teacher.shape[-2:]))
-        student, teacher = upsample_to(student, size), upsample_to(teacher, size)
+        student, teacher = upsample_to(student.float(), size), upsample_to(teacher.float(), size)
     log_s = F.log_softmax(student.float() / temperature, dim=1)  # (B, K, H, W)
     log_t = F.log_softmax(teacher.detach().float() / temperature, dim=1)
     kl = (log_t.exp() * (log_t - log_s)).sum(dim=1)  # (B, H, W)

@@ -146,9 +146,10 @@ def _batches(view: _TrainView, config: TrainConfig, rank: int, world: int, start
             view, num_replicas=world, rank=rank, shuffle=True, seed=config.run.seed, drop_last=True
         )
         sampler.set_epoch(epoch)
+        workers = config.data.num_workers
         loader = torch.utils.data.DataLoader(
             view, batch_size=config.optim.batch_size, sampler=sampler, drop_last=True,
-            num_workers=config.data.num_workers,
+            num_workers=workers, prefetch_factor=config.data.prefetch if workers else None,
         )
         for index, batch in enumerate(loader):
             if index >= per_epoch:
@@ -247,6 +248,39 @@ class TrainResult:
     val_miou: float
     seconds: float
     model: nn.Module  # the trained network (TDNet or TeacherNet), on the training device
+    images_per_second: float  # training images (clip frames) per second, validation excluded
+
+
+class ImageRate:
+    """Training throughput in images per second: over the run and over the last steps.
+
+    The first step is not counted (it includes start-up: workers forking, allocations).
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self.restart()
+        self.total_images, self.total_seconds = 0, 0.0
+
+    def restart(self) -> None:
+        self.last = None
+        self.recent_steps: list[tuple[int, float]] = []
+
+    def add(self, images: int) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            seconds = now - self.last
+            self.total_images += images
+            self.total_seconds += seconds
+            self.recent_steps = [*self.recent_steps[-(self.window - 1):], (images, seconds)]
+        self.last = now
+
+    def recent(self) -> float:
+        seconds = sum(s for _, s in self.recent_steps)
+        return sum(i for i, _ in self.recent_steps) / seconds if seconds else math.nan
+
+    def overall(self) -> float:
+        return self.total_images / self.total_seconds if self.total_seconds else math.nan
 
 
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
@@ -306,6 +340,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
     if teacher_stage:
         teacher_fields = {"num_groups": student_config.num_paths, "num_classes": num_classes, **config.teacher}
         net: nn.Module = TeacherNet(TeacherConfig.from_dict(teacher_fields))
+        if config.run.init_checkpoint:
+            net.load_state_dict(load_teacher(config.run.init_checkpoint).state_dict())
         clip_length = 1
         input_size = student_config.input_size
     else:
@@ -328,8 +364,13 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
     optimizer = torch.optim.SGD(
         net.parameters(), lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay
     )
-    use_amp = config.run.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    # float16 needs loss scaling (CUDA); bfloat16 keeps float32's exponent range (CPU).
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=config.run.amp and device.type == "cuda")
+    memory_format = torch.channels_last if config.run.channels_last else torch.contiguous_format
+    net.to(memory_format=memory_format)
+    if teacher_kd is not None:
+        teacher_kd.to(memory_format=memory_format)
 
     # Resume
     start = 0
@@ -365,6 +406,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
         progress = tqdm(total=config.optim.iterations, initial=start, desc=f"train {config.stage}", dynamic_ncols=True)
 
     began = time.time()
+    images_per_step = config.optim.batch_size * world * clip_length
+    speed = ImageRate()
     val_miou = math.nan
     path_rng = np.random.default_rng([config.run.seed, 7])  # first sub-network of each clip
     for _ in range(start):
@@ -377,11 +420,12 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
         x, y = next(batches)  # (B, N, 3, h, w), (B, N, h, w)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         first_path = int(path_rng.integers(0, clip_length))
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=config.run.amp):
             if teacher_stage:
-                total, terms = _teacher_loss(wrapped, x[:, -1], y[:, -1], config)
+                frames = x[:, -1].contiguous(memory_format=memory_format)
+                total, terms = _teacher_loss(wrapped, frames, y[:, -1], config)
             else:
-                total, terms = _student_step_loss(wrapped, teacher_kd, x, y, first_path, config)
+                total, terms = _student_step_loss(wrapped, teacher_kd, x, y, first_path, config, memory_format)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
@@ -389,11 +433,15 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
 
         done = iteration + 1
         total = total.detach()
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"the training loss is {float(total)} at iteration {done}; lower optim.lr")
+        speed.add(images_per_step)
         row: dict[str, Any] = {}
         if done % config.run.log_interval == 0 or done == config.optim.iterations:
             row = {"iteration": done, "lr": f"{lr:.6g}", "loss": f"{float(total):.5f}"}
             row.update({f"loss_{k}": f"{v:.5f}" for k, v in terms.items()})
             row["seconds"] = f"{time.time() - began:.1f}"
+            row["images_per_s"] = f"{speed.recent():.2f}"
         validate_now = done == config.optim.iterations or (config.run.val_interval and done % config.run.val_interval == 0)
         if validate_now and main_process:
             module = _module_of(net, teacher_stage)
@@ -402,7 +450,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
             row = row or {"iteration": done, "lr": f"{lr:.6g}", "loss": f"{float(total):.5f}"}
             row["val_miou"] = f"{val_miou:.4f}"
             if progress is not None:
-                progress.write(f"iteration {done}: validation mIoU {100 * val_miou:.1f}")
+                progress.write(f"iteration {done}: validation mIoU {100 * val_miou:.1f}, "
+                               f"{speed.recent():.1f} images/s")
+            speed.restart()  # validation time is not training speed
         if row and main_process:
             log.add(row)
             log.write(plot="val_miou" in row)
@@ -410,7 +460,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
             _save(net, teacher_stage, optimizer, scaler, done, config, last_path)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{float(total):.3f}", lr=f"{lr:.2e}")
+            progress.set_postfix(loss=f"{float(total):.3f}", lr=f"{lr:.2e}", img_s=f"{speed.recent():.1f}")
     if progress is not None:
         progress.close()
     if distributed:
@@ -421,7 +471,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
     if distributed:
         dist.barrier()
     return TrainResult(final if end == config.optim.iterations else last_path, end, val_miou,
-                       time.time() - began, _module_of(net, teacher_stage))
+                       time.time() - began, _module_of(net, teacher_stage), speed.overall())
 
 
 def _average_buffers(net: nn.Module, world: int) -> None:
@@ -464,15 +514,16 @@ def _teacher_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Trai
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
-def _student_step_loss(net, teacher: TeacherNet | None, x, y, first_path: int, config: TrainConfig):
+def _student_step_loss(net, teacher: TeacherNet | None, x, y, first_path: int, config: TrainConfig,
+                       memory_format: torch.memory_format = torch.contiguous_format):
     """Student loss on one batch of clips (B, N, 3, h, w) with labels (B, N, h, w)."""
     n = x.shape[1]
-    clip = [x[:, j] for j in range(n)]
+    clip = [x[:, j].contiguous(memory_format=memory_format) for j in range(n)]
     logits, aux = net(clip, first_path)
     teacher_full, sub_logits, teacher_groups = None, None, None
     if teacher is not None:
         with torch.no_grad():
-            teacher_out = teacher(x.flatten(0, 1))  # every frame at once: (B*N, 3, h, w)
+            teacher_out = teacher(x.flatten(0, 1).contiguous(memory_format=memory_format))  # (B*N, 3, h, w)
         b = x.shape[0]
         teacher_full = teacher_out["out"].unflatten(0, (b, n))[:, -1]
         # Sub-network p keeps channel group p: its single-frame outputs (the frames before

@@ -1,0 +1,164 @@
+"""`tdnet-recipe`: the paper's two-stage recipe as one resumable command.
+
+    tdnet-recipe config/recipe_default.yaml
+    tdnet-recipe config/recipe_default.yaml --set student.optim.iterations=2 --set out_dir=outputs/x
+
+Stages, each skipped when its output exists and resumed from its `last.pt` when interrupted:
+
+1. teacher: the grouped single-frame teacher (`stage: teacher` training configuration);
+2. student: the TDNet student on clips, distilled from that teacher (`teacher_checkpoint`
+   is set to the teacher's `model.pt`);
+3. export: the student packed as a shippable checkpoint (`<out_dir>/model.pt` + `.sha256`);
+4. held-out: mIoU, per-class IoU and CPU latency on generated sequences of seeds never
+   used in training (`<out_dir>/heldout.json`).
+
+Run it again after an interruption (or with `nohup` in the background) and it goes on where
+it stopped. The recipe file names the two training configurations (paths relative to the
+recipe file) and where everything goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .cli import _parse_set
+from .config import ConfigError, TrainConfig, load_config
+from .datasets import DatasetError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    teacher: str  # training configuration of stage 1 (stage: teacher); "" skips distillation
+    student: str  # training configuration of stage 2 (stage: student)
+    out_dir: str = "outputs/recipe"  # teacher/, student/, model.pt, heldout.json go here
+    heldout_seeds: tuple[int, ...] = (2001, 2002, 2003)  # never used for training or validation
+    heldout_frames: int = 60
+    heldout_size: tuple[int, int] = (256, 512)  # (height, width) of the held-out renders
+    overrides: dict[str, Any] = field(default_factory=dict)  # {"teacher"|"student": {section: {key: v}}}
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Reads a recipe YAML file; `overrides` may replace its keys or the stages' settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"cannot parse {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must be a mapping at the top level")
+    overrides = dict(overrides or {})
+    stage_overrides = {k: overrides.pop(k) for k in ("teacher", "student") if isinstance(overrides.get(k), dict)}
+    values.update(overrides)
+    known = {"teacher", "student", "out_dir", "heldout_seeds", "heldout_frames", "heldout_size"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if not values.get("student"):
+        raise ConfigError(f"{path} names no student configuration")
+
+    def beside(name: str) -> str:
+        return str(path.parent / name) if name and not Path(name).is_absolute() else name
+
+    try:
+        seeds = tuple(int(s) for s in values.get("heldout_seeds", Recipe.heldout_seeds))
+        frames = int(values.get("heldout_frames", Recipe.heldout_frames))
+        height, width = (int(v) for v in values.get("heldout_size", Recipe.heldout_size))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path}: heldout_seeds, heldout_frames and heldout_size [height, width] must be "
+                          f"whole numbers ({error})") from None
+    if not seeds or frames < 1 or not (16 <= height <= 4096 and 16 <= width <= 4096):
+        raise ConfigError(f"{path}: heldout_seeds must not be empty, heldout_frames must be >= 1 and "
+                          "heldout_size within 16..4096 pixels")
+    return Recipe(
+        teacher=beside(values.get("teacher") or ""), student=beside(values["student"]),
+        out_dir=str(values.get("out_dir", Recipe.out_dir)), heldout_seeds=seeds, heldout_frames=frames,
+        heldout_size=(height, width),
+        overrides=stage_overrides,
+    )
+
+
+def stage_configs(recipe: Recipe) -> tuple[TrainConfig | None, TrainConfig]:
+    """The two training configurations with the recipe's output folders and teacher link."""
+    out = Path(recipe.out_dir)
+    teacher = None
+    if recipe.teacher:
+        teacher = load_config(recipe.teacher, recipe.overrides.get("teacher"))
+        if teacher.stage != "teacher":
+            raise ConfigError(f"{recipe.teacher} must be a 'stage: teacher' configuration")
+        teacher = teacher.replace(run={"out_dir": str(out / "teacher")})
+    student = load_config(recipe.student, recipe.overrides.get("student"))
+    if student.stage != "student":
+        raise ConfigError(f"{recipe.student} must be a 'stage: student' configuration")
+    teacher_checkpoint = str(out / "teacher" / "model.pt") if teacher is not None else ""
+    student = student.replace(run={"out_dir": str(out / "student")}, teacher_checkpoint=teacher_checkpoint)
+    return teacher, student
+
+
+def _train_stage(config: TrainConfig, log) -> Path:
+    """Trains one stage unless its final checkpoint exists; resumes from last.pt if present."""
+    from .trainer import FINAL_CHECKPOINT, LAST_CHECKPOINT, train
+
+    out = Path(config.run.out_dir)
+    final = out / FINAL_CHECKPOINT
+    if final.is_file():
+        log(f"{config.stage}: done before ({final})")
+        return final
+    resume = (out / LAST_CHECKPOINT).is_file()
+    log(f"{config.stage}: {'resuming' if resume else 'training'} in {out}")
+    result = train(config, resume=resume)
+    log(f"{config.stage}: {result.iterations} iterations, validation mIoU {100 * result.val_miou:.2f}, "
+        f"{result.images_per_second:.2f} images/s")
+    return result.checkpoint
+
+
+def run_recipe(recipe: Recipe, log=print) -> dict[str, Any]:
+    """Runs (or finishes) every stage; returns the held-out result (also in heldout.json)."""
+    from .export import export
+    from .heldout import evaluate
+
+    teacher, student = stage_configs(recipe)
+    if teacher is not None:
+        _train_stage(teacher, log)
+    student_checkpoint = _train_stage(student, log)
+    out = Path(recipe.out_dir)
+    model = out / "model.pt"
+    digest = export(student_checkpoint, model)
+    log(f"export: {model} ({model.stat().st_size / 1e6:.2f} MB, sha256 {digest[:12]}...)")
+    height, width = recipe.heldout_size
+    result = evaluate(recipe.heldout_seeds, recipe.heldout_frames, checkpoint=str(model), width=width, height=height)
+    (out / "heldout.json").write_text(json.dumps(result, indent=2))
+    log(f"held-out: mIoU {100 * result['miou']:.2f}, pixel accuracy {100 * result['pixel_accuracy']:.2f} "
+        f"on seeds {list(recipe.heldout_seeds)} ({result['frames']} frames)")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tdnet-recipe", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("recipe", help="recipe YAML (see config/recipe_default.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key (out_dir=...) or a stage's setting "
+                             "(student.optim.iterations=...), YAML syntax, repeatable")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, _parse_set(args.set))
+        stage_configs(recipe)  # every configuration checked before anything trains
+        run_recipe(recipe, log=lambda line: print(f"tdnet-recipe: {line}", flush=True))
+    except (ConfigError, DatasetError, FileNotFoundError, FloatingPointError) as error:
+        print(f"tdnet-recipe: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""CPU mixed precision, the chained recipe, init_checkpoint and the images-per-second print,
+on the tiny model (pybullet renders cached per session)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tdnet_ros.checkpoint import read_checkpoint
+from tdnet_ros.training.cli import main as train_cli
+from tdnet_ros.training.config import from_dict
+from tdnet_ros.training.recipe import main as recipe_cli
+from tdnet_ros.training.trainer import train
+
+TINY = {
+    "model": "td4-tiny",
+    "data": {"train_seeds": [1], "val_seeds": [2], "frames": 10, "val_frames": 6, "size": [64, 128]},
+    "augment": {"base_size": [64, 128], "crop": [48, 96]},
+    "optim": {"iterations": 3, "batch_size": 2, "warmup_iterations": 1},
+    "run": {"threads": 1, "val_interval": 0, "val_max_clips": 2, "log_interval": 1, "progress": False},
+}
+TINY_TEACHER = {"layers": [1, 1, 1, 1], "base_width": 8, "feature_channels": 32}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("street_cache"))
+
+
+def tiny(out_dir: Path, cache: str, **sections):
+    config = from_dict(TINY).replace(data={"cache_dir": cache}, run={"out_dir": str(out_dir)})
+    return config.replace(**sections) if sections else config
+
+
+def test_bfloat16_autocast_on_the_cpu_trains_with_finite_losses(tmp_path, cache_dir):
+    config = tiny(tmp_path, cache_dir, run={"amp": True, "channels_last": True}, optim={"iterations": 4})
+    result = train(config)
+    import csv
+
+    with open(tmp_path / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["loss"]) for r in rows]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    # The weights stay float32 (master weights) and moved away from their initial values.
+    weights = read_checkpoint(result.checkpoint)["state_dict"]
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    fresh = train(tiny(tmp_path / "fresh", cache_dir, optim={"iterations": 1, "lr": 0.0}))
+    changed = [k for k, v in fresh.model.state_dict().items()
+               if v.is_floating_point() and k in weights and not torch.equal(v, weights[k])]
+    assert changed
+
+
+def test_the_bf16_step_follows_the_float32_step(tmp_path, cache_dir):
+    """One bf16 step lands near the float32 step (same data, same initial weights)."""
+    common = {"optim": {"iterations": 1, "warmup_iterations": 0, "lr": 0.01}}
+    a = train(tiny(tmp_path / "fp32", cache_dir, run={"amp": False}, **common)).model.state_dict()
+    b = train(tiny(tmp_path / "bf16", cache_dir, run={"amp": True}, **common)).model.state_dict()
+    for key in a:
+        if a[key].is_floating_point() and key.endswith("weight"):
+            torch.testing.assert_close(b[key], a[key], rtol=0.05, atol=2e-3, msg=key)
+
+
+def test_init_checkpoint_keeps_the_weights(tmp_path, cache_dir):
+    first = train(tiny(tmp_path / "first", cache_dir))
+    shipped = read_checkpoint(first.checkpoint)["state_dict"]
+    # At learning rate 0 the parameters stay those of init_checkpoint (buffers, e.g. BatchNorm
+    # statistics, still follow the data).
+    second = train(tiny(tmp_path / "second", cache_dir, optim={"iterations": 1, "lr": 0.0, "weight_decay": 0.0},
+                        run={"init_checkpoint": str(first.checkpoint)}))
+    parameters = dict(second.model.named_parameters())
+    for key, value in parameters.items():
+        torch.testing.assert_close(value.detach(), shipped[key], rtol=0, atol=0, msg=key)
+    # Without it, the same run starts elsewhere.
+    third = train(tiny(tmp_path / "third", cache_dir, optim={"iterations": 1, "lr": 0.0}, run={"seed": 5}))
+    assert any(not torch.equal(v.detach(), shipped[k]) for k, v in third.model.named_parameters())
+
+
+def test_the_cli_prints_images_per_second(tmp_path, cache_dir, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny(tmp_path / "out", cache_dir).to_dict()))
+    assert train_cli([str(path)]) == 0
+    out = capsys.readouterr().out
+    rate = float(out.split("speed: ")[1].split(" images/s")[0])
+    assert rate > 0
+    assert all(float(r) > 0 for r in _column(tmp_path / "out/log.csv", "images_per_s")[1:])
+
+
+def _column(path: Path, name: str) -> list[str]:
+    import csv
+
+    with open(path, newline="") as f:
+        return [row[name] for row in csv.DictReader(f)]
+
+
+def test_recipe_chains_teacher_student_export_and_heldout_and_resumes(tmp_path, cache_dir, capsys):
+    student = tiny(tmp_path / "unused", cache_dir).to_dict()
+    teacher = tiny(tmp_path / "unused", cache_dir, stage="teacher", teacher=TINY_TEACHER).to_dict()
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(student))
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(teacher))
+    out = tmp_path / "recipe"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+        "teacher": "teacher.yaml", "student": "student.yaml", "out_dir": str(out),
+        "heldout_seeds": [7], "heldout_frames": 3, "heldout_size": [64, 128],
+    }))
+    assert recipe_cli([str(tmp_path / "recipe.yaml")]) == 0
+    log = capsys.readouterr().out
+    assert "teacher: training" in log and "student: training" in log and "held-out: mIoU" in log
+    assert (out / "teacher/model.pt").is_file() and (out / "student/model.pt").is_file()
+    # The student was distilled from the recipe's teacher.
+    assert read_checkpoint(out / "student/model.pt")["train_config"]["teacher_checkpoint"] == str(
+        out / "teacher/model.pt")
+    assert float(_column(out / "student/log.csv", "loss_kd_full")[-1]) > 0
+    heldout = json.loads((out / "heldout.json").read_text())
+    assert heldout["frames"] == 3 and 0 <= heldout["miou"] <= 1
+    assert (out / "model.pt.sha256").read_text().split()[0]
+    # Interrupted in the student stage: the rerun skips the teacher and resumes the student.
+    (out / "student/model.pt").unlink()
+    train(read_stage(out / "student/last.pt"), stop_at=1)  # an earlier, interrupted state
+    assert recipe_cli([str(tmp_path / "recipe.yaml")]) == 0
+    log = capsys.readouterr().out
+    assert "teacher: done before" in log and "student: resuming" in log
+    assert read_checkpoint(out / "student/model.pt")["iteration"] == 3
+
+
+def read_stage(checkpoint: Path):
+    """The training configuration stored in a checkpoint."""
+    return from_dict(read_checkpoint(checkpoint)["train_config"])
+
+
+def test_recipe_errors_name_the_file_and_key(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("student: s.yaml\nout_dir: x\nheldout_seed: [1]\n")
+    assert recipe_cli([str(tmp_path / "r.yaml")]) == 2
+    assert "heldout_seed" in capsys.readouterr().err
+    assert recipe_cli([str(tmp_path / "missing.yaml")]) == 2
+    assert "recipe not found" in capsys.readouterr().err
+    (tmp_path / "r.yaml").write_text("student: s.yaml\n")
+    assert recipe_cli([str(tmp_path / "r.yaml")]) == 2
+    assert "s.yaml" in capsys.readouterr().err
