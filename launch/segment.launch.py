@@ -3,14 +3,19 @@
     ros2 launch tdnet_ros segment.launch.py camera:=/camera/image_raw
     ros2 launch tdnet_ros segment.launch.py cameras:="['/front/image_raw', '/rear/image_raw']" \
         checkpoint:=/path/to/td4-psp18.pkl model:=td4-psp18 device:=cuda namespace:=perception
+    ros2 launch tdnet_ros segment.launch.py params_file:=my_robot.yaml   # the file's values stay
 
 Everything here is also possible without launch (this repository's tests do that):
     segmenter_node --ros-args --params-file config/segmenter.yaml -r image:=/camera/image_raw
 
-Fast DDS drops camera-sized images over best-effort QoS with its default transports; the
-node sets FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA for itself when unset, and this file does
-the same for everything it starts. The camera driver's process needs it too (export it in
-the shell that starts the driver, or run the driver from a launch file that sets it).
+The launch arguments checkpoint, model, device and cameras override the parameter file
+only when they are given: a parameter file that names its own checkpoint and cameras keeps
+them when they are not.
+
+Transports: nothing here changes the middleware's settings unless asked. large_data:=true
+sets FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA for everything this launch starts; the camera
+driver must then use it too (export it in its shell, or start it from this launch), or
+the two do not discover each other.
 """
 
 import os
@@ -18,16 +23,39 @@ from typing import List
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
 
 PACKAGE = "tdnet_ros"
 EXECUTABLE = "segmenter_node"
 PARAMS_FILE = "segmenter.yaml"
 RVIZ_FILE = "segmentation.rviz"
+#: Launch arguments that override the parameter of the same name when given (not "").
+OVERRIDES = ("checkpoint", "model", "device", "cameras")
+
+
+def _segmenter(context, *_args, **_kwargs) -> List[Node]:
+    given = {name: LaunchConfiguration(name).perform(context) for name in OVERRIDES}
+    overrides = {name: value for name, value in given.items() if value != ""}
+    if "cameras" in overrides:
+        import yaml
+
+        overrides["cameras"] = [str(topic) for topic in yaml.safe_load(overrides["cameras"])]
+    parameters = [LaunchConfiguration("params_file").perform(context)]
+    if overrides:
+        parameters.append(overrides)  # later entries win over the file
+    return [Node(
+        package=PACKAGE,
+        executable=EXECUTABLE,
+        name=EXECUTABLE,
+        namespace=LaunchConfiguration("namespace"),
+        output="screen",
+        emulate_tty=True,
+        parameters=parameters,
+        remappings=[("image", LaunchConfiguration("camera"))],
+    )]
 
 
 def generate_launch_description() -> LaunchDescription:
@@ -35,42 +63,30 @@ def generate_launch_description() -> LaunchDescription:
     arguments = [
         DeclareLaunchArgument("camera", default_value="image",
                               description="Camera image topic (the node's `image` input)."),
-        DeclareLaunchArgument("cameras", default_value="['image']",
-                              description="Camera topics, e.g. \"['/a/image', '/b/image']\" (an entry `image` follows `camera`)."),
+        DeclareLaunchArgument("cameras", default_value="",
+                              description="Camera topics, e.g. \"['/a/image', '/b/image']\" (an entry `image` "
+                                          "follows `camera`); empty = the parameter file's."),
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", PARAMS_FILE),
                               description="Node parameter file."),
         DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node."),
-        DeclareLaunchArgument("checkpoint", default_value="", description="Checkpoint file; empty = bundled default model."),
-        DeclareLaunchArgument("model", default_value="", description="Model name, for published .pkl checkpoints."),
-        DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N."),
+        DeclareLaunchArgument("checkpoint", default_value="",
+                              description="Checkpoint file; empty = the parameter file's (there: empty = the "
+                                          "bundled default model)."),
+        DeclareLaunchArgument("model", default_value="",
+                              description="Model name, for published .pkl checkpoints; empty = the parameter file's."),
+        DeclareLaunchArgument("device", default_value="",
+                              description="auto, cpu, cuda or cuda:N; empty = the parameter file's."),
         DeclareLaunchArgument("rviz", default_value="false", description="Also start rviz2 with the package's config."),
+        DeclareLaunchArgument("large_data", default_value="false",
+                              description="Set FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA for everything this launch "
+                                          "starts (the camera needs the same setting)."),
     ]
-    segmenter = Node(
-        package=PACKAGE,
-        executable=EXECUTABLE,
-        name=EXECUTABLE,
-        namespace=LaunchConfiguration("namespace"),
-        output="screen",
-        emulate_tty=True,
-        parameters=[
-            LaunchConfiguration("params_file"),
-            {
-                # Launch arguments win over the parameter file.
-                "checkpoint": ParameterValue(LaunchConfiguration("checkpoint"), value_type=str),
-                "model": ParameterValue(LaunchConfiguration("model"), value_type=str),
-                "device": ParameterValue(LaunchConfiguration("device"), value_type=str),
-                "cameras": ParameterValue(LaunchConfiguration("cameras"), value_type=List[str]),
-            },
-        ],
-        remappings=[("image", LaunchConfiguration("camera"))],
-    )
+    large_data = SetEnvironmentVariable("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA",
+                                        condition=IfCondition(LaunchConfiguration("large_data")))
     rviz = Node(
         package="rviz2",
         executable="rviz2",
         arguments=["-d", os.path.join(share, "config", RVIZ_FILE)],
         condition=IfCondition(LaunchConfiguration("rviz")),
     )
-    transports = SetEnvironmentVariable(
-        "FASTDDS_BUILTIN_TRANSPORTS", os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
-    )
-    return LaunchDescription([transports, *arguments, segmenter, rviz])
+    return LaunchDescription([*arguments, large_data, OpaqueFunction(function=_segmenter), rviz])

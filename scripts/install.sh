@@ -20,3 +20,9 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --no-deps --no-build-isolation -e "$repo"
 # The package's ROS 2 messages (msg/*.msg), generated from the PyPI ROS wheels.
 bash "$repo/scripts/build_msgs.sh" "$venv"
+# The real launch and launch_ros (not on PyPI), for the launch-file tests: from the kit
+# beside the repository where there is one (development machines and CI).
+launch_kit="$repo/../shared/ros-launch"
+if [ -f "$launch_kit/install.sh" ]; then
+    bash "$launch_kit/install.sh" "$venv"
+fi

@@ -1,8 +1,8 @@
 """The launch file and what it starts: executable, parameter file, rviz2 config, messages.
 
-`launch`/`launch_ros` are not installable from PyPI, so the launch file itself runs only
-where they import (a ROS 2 install with this package built); everywhere else these tests
-check what it names exists and that its parameter file loads into the real node.
+The launch file runs for real: the package is built by its ament_cmake build into a staged
+prefix, and the real `launch`/`launch_ros` (installed into the venv from
+../shared/ros-launch by scripts/install.sh) run it; the graph is probed over DDS.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -140,7 +141,7 @@ def test_params_file_loads_into_the_node(tmp_path: Path) -> None:
         expected["checkpoint"] = str(checkpoint)
         assert {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in loaded.items()} == expected
         # The default camera is the relative topic `image`, resolved in the node's namespace.
-        assert re.search(r"camera '/image' \(Image, best_effort\) -> /segmentation/", node.log())
+        assert re.search(r"camera '/image' \(Image, best_effort following its publishers\) -> /segmentation/", node.log())
     finally:
         client.close()
         code, _ = node.stop()
@@ -148,70 +149,178 @@ def test_params_file_loads_into_the_node(tmp_path: Path) -> None:
     assert code == 0
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("launch_ros") is None, reason="launch_ros is not installed (no ROS 2 install)"
-)
-def test_launch_file_starts_the_node(tmp_path: Path) -> None:
-    import threading
+# The driver runs launch.LaunchService on its own main thread (launch demands it), in its
+# own process, until SIGINT; the test probes the graph over DDS meanwhile.
+LAUNCH_DRIVER = """
+import sys
+from launch import LaunchDescription, LaunchService
+from launch.actions import IncludeLaunchDescription
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+arguments = dict(a.split(":=", 1) for a in sys.argv[2:])
+service = LaunchService()
+service.include_launch_description(LaunchDescription([IncludeLaunchDescription(
+    PythonLaunchDescriptionSource(sys.argv[1]), launch_arguments=arguments.items())]))
+sys.exit(service.run())
+"""
 
-    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-    from launch import LaunchDescription, LaunchService
-    from launch.actions import IncludeLaunchDescription
-    from launch.launch_description_sources import PythonLaunchDescriptionSource
 
+class Launch:
+    """`launch/segment.launch.py` (from the staged install) running in a driver process."""
+
+    def __init__(self, staged: "StagedInstall", arguments: dict[str, str], domain: int, log: Path) -> None:
+        self.log_path = log
+        env = staged.environment()
+        env.pop("FASTDDS_BUILTIN_TRANSPORTS", None)
+        env.update(ROS_DOMAIN_ID=str(domain), PYTHONUNBUFFERED="1", RCUTILS_COLORIZED_OUTPUT="0")
+        self._log = open(log, "wb")
+        command = [sys.executable, "-c", LAUNCH_DRIVER, str(staged.launch_file)]
+        command += [f"{k}:={v}" for k, v in arguments.items()]
+        self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_line(self, text: str, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log()[-4000:]
+            time.sleep(0.2)
+
+    def stop(self) -> int | None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self._log.close()
+
+
+def _wait_topics(client, topics: set[str], timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = dict(client.node.get_topic_names_and_types())
+        if topics <= set(listed) or time.monotonic() > deadline:
+            return listed
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("launch_ros") is None,
+                    reason="launch_ros is not installed (bash ../shared/ros-launch/install.sh .venv)")
+def test_launch_file_runs_with_remap_namespace_and_stops_cleanly(staged: "StagedInstall", tmp_path: Path) -> None:
     from tdnet_ros.ros.testing import GraphClient, make_tiny_checkpoint, pick_domain_id
 
-    try:
-        get_package_share_directory("tdnet_ros")
-    except PackageNotFoundError:
-        pytest.skip("tdnet_ros is not built into the ament index (colcon build)")
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny.pt")
     domain = pick_domain_id()
-    os.environ["ROS_DOMAIN_ID"] = str(domain)
-    service = LaunchService()
-    service.include_launch_description(LaunchDescription([
-        IncludeLaunchDescription(
-            PythonLaunchDescriptionSource(str(LAUNCH_FILE)),
-            launch_arguments={"camera": "/launch_cam/image", "checkpoint": str(checkpoint),
-                              "device": "cpu", "namespace": "launch_test"}.items(),
-        )
-    ]))
-    runner = threading.Thread(target=service.run, daemon=True)
-    runner.start()
-    client = GraphClient("launch_test_client", domain)
+    launch = Launch(staged, {"camera": "/launch_cam/image", "checkpoint": str(checkpoint), "device": "cpu",
+                             "namespace": "launch_test", "rviz": "false"}, domain, tmp_path / "launch.log")
+    client = None
     try:
-        deadline = time.monotonic() + 60
+        launch.wait_for_line("ready:")
+        assert "DDS transports middleware default" in launch.log()  # nothing set behind the user's back
+        # A default-configured participant sees the node, its remapped input and its outputs.
+        client = GraphClient("launch_test_client", domain, large_data=False)
+        topics = _wait_topics(client, {"/launch_cam/image", "/launch_cam/segmentation/labels"})
+        assert "/launch_cam/image" in topics and "/launch_cam/segmentation/labels" in topics, sorted(topics)
+        deadline = time.monotonic() + 30
         while ("segmenter_node", "/launch_test") not in client.node.get_node_names_and_namespaces():
-            assert time.monotonic() < deadline, "the launch file did not start segmenter_node"
+            assert time.monotonic() < deadline, client.node.get_node_names_and_namespaces()
             time.sleep(0.2)
-        topics = dict(client.node.get_topic_names_and_types())
-        assert "/launch_cam/image" in topics
-        assert "/launch_cam/segmentation/labels" in topics
+        assert client.node.count_subscribers("/launch_cam/image") == 1
+        assert "rviz2" not in launch.log()  # rviz:=false starts no rviz2
     finally:
-        client.close()
-        service.shutdown()  # thread-safe: schedules the shutdown on the launch loop
-        runner.join(10)
+        if client is not None:
+            client.close()
+        code = launch.stop()
+        launch.kill()
+    assert code == 0, launch.log()[-4000:]
+    log = launch.log()
+    assert re.search(r"\[segmenter_node-1\]: process has finished cleanly", log), log[-4000:]
+    assert "Traceback" not in log
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
-def test_ament_cmake_build_installs_what_ros2_run_and_launch_need(tmp_path: Path) -> None:
+@pytest.mark.skipif(importlib.util.find_spec("launch_ros") is None,
+                    reason="launch_ros is not installed (bash ../shared/ros-launch/install.sh .venv)")
+def test_launch_keeps_the_parameter_files_values_unless_arguments_are_given(
+        staged: "StagedInstall", tmp_path: Path) -> None:
+    from rclpy.qos import DurabilityPolicy, QoSProfile
+
+    from tdnet_ros.ros.interfaces import load_messages
+    from tdnet_ros.ros.testing import GraphClient, make_tiny_checkpoint, pick_domain_id
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "mine.pt", seed=3)
+    user_file = tmp_path / "my_robot.yaml"
+    user_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": {
+        "checkpoint": str(checkpoint), "device": "cpu", "cameras": ["/yaml_a/image", "/yaml_b/image"]}}}))
+    domain = pick_domain_id()
+    launch = Launch(staged, {"params_file": str(user_file), "large_data": "true"}, domain, tmp_path / "launch.log")
+    client = None
+    try:
+        launch.wait_for_line("ready:")
+        assert "DDS transports LARGE_DATA" in launch.log()  # large_data:=true reached the node
+        client = GraphClient("launch_yaml_client", domain, large_data=True)
+        wanted = {"/yaml_a/segmentation/labels", "/yaml_b/segmentation/labels"}
+        topics = _wait_topics(client, wanted)
+        assert wanted <= set(topics), sorted(topics)
+        assert "/segmentation/labels" not in topics  # not the launch file's default camera
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        table = client.subscribe(load_messages().ClassTable, "/yaml_a/segmentation/class_table", latched)
+        message = table.wait_for(lambda m: True, 30)
+        assert message is not None and message.checkpoint == str(checkpoint)  # the file's, not the bundled model
+    finally:
+        if client is not None:
+            client.close()
+        code = launch.stop()
+        launch.kill()
+    assert code == 0, launch.log()[-4000:]
+
+
+class StagedInstall:
+    """The package built by its ament_cmake build (what `colcon build` runs) into a staged
+    prefix inside a temporary folder; the venv itself is not touched."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.prefix = Path(sys.prefix)  # the venv: also where the ROS wheels' CMake packages are
+        self.env = dict(os.environ, AMENT_PREFIX_PATH=str(self.prefix), CMAKE_PREFIX_PATH=str(self.prefix),
+                        PATH=f"{self.prefix / 'bin'}{os.pathsep}{os.environ['PATH']}")
+        build, self.stage = tmp / "build", tmp / "stage"
+        for command in (
+            ["cmake", "-S", str(REPO), "-B", str(build), f"-DCMAKE_INSTALL_PREFIX={self.prefix}",
+             f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF", "-Wno-dev"],
+            ["cmake", "--build", str(build), "-j", "2"],
+            ["cmake", "--install", str(build)],
+        ):
+            # DESTDIR stages the install in tmp: the venv itself is not touched.
+            result = subprocess.run(command, env={**self.env, "DESTDIR": str(self.stage)},
+                                    capture_output=True, text=True)
+            assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        self.root = self.stage / self.prefix.relative_to(self.prefix.anchor)
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        self.site = self.root / "lib" / version / "site-packages"
+        self.launch_file = self.root / "share" / launch_constants()["PACKAGE"] / "launch" / LAUNCH_FILE.name
+
+    def environment(self) -> dict[str, str]:
+        """As a sourced ROS install's setup would: the staged prefix first on the ament index
+        (then the venv's ROS packages), its Python packages first, the venv's bin/ on PATH."""
+        return {**self.env, "AMENT_PREFIX_PATH": f"{self.root}{os.pathsep}{self.prefix}",
+                "PYTHONPATH": str(self.site)}
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> StagedInstall:
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    return StagedInstall(tmp_path_factory.mktemp("ament"))
+
+
+def test_ament_cmake_build_installs_what_ros2_run_and_launch_need(staged: StagedInstall, tmp_path: Path) -> None:
     """The colcon (ament_cmake) build, run here with plain CMake against the venv's ROS
     prefix: executable, launch, config, and the Python package merged with its messages."""
-    prefix = Path(sys.prefix)  # the venv: also where the ROS wheels' CMake packages are
-    env = dict(os.environ, AMENT_PREFIX_PATH=str(prefix), CMAKE_PREFIX_PATH=str(prefix),
-               PATH=f"{prefix / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    build, stage = tmp_path / "build", tmp_path / "stage"
-    for command in (
-        ["cmake", "-S", str(REPO), "-B", str(build), f"-DCMAKE_INSTALL_PREFIX={prefix}",
-         f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF", "-Wno-dev"],
-        ["cmake", "--build", str(build), "-j", "2"],
-        ["cmake", "--install", str(build)],
-    ):
-        # DESTDIR stages the install in tmp_path: the venv itself is not touched.
-        result = subprocess.run(command, env={**env, "DESTDIR": str(stage)},
-                                capture_output=True, text=True)
-        assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    root = stage / prefix.relative_to(prefix.anchor)
+    root = staged.root
     constants = launch_constants()
     executable = root / "lib" / constants["PACKAGE"] / constants["EXECUTABLE"]
     assert executable.is_file() and os.access(executable, os.X_OK)
@@ -220,14 +329,14 @@ def test_ament_cmake_build_installs_what_ros2_run_and_launch_need(tmp_path: Path
     assert (share / "config" / constants["PARAMS_FILE"]).is_file()
     assert (share / "config" / constants["RVIZ_FILE"]).is_file()
     assert (root / "share" / "ament_index" / "resource_index" / "packages" / constants["PACKAGE"]).is_file()
-    site = root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    site = staged.site
     package = site / constants["PACKAGE"]
     assert (package / "ros" / "node.py").is_file() and (package / "msg" / "_class_masks.py").is_file()
     # The package's own __init__ wins over the generated (empty) one.
     assert (package / "__init__.py").read_text() == (REPO / "tdnet_ros" / "__init__.py").read_text()
     probe = subprocess.run(
         [sys.executable, "-c", "import tdnet_ros.msg, tdnet_ros.ros.node; print(tdnet_ros.msg.__file__)"],
-        env={**env, "PYTHONPATH": str(site)}, capture_output=True, text=True, cwd=tmp_path,
+        env={**staged.env, "PYTHONPATH": str(site)}, capture_output=True, text=True, cwd=tmp_path,
     )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip().startswith(str(package))

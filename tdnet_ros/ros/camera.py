@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import os
 import re
 import threading
 import time
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+from rclpy.qos import ReliabilityPolicy
 from builtin_interfaces.msg import Time
 from sensor_msgs.msg import Image, RegionOfInterest
 from std_msgs.msg import Header
@@ -31,6 +33,47 @@ if TYPE_CHECKING:
 
 #: Frames kept for the latency percentiles in diagnostics.
 LATENCY_WINDOW = 300
+
+LOST_HINT = (
+    "best-effort subscriptions lose camera-sized images whose fragments do not all arrive "
+    "(Fast DDS's default transports): publish the camera reliable (qos_reliability auto follows "
+    "it), or start the camera and this node with FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA "
+    "(launch argument large_data:=true)"
+)
+
+
+def reliability_name(policy: Any) -> str:
+    return "reliable" if policy == ReliabilityPolicy.RELIABLE else "best_effort"
+
+
+def silence_message(topic: str, *, silent_for: float, received: int, lost: int, publishers: int,
+                    publisher_kinds: list[str], subscribed: str, incompatible_policy: str,
+                    transports: str) -> str:
+    """Why a camera's diagnostics say no images arrive: the cause as exactly as it is known.
+
+    Tells apart a camera that stopped sending (images arrived before) from one whose images
+    never arrived (no publisher seen, incompatible QoS, lost in transport, or nothing at all).
+    """
+    if received:
+        text = f"camera stopped sending: no images on {topic} for {silent_for:.1f} s after {received} received"
+        return text + ("; its publisher is gone" if not publishers else "")
+    if not publishers:
+        return (
+            f"no images received on {topic} yet, and no publisher seen: check the topic name, "
+            f"ROS_DOMAIN_ID, and that the camera uses the same Fast DDS transports as this node "
+            f"(FASTDDS_BUILTIN_TRANSPORTS={transports or 'unset'} here): participants with "
+            "different transport settings may not discover each other"
+        )
+    who = f"{publishers} publisher(s) ({', '.join(publisher_kinds) or 'QoS unknown'})"
+    if incompatible_policy:
+        return (f"no images received on {topic} yet: {who} offer QoS incompatible with this node's "
+                f"{subscribed} subscription (policy {incompatible_policy}); set qos_reliability auto "
+                "or match the publisher")
+    if lost:
+        return f"no images received on {topic} yet: {who}, {lost} image(s) lost in transport: {LOST_HINT}"
+    return (f"no images received on {topic} yet although {who} exist and match this node's {subscribed} "
+            "subscription: the camera may not be publishing, or its images may not fit its transport "
+            f"({LOST_HINT})")
 
 
 @dataclass
@@ -98,6 +141,9 @@ class CameraStream:
         self.output_namespace = output_namespace
         self.node = node
         self.subscription: Any = None
+        self.reliability = ""  # of the current subscription: reliable | best_effort
+        self.publisher_reliabilities: list[Any] = []  # of the publishers last seen (auto mode)
+        self.incompatible_policy = ""  # QoS policy a publisher was last found incompatible on
         self.reset_service: Any = None
         self._lock = threading.Lock()
         self._pending: Optional[FrameJob] = None
@@ -142,14 +188,8 @@ class CameraStream:
         """Counts messages the middleware reports lost in transport (best effort)."""
         with self._lock:
             self.lost += int(count)
-        self.report_error(
-            "lost",
-            f"{count} message(s) lost in transport (total {self.lost}): best-effort "
-            "subscriptions lose messages whose fragments do not all arrive; large images need "
-            "FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA in the publisher's process too, or "
-            "qos_reliability reliable",
-            count=False,
-        )
+        self.report_error("lost", f"{count} message(s) lost in transport (total {self.lost}): {LOST_HINT}",
+                          count=False)
 
     def request_reset(self) -> None:
         with self._lock:
@@ -455,19 +495,14 @@ class CameraStream:
         silent_for = now - (last_received if last_received is not None else self._started)
         if silent_for > config.input_timeout_s:
             level = DiagnosticStatus.ERROR
-            message = (
-                f"no images on {self.topic} for {silent_for:.1f} s"
-                if last_received is not None
-                else f"no images received on {self.topic} yet"
+            infos = self.node.get_publishers_info_by_topic(self.topic)
+            kinds = sorted({reliability_name(i.qos_profile.reliability) for i in infos})
+            message = silence_message(
+                self.topic, silent_for=silent_for, received=counters["frames_received"],
+                lost=counters["frames_lost_in_transport"], publishers=len(infos), publisher_kinds=kinds,
+                subscribed=self.reliability, incompatible_policy=self.incompatible_policy,
+                transports=os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", ""),
             )
-            publishers = self.node.count_publishers(self.topic)
-            if publishers:
-                # The classic "segmentation node receives nothing": a publisher exists.
-                message += (
-                    f" although {publishers} publisher(s) exist: check their QoS (this node "
-                    f"subscribes {config.qos_reliability}) and, for camera-sized images over "
-                    "best effort, FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA in the publisher's process"
-                )
         elif config.expected_rate_hz > 0 and now - self._started > 5.0 and output_rate < config.expected_rate_hz:
             level = DiagnosticStatus.WARN
             message = f"output rate {output_rate:.1f} Hz below expected_rate_hz {config.expected_rate_hz:.1f}"
@@ -477,6 +512,7 @@ class CameraStream:
 
         values = [
             KeyValue(key="topic", value=self.topic),
+            KeyValue(key="input_reliability", value=self.reliability),
             KeyValue(key="output_namespace", value=self.output_namespace),
             KeyValue(key="input_rate_hz", value=f"{input_rate:.2f}"),
             KeyValue(key="output_rate_hz", value=f"{output_rate:.2f}"),

@@ -23,33 +23,28 @@ import time
 import warnings
 from typing import Any, Callable, Optional
 
-# Camera images over best effort are lost with Fast DDS's default transports (its
-# shared-memory segments are ~0.5 MB): use its large-data builtin transports unless the
-# user chose otherwise. Must happen before rclpy creates the DDS participant.
-os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
-
-import numpy as np  # noqa: E402
-import rclpy  # noqa: E402
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rcl_interfaces.msg import SetParametersResult  # noqa: E402
-from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rclpy.node import Node  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import (  # noqa: E402
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import (
     DurabilityPolicy,
     HistoryPolicy,
     QoSProfile,
     ReliabilityPolicy,
     qos_policy_name_from_kind,
 )
-from rclpy.signals import SignalHandlerOptions  # noqa: E402
-from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
+from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import CompressedImage, Image
+from std_srvs.srv import Trigger
 
-from tdnet_ros.ros.camera import CameraStream, FrameJob, PreparedFrame, output_namespaces  # noqa: E402
-from tdnet_ros.ros.interfaces import load_messages  # noqa: E402
-from tdnet_ros.ros.parameters import (  # noqa: E402
+from tdnet_ros.ros.camera import CameraStream, FrameJob, PreparedFrame, output_namespaces, reliability_name
+from tdnet_ros.ros.interfaces import load_messages
+from tdnet_ros.ros.parameters import (
     NodeConfig,
     ParameterError,
     apply_parameters,
@@ -59,8 +54,6 @@ from tdnet_ros.ros.parameters import (  # noqa: E402
 
 NODE_NAME = "segmenter_node"
 
-# Frames may be read-only views of the received buffer; the core only reads them.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 class FatalError(RuntimeError):
@@ -69,6 +62,24 @@ class FatalError(RuntimeError):
 
 def _reliability(name: str) -> ReliabilityPolicy:
     return ReliabilityPolicy.RELIABLE if name == "reliable" else ReliabilityPolicy.BEST_EFFORT
+
+
+#: Seconds between looks at each camera topic's publishers (qos_reliability auto).
+FOLLOW_PUBLISHERS_PERIOD_S = 0.25
+
+
+def matching_reliability(publisher_reliabilities: list[Any]) -> str:
+    """The input reliability that serves every publisher seen, and large images best.
+
+    A reliable subscription receives only from reliable publishers; a best-effort one from
+    both, but over Fast DDS's default transports it loses camera-sized images that a
+    reliable one gets (their fragments are resent). So: reliable when every publisher is
+    reliable, best effort when any is best effort or none is seen yet (it matches the
+    first publisher of either kind; the subscription is recreated once it is known).
+    """
+    if publisher_reliabilities and all(r == ReliabilityPolicy.RELIABLE for r in publisher_reliabilities):
+        return "reliable"
+    return "best_effort"
 
 
 def load_class_table(path: str, num_classes: int) -> tuple[list[str], np.ndarray]:
@@ -208,12 +219,6 @@ class SegmenterNode(Node):
         self._stopping = threading.Event()
         self._batching = self.config.batch_cameras
 
-        input_qos = QoSProfile(
-            history=HistoryPolicy.KEEP_LAST,
-            depth=self.config.qos_depth,
-            reliability=_reliability(self.config.qos_reliability),
-            durability=DurabilityPolicy.VOLATILE,
-        )
         output_qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST,
             depth=self.config.output_depth,
@@ -234,24 +239,10 @@ class SegmenterNode(Node):
         for topic, namespace in zip(resolved, namespaces):
             camera = CameraStream(topic=topic, output_namespace=namespace, node=self)
             compressed = topic.endswith("/compressed")
-            events = SubscriptionEventCallbacks(
-                incompatible_qos=lambda info, c=camera: self._on_incompatible_qos(c, info),
-                message_lost=lambda info, c=camera: c.count_lost(info.total_count_change),
-            )
-            message_type = CompressedImage if compressed else Image
-            callback = lambda msg, c=camera: self._on_image(c, msg)  # noqa: E731
-            # Raw images arrive serialized and are read without copying their pixels
-            # (rclpy's deserialization copies them twice: most of the node's overhead).
-            options = dict(event_callbacks=events, raw=not compressed and self.cv_bridge is None)
-            try:
-                camera.subscription = self.create_subscription(
-                    message_type, topic, callback, input_qos, **options
-                )
-            except UnsupportedEventTypeError:  # an RMW without message-lost events
-                events.message_lost = None
-                camera.subscription = self.create_subscription(
-                    message_type, topic, callback, input_qos, **options
-                )
+            reliability = self.config.qos_reliability
+            if reliability == "auto":
+                reliability = matching_reliability(self._publisher_reliabilities(topic))
+            self._subscribe(camera, reliability)
             camera.create_outputs(output_qos, latched_qos)
             camera.reset_service = self.create_service(
                 Trigger,
@@ -266,9 +257,10 @@ class SegmenterNode(Node):
                 checkpoint=str(self.segmenter.checkpoint or ""),
             )
             self.cameras.append(camera)
+            following = " following its publishers" if self.config.qos_reliability == "auto" else ""
             self.get_logger().info(
                 f"camera '{topic}' ({'CompressedImage' if compressed else 'Image'}, "
-                f"{self.config.qos_reliability}) -> {namespace}/"
+                f"{reliability}{following}) -> {namespace}/"
                 "{labels,color,overlay,masks,timing,class_table}"
             )
         self.reset_all_service = self.create_service(
@@ -276,6 +268,8 @@ class SegmenterNode(Node):
         )
         self.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.diagnostics_timer = self.create_timer(1.0, self._publish_diagnostics)
+        if self.config.qos_reliability == "auto":
+            self.follow_timer = self.create_timer(FOLLOW_PUBLISHERS_PERIOD_S, self._follow_publishers)
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._worker = threading.Thread(target=self._work, name="segmenter-worker", daemon=True)
@@ -283,8 +277,61 @@ class SegmenterNode(Node):
         self.get_logger().info(
             f"ready: segmenting with {self.segmenter.num_classes} classes on {self.segmenter.device} "
             f"({self.segmenter.precision}, backend {self.segmenter.backend}, preprocess "
-            f"{self.segmenter.preprocess}, input {self._input_size_text()})"
+            f"{self.segmenter.preprocess}, input {self._input_size_text()}, DDS transports "
+            f"{os.environ.get('FASTDDS_BUILTIN_TRANSPORTS') or 'middleware default'})"
         )
+
+    def _publisher_reliabilities(self, topic: str) -> list[Any]:
+        return [info.qos_profile.reliability for info in self.get_publishers_info_by_topic(topic)]
+
+    def _subscribe(self, camera: CameraStream, reliability: str) -> None:
+        """(Re)creates the camera's input subscription with ``reliability``."""
+        if camera.subscription is not None:
+            self.destroy_subscription(camera.subscription)
+            camera.subscription = None
+        compressed = camera.topic.endswith("/compressed")
+        qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=self.config.qos_depth,
+            reliability=_reliability(reliability),
+            # volatile matches volatile and transient-local publishers alike
+            durability=DurabilityPolicy.VOLATILE,
+        )
+        events = SubscriptionEventCallbacks(
+            incompatible_qos=lambda info, c=camera: self._on_incompatible_qos(c, info),
+            message_lost=lambda info, c=camera: c.count_lost(info.total_count_change),
+        )
+        message_type = CompressedImage if compressed else Image
+        callback = lambda msg, c=camera: self._on_image(c, msg)  # noqa: E731
+        # Raw images arrive serialized and are read without copying their pixels
+        # (rclpy's deserialization copies them twice: most of the node's overhead).
+        options = dict(event_callbacks=events, raw=not compressed and self.cv_bridge is None)
+        try:
+            camera.subscription = self.create_subscription(message_type, camera.topic, callback, qos, **options)
+        except UnsupportedEventTypeError:  # an RMW without message-lost events
+            events.message_lost = None
+            camera.subscription = self.create_subscription(message_type, camera.topic, callback, qos, **options)
+        camera.reliability = reliability
+
+    def _follow_publishers(self) -> None:
+        """qos_reliability auto: resubscribes a camera whose publishers call for the other
+        reliability (a publisher appeared, left or changed), with one log line per change.
+
+        rclpy's BEST_AVAILABLE would resolve once, when the subscription is created, and
+        then match neither a later best-effort publisher nor a later reliable one."""
+        for camera in self.cameras:
+            publishers = self._publisher_reliabilities(camera.topic)
+            camera.publisher_reliabilities = publishers
+            wanted = matching_reliability(publishers)
+            if not publishers or wanted == camera.reliability:
+                continue  # no publisher left: keep what matched the last one
+            kinds = sorted({reliability_name(r) for r in publishers})
+            self.get_logger().info(
+                f"topic '{camera.topic}': {len(publishers)} publisher(s) ({', '.join(kinds)}): "
+                f"subscribing {wanted} instead of {camera.reliability}"
+            )
+            camera.incompatible_policy = ""
+            self._subscribe(camera, wanted)
 
     def _warm_up(self, topics: list[str]) -> None:
         """Captures/compiles/loads every step for every camera (and for all cameras as one
@@ -310,11 +357,15 @@ class SegmenterNode(Node):
             self._wakeup.notify()
 
     def _on_incompatible_qos(self, camera: CameraStream, info: Any) -> None:
+        policy = qos_policy_name_from_kind(info.last_policy_kind)
+        camera.incompatible_policy = policy
+        if self.config.qos_reliability == "auto":
+            return  # the next _follow_publishers resubscribes (not from inside this handler)
         self.get_logger().warning(
             f"topic '{camera.topic}': a publisher with incompatible QoS was found (policy "
-            f"{qos_policy_name_from_kind(info.last_policy_kind)}); it cannot deliver images to this node, which "
+            f"{policy}); it cannot deliver images to this node, which "
             f"subscribes {self.config.qos_reliability} with depth {self.config.qos_depth}. "
-            "Match the publisher, e.g. set parameter qos_reliability to best_effort."
+            "Match the publisher, e.g. set parameter qos_reliability to auto or best_effort."
         )
 
     def _on_reset(self, response: Any, cameras: list[CameraStream]) -> Any:
@@ -414,6 +465,8 @@ def main(args: Optional[list[str]] = None) -> int:
     """
     # Our own handlers: the executor is spun in short slices, so the process reacts to
     # SIGINT/SIGTERM within ~0.1 s even while the worker is in the middle of a frame.
+    # Frames may be read-only views of the received buffer; the core only reads them.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     stop_requested = threading.Event()
 
@@ -430,14 +483,15 @@ def main(args: Optional[list[str]] = None) -> int:
         rclpy.try_shutdown()
         return 1
 
-    if any(os.environ.get(name, "").upper() in ("LOCALHOST", "1") for name in
-           ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOCALHOST_ONLY")):
+    if os.environ.get("FASTDDS_BUILTIN_TRANSPORTS") and any(
+            os.environ.get(name, "").upper() in ("LOCALHOST", "1")
+            for name in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOCALHOST_ONLY")):
         # Measured with Fast DDS 3.2: localhost-only discovery replaces the large-data
         # transports, and camera-sized best-effort images are lost again.
         node.get_logger().warning(
-            "ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST / ROS_LOCALHOST_ONLY=1 is set: with Fast "
-            "DDS this replaces the large-data transports and camera-sized images over best "
-            "effort may never arrive (see README, 'Large images')"
+            "ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST / ROS_LOCALHOST_ONLY=1 is set beside "
+            "FASTDDS_BUILTIN_TRANSPORTS: with Fast DDS this replaces the chosen transports and "
+            "camera-sized images over best effort may never arrive (see README, 'Large images')"
         )
     executor = SingleThreadedExecutor()
     executor.add_node(node)

@@ -32,7 +32,7 @@ class NodeConfig:
     class_table: str = ""  # YAML class table overriding the checkpoint's names/colours
     use_cv_bridge: bool = True  # convert with cv_bridge where it is installed
     cameras: list[str] = field(default_factory=lambda: ["image"])  # input topics
-    qos_reliability: str = "best_effort"  # input subscriptions
+    qos_reliability: str = "auto"  # input subscriptions: auto follows the camera's publishers
     qos_depth: int = 1
     output_namespace: str = "segmentation"  # outputs: <camera namespace>/<this>/...
     output_reliability: str = "reliable"
@@ -119,10 +119,11 @@ _SPECS: dict[str, _Spec] = {
         read_only=True,
     ),
     "qos_reliability": _Spec(
-        "Reliability of the input subscriptions: best_effort (sensor-data profile) or "
-        "reliable.",
+        "Reliability of the input subscriptions: auto (follow the topic's publishers: reliable "
+        "when every publisher is reliable, else best effort; the subscription is recreated "
+        "when publishers change), best_effort (sensor-data profile) or reliable.",
         read_only=True,
-        choices=("best_effort", "reliable"),
+        choices=("auto", "best_effort", "reliable"),
     ),
     "qos_depth": _Spec(
         "History depth (keep last) of the input subscriptions.", read_only=True, int_range=(1, 100)
