@@ -1,10 +1,12 @@
 """Per-frame latency of the segmenter, per stage, for each model, size, device and precision.
 
+  CPU, two precisions:
     tdnet-bench --model td4-psp18 --size 769x1537 --device cpu --precision float32 bfloat16
-    # GPU, every backend, 1920x1080 camera frames, beside the published code:
-    tdnet-bench --model td4-psp18 td2-psp50 --size 769x1537 --frame-size 1080x1920 --device cuda \
-        --precision float32 float16 --backend eager cuda-graph compile tensorrt --engine-dir engines \
-        --preprocess device --published-code /path/to/TDNet/Testing
+
+  GPU, every backend, 1920x1080 camera frames, beside the published code (one line):
+    tdnet-bench --model td4-psp18 td2-psp50 --size 769x1537 --frame-size 1080x1920
+      --device cuda --precision float32 float16 --backend eager cuda-graph compile tensorrt
+      --engine-dir engines --preprocess device --published-code /path/to/TDNet/Testing
 
 With `--published-code DIR` (a local checkout of the published TDNet `Testing/` folder,
 which this project does not ship), the published model runs in the same process on the
@@ -27,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_model, published_to_internal
-from .config import ModelConfig
+from .config import VARIANTS, ModelConfig
 from .model import build_model
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_frame
-from .segmenter import Segmenter
+from .segmenter import Segmenter, resolve_device
 from .timing import percentiles
 
 
@@ -92,7 +94,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 for precision in args.precision:
                     for backend in args.backend:
                         rows.append(measure_one(args, name, model, published, size, device_name, precision, backend))
-                        print(json.dumps(rows[-1]), flush=True)
+                        total = rows[-1]["frame_ms"]
+                        print(f"measured {name} {size[0]}x{size[1]} {device_name} {precision} {backend}: "
+                              f"p50 {total['p50']:.2f} ms", file=sys.stderr, flush=True)
     return rows
 
 
@@ -188,17 +192,27 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written (its examples), every option with its default."""
+
+
+BACKENDS = ("eager", "compile", "cuda-graph", "onnx", "tensorrt")
+PRECISIONS = ("float32", "float16", "bfloat16")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", default=["td4-psp18"], help="model names")
+    parser = argparse.ArgumentParser(prog="tdnet-bench", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["td4-psp18"], choices=sorted(VARIANTS), metavar="MODEL",
+                        help=f"model names: {', '.join(sorted(VARIANTS))}")
     parser.add_argument("--checkpoint", type=Path, help="weights (default: random; speed does not depend on them)")
     parser.add_argument("--size", nargs="+", type=parse_size, default=[(769, 1537)], help="model input HxW")
     parser.add_argument("--frame-size", type=parse_size, help="camera frame HxW (default: the input size)")
-    parser.add_argument("--device", nargs="+", default=["cpu"])
-    parser.add_argument("--precision", nargs="+", default=["float32"])
+    parser.add_argument("--device", nargs="+", default=["cpu"], help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--precision", nargs="+", default=["float32"], choices=PRECISIONS, metavar="PRECISION",
+                        help=f"one or more of {', '.join(PRECISIONS)}")
     parser.add_argument(
-        "--backend", nargs="+", default=["eager"],
-        help="step backends: eager, compile, cuda-graph, onnx, tensorrt (onnx/tensorrt need --engine-dir)",
+        "--backend", nargs="+", default=["eager"], choices=BACKENDS, metavar="BACKEND",
+        help=f"step backends: {', '.join(BACKENDS)} (onnx/tensorrt need --engine-dir)",
     )
     parser.add_argument("--engine-dir", type=Path, help="prebuilt ONNX files / TensorRT engines (tdnet-build-engines)")
     parser.add_argument("--preprocess", default="cv2", choices=("cv2", "device", "auto"),
@@ -206,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cameras", type=int, default=1,
                         help="streams given the frame together (one batch per step); frame_ms is the whole call")
     parser.add_argument("--frames", type=int, default=20, help="timed frames per configuration")
-    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=4, help="untimed frames first, per configuration")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument(
         "--clock",
@@ -216,8 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         "machine; with --threads 1 it is the single-core cost). Stage times are always wall.",
     )
     parser.add_argument("--published-code", type=Path, help="local checkout of the published TDNet Testing/ folder")
-    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--json", type=Path, help="also write the measured rows here, as JSON")
     args = parser.parse_args(argv)
+    try:
+        for device in args.device:
+            resolve_device(device)
+        if args.checkpoint is not None:
+            load_model(args.checkpoint, args.model[0])  # fails here, in one line, if unusable
+        if min(args.frames, args.cameras) < 1 or args.warmup < 0:
+            raise ValueError("--frames and --cameras must be >= 1 and --warmup >= 0")
+    except (ValueError, FileNotFoundError) as error:  # DeviceError, CheckpointError
+        print(f"tdnet-bench: error: {error}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = measure(args)

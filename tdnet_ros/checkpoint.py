@@ -11,6 +11,7 @@ Loading always uses `torch.load(..., weights_only=True)`: a checkpoint never run
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,6 +39,37 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def load_file(path: str | Path, what: str = "checkpoint") -> Any:
+    """The content of a file written by torch.save, loaded without running any code from it.
+
+    Every loader of the project goes through here. A file that is not one, is damaged, or
+    holds anything but tensors and plain data gives one CheckpointError line naming the
+    file (PyTorch's own message would suggest loading it unsafely: it is not passed on).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # "Unsupported global": a pickled class or function (code that would run).
+        objects = "global" in str(error).lower()
+        reason = ("it holds Python objects other than tensors and plain data, which are never loaded"
+                  if objects else "not a PyTorch file, or a damaged one")
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+        reason = "not a PyTorch file, or a damaged one" if not isinstance(error, OSError) else str(error)[:200]
+    raise CheckpointError(f"{path} is not a {what} ({reason})")
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuses weights holding NaN or infinity: such a model labels every pixel the same
+    class (silently, and dangerously on a vehicle)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} tensors in all)" if len(bad) > 5 else "")
+        raise CheckpointError(f"checkpoint {source} holds non-finite weights (NaN or infinity) in {shown}")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Reads a checkpoint file without running any code from it.
 
@@ -45,12 +77,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     `format` when the file is a project checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+    content = load_file(path)
     if not isinstance(content, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(content).__name__}, not a state dict")
     if content.get("format") == FORMAT:
@@ -140,8 +167,8 @@ def _rename_published(key: str, num_paths: int) -> str:
     return key
 
 
-def load_into(model: TDNet, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Loads a state dict (our names) into the model, or raises one clear CheckpointError."""
+def check_fit(model: TDNet, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raises one clear CheckpointError when the state dict (our names) does not fit the model."""
     expected = model.state_dict()
     unexpected = sorted(k for k in state if k not in expected and not _UNUSED_PUBLISHED.match(k))
     missing = sorted(k for k in expected if k not in state)
@@ -159,6 +186,12 @@ def load_into(model: TDNet, state: Mapping[str, torch.Tensor], source: str) -> N
         raise CheckpointError(
             f"checkpoint {source} does not fit model {model.config.name!r}: " + "; ".join(problems)
         )
+
+
+def load_into(model: TDNet, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Loads a state dict (our names) into the model, or raises one clear CheckpointError."""
+    check_fit(model, state, source)
+    expected = model.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
 
 
@@ -174,7 +207,10 @@ def load_model(path: str | Path, model_name: str | None = None, **config_overrid
     content = read_checkpoint(path)
     state = content["state_dict"]
     if "config" in content:
-        config = ModelConfig.from_dict(content["config"])
+        try:
+            config = ModelConfig.from_dict(dict(content["config"]))
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {path} stores an invalid model configuration: {error}") from None
         if model_name is not None and model_name != config.name:
             raise CheckpointError(
                 f"checkpoint {path} holds model {config.name!r}, but model {model_name!r} was asked for"
@@ -190,6 +226,12 @@ def load_model(path: str | Path, model_name: str | None = None, **config_overrid
             state = published_to_internal(state, config.num_paths)
     if config_overrides:
         config = ModelConfig.from_dict({**config.to_dict(), **config_overrides})
+    # Keys and shapes are checked on a model without storage first: a checkpoint whose
+    # weights do not fit allocates nothing.
+    with torch.device("meta"):
+        skeleton = TDNet(config)
+    check_fit(skeleton, state, str(path))
+    check_finite(state, str(path))
     model = TDNet(config).eval()
     load_into(model, state, str(path))
     return model

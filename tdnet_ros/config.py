@@ -32,8 +32,27 @@ class ModelConfig:
     class_colors: tuple[tuple[int, int, int], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        if self.num_paths < 1:
-            raise ValueError(f"num_paths must be >= 1, got {self.num_paths}")
+        # Ranges first: a stored configuration is checked before anything is built (a
+        # checkpoint claiming 3000 sub-networks must not allocate them to find out).
+        for name, (low, high) in _INT_RANGES.items():
+            _check_int(name, getattr(self, name), low, high)
+        if not isinstance(self.layers, tuple) or len(self.layers) != 4:
+            raise ValueError(f"layers must be 4 block counts, got {self.layers!r}")
+        for count in self.layers:
+            _check_int("layers", count, 1, 64)
+        if not isinstance(self.input_size, tuple) or len(self.input_size) != 2:
+            raise ValueError(f"input_size must be (height, width), got {self.input_size!r}")
+        for side in self.input_size:
+            _check_int("input_size", side, 16, 8192)
+        if self.value_channels % self.head_reduction:
+            raise ValueError(
+                f"value_channels {self.value_channels} must be a multiple of head_reduction {self.head_reduction}"
+            )
+        if self.class_colors and (
+            len(self.class_colors) != self.num_classes
+            or any(len(c) != 3 or any(not isinstance(v, int) or not 0 <= v <= 255 for v in c) for c in self.class_colors)
+        ):
+            raise ValueError(f"class_colors must be {self.num_classes} [r, g, b] triples in 0..255")
         if self.block not in ("basic", "bottleneck"):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
         if self.feature_channels % (4 * self.pyramid_groups):
@@ -81,6 +100,26 @@ class ModelConfig:
         if "class_colors" in values:
             values["class_colors"] = tuple(tuple(c) for c in values["class_colors"])
         return cls(**values)
+
+
+#: Accepted ranges of the integer fields (wide enough for every real variant).
+_INT_RANGES = {
+    "num_paths": (1, 16),
+    "base_width": (1, 1024),
+    "key_channels": (1, 4096),
+    "value_channels": (1, 8192),
+    "head_reduction": (1, 8192),
+    "pyramid_groups": (1, 64),
+    "cache_stride": (1, 64),
+    "num_classes": (1, 65535),  # label images are mono16 above 255 classes
+}
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be within {low}..{high}, got {value}")
 
 
 def feature_size_for(input_size: tuple[int, int]) -> tuple[int, int]:

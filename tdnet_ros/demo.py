@@ -29,26 +29,53 @@ DEMO_SEED = 90210
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tdnet-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="output folder (default: outputs/demo-<time>)")
-    parser.add_argument("--frames", type=int, default=100, help="frames to generate (default 100, 10 s)")
-    parser.add_argument("--seed", type=int, default=DEMO_SEED, help=f"scene seed (default {DEMO_SEED})")
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1)")
-    parser.add_argument("--checkpoint", default="", help="checkpoint for the node (default: the bundled model)")
-    parser.add_argument("--device", default="cpu", help="the node's device: cpu, cuda or auto")
-    parser.add_argument("--no-progress", action="store_true")
+    parser = argparse.ArgumentParser(prog="tdnet-demo", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--out", type=Path, help="output folder (none given: outputs/demo-<time>)")
+    parser.add_argument("--frames", type=int, default=100, help="frames to generate (10 per second of video)")
+    parser.add_argument("--seed", type=int, default=DEMO_SEED, help="scene seed (never used in training)")
+    parser.add_argument("--width", type=int, default=512, help="frame width in pixels")
+    parser.add_argument("--height", type=int, default=256, help="frame height in pixels")
+    parser.add_argument("--rate", type=float, default=1.0, help="playback speed, a multiple of the recorded rate")
+    parser.add_argument("--checkpoint", default="", help="checkpoint for the node (empty: the bundled model)")
+    parser.add_argument("--device", default="cpu", help="the node's device: cpu, cuda, cuda:N or auto")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.frames < 2:
         parser.error("--frames must be at least 2")
+    if not (16 <= args.width <= 4096 and 16 <= args.height <= 4096):
+        parser.error("--width and --height must be within 16..4096 pixels")
+    if not 0 < args.rate <= 100:
+        parser.error("--rate must be within (0, 100]")
     return args
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, every option with its default."""
+
+
+def check_model(checkpoint: str, device: str) -> None:
+    """Fails before anything is rendered when the node could not load the model.
+
+    Raises:
+        ValueError: unusable device (DeviceError) or checkpoint (CheckpointError), named.
+    """
+    from .checkpoint import load_model
+    from .segmenter import resolve_device
+
+    resolve_device(device)
+    load_model(checkpoint or DEFAULT_MODEL_PATH)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.checkpoint and not DEFAULT_MODEL_PATH.is_file():
         print(f"tdnet-demo: error: no bundled default model at {DEFAULT_MODEL_PATH}; pass --checkpoint", file=sys.stderr)
+        return 2
+    try:
+        check_model(args.checkpoint, args.device)
+    except ValueError as error:
+        option = "--device" if type(error).__name__ == "DeviceError" else "--checkpoint"
+        print(f"tdnet-demo: error: {option}: {error}", file=sys.stderr)
         return 2
     out = args.out or Path("outputs") / time.strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)

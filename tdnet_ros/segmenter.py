@@ -48,6 +48,7 @@ class SegmentResult:
     cache_warm: bool  # whether the attention term over the cached frames was used
     cache_reset: bool  # whether this frame started a new temporal sequence
     batch_size: int = 1  # frames of streams at the same step that ran with this one, itself included
+    finite: bool = True  # False when the logits hold NaN or infinity: the labels mean nothing
 
 
 @dataclass
@@ -56,6 +57,10 @@ class _Stream:
     input_size: tuple[int, int]
     preprocessor: DevicePreprocessor | None  # device preprocessing: its own pinned staging buffer
     cuda_stream: torch.cuda.Stream | None  # CUDA: its uploads, preprocessing and downloads
+
+
+class DeviceError(ValueError):
+    """The device asked for cannot be used here (unknown, or CUDA without CUDA)."""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -69,15 +74,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+        raise DeviceError(f"unknown device {name!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise RuntimeError(
+        raise DeviceError(
             f"device {name!r} was requested but CUDA is not available (torch {torch.__version__}, {build}); "
             "use device 'cpu' or 'auto'"
         )
     if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use 'cpu', 'cuda' or 'auto'")
+        raise DeviceError(f"unsupported device {name!r}; use 'cpu', 'cuda' or 'auto'")
     return resolved
 
 
@@ -320,6 +325,7 @@ class Segmenter:
         compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         labels: dict[str, torch.Tensor] = {}
         outputs: dict[str, tuple[torch.Tensor, int, bool, bool, int]] = {}
+        finite: dict[str, torch.Tensor] = {}
         for (size, path, _), members in groups.items():
             states = [self._streams[stream] for stream in members]
             for stream, state in zip(members, states):
@@ -328,12 +334,14 @@ class Segmenter:
             resets = [state.cache.frames_written == 0 for state in states]
             logits, warm = self._runner.run(x, path, [state.cache for state in states], members, times)
             logits = logits.float()  # (B, K, h, w)
+            finite_rows = torch.isfinite(logits).flatten(1).all(1)  # (B,)
             with times("postprocess"):
                 for row, (stream, state) in enumerate(zip(members, states)):
                     self._hand_over(logits, compute, state.cuda_stream)
                     with self._on_stream(state):
                         labels[stream] = labels_from_logits(logits[row : row + 1], size, out_sizes[stream])
                     outputs[stream] = (logits[row], path, warm, resets[row], len(members))
+                    finite[stream] = finite_rows[row]
         on_host = {}
         with times("postprocess"):  # downloads: the other streams' work goes on meanwhile
             for stream in inputs:
@@ -343,7 +351,8 @@ class Segmenter:
         results = {}
         for stream in inputs:  # in the order given
             logits, path, warm, reset, batch_size = outputs[stream]
-            results[stream] = SegmentResult(on_host[stream], logits, path, dict(timings), warm, reset, batch_size)
+            results[stream] = SegmentResult(on_host[stream], logits, path, dict(timings), warm, reset, batch_size,
+                                            bool(finite[stream]))
         return results
 
     @staticmethod

@@ -188,7 +188,7 @@ def test_unknown_model_and_device_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown precision"):
         tiny_segmenter(precision="int4")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="device 'cuda' was requested but CUDA is not available"):
+        with pytest.raises(DeviceError, match="device 'cuda' was requested but CUDA is not available"):
             Segmenter(build_model(ModelConfig.from_name("td4-tiny")), device="cuda")
         assert Segmenter(build_model(ModelConfig.from_name("td4-tiny")), device="auto").device.type == "cpu"
 

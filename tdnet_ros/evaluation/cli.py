@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tdnet-eval",
         description="Replay a recording through a TDNet segmenter and report accuracy, "
                     "temporal consistency and latency.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("bag", type=Path,
                         help="rosbag2 folder (MCAP or sqlite3), .mcap/.db3 file, or ROS 1 .bag")
@@ -47,24 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-match", choices=("index", "stamp"), default="index",
                         help="how --label-dir files match frames: the number in the file "
                              "name is the frame's position on the topic (index) or its "
-                             "header stamp in ns (stamp); default: index")
+                             "header stamp in ns (stamp). Messages of --label-topic always "
+                             "match by header stamp (within --label-tolerance-ms), whatever "
+                             "this says")
     parser.add_argument("--label-offset", type=int, default=0,
                         help="added to a frame's position before matching --label-dir files")
     parser.add_argument("--label-tolerance-ms", type=float, default=1.0,
                         help="largest stamp difference for a label message to match a frame")
     parser.add_argument("--require-labels", action="store_true",
-                        help="fail when the label topic is missing (default: evaluate "
-                             "without accuracy and say so in the report)")
-    parser.add_argument("--out", type=Path, help="output folder (default: outputs/eval-<bag>-"
+                        help="fail when no frame finds its ground truth (a --label-topic "
+                             "missing from the recording always fails)")
+    parser.add_argument("--out", type=Path, help="output folder (none given: outputs/eval-<bag>-"
                         "<time>)")
     parser.add_argument("--json", type=Path, help="also write the JSON results here")
-    parser.add_argument("--checkpoint", help="checkpoint file (default: the bundled model)")
-    parser.add_argument("--model", help="model name for the checkpoint, e.g. td4-psp18 "
-                        "(default: from the checkpoint)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    parser.add_argument("--checkpoint", help="checkpoint file (none given: the bundled model)")
+    parser.add_argument("--model", help="model name for --checkpoint, e.g. td4-psp18 "
+                        "(none given: from the checkpoint); needs --checkpoint")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--precision", default="float32",
                         choices=("float32", "bfloat16", "float16"),
-                        help="weights and activations (default: float32)")
+                        help="weights and activations")
     parser.add_argument("--max-frames", type=int, help="evaluate at most this many frames")
     parser.add_argument("--max-gap", type=float, default=0.5,
                         help="a forward stamp jump above this many seconds resets the "
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-video", action="store_true", help="skip the overlay video")
     parser.add_argument("--output-bag", type=Path,
                         help="write a copy of the recording with the predicted labels topic")
-    parser.add_argument("--output-bag-storage", choices=("mcap", "sqlite3"), default="mcap")
+    parser.add_argument("--output-bag-storage", choices=("mcap", "sqlite3"), default="mcap",
+                        help="storage of --output-bag")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--live", action="store_true",
                         help="live mode: play the recording into ROS 2 topics and evaluate "
@@ -171,7 +175,21 @@ def summary_lines(results: dict[str, Any], out_dir: Path) -> list[str]:
     return lines
 
 
+def check_model_options(args: argparse.Namespace) -> None:
+    """Options naming the model that cannot work, refused before anything is read."""
+    from tdnet_ros.segmenter import resolve_device
+
+    if args.model and not args.checkpoint:
+        raise ValueError(f"--model {args.model} needs --checkpoint (a file of that model); without "
+                         "--model the bundled default model is evaluated")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
+    if not args.live:
+        resolve_device(args.device)  # DeviceError (a ValueError): e.g. cuda without CUDA
+
+
 def run(args: argparse.Namespace, command: str) -> int:
+    check_model_options(args)
     if args.cityscapes:
         return run_cityscapes_mode(args, command)
     if args.list_topics:
@@ -188,10 +206,12 @@ def run(args: argparse.Namespace, command: str) -> int:
                          "--label-topic")
     if args.output_bag is not None and args.output_bag.exists():
         raise ValueError(f"--output-bag {args.output_bag} exists already; choose a new path")
-    # Open the recording and check the topic before loading the model: fail fast.
+    # Open the recording and check the topics before loading the model: fail fast.
     with Recording(args.bag) as recording:
         recording.check_topic(args.image_topic, "image",
                               ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage"))
+        if args.label_topic:
+            recording.check_topic(args.label_topic, "label", ("sensor_msgs/msg/Image",))
     segmenter, provenance = load_segmenter(args.checkpoint, args.model,
                                            "cpu" if args.live else args.device,
                                            args.precision, command)

@@ -155,6 +155,7 @@ class CameraStream:
         self.lost = 0  # lost in transport (DDS message-lost events)
         self.invalid = 0  # bad input, refused
         self.errors = 0  # failures while processing a valid frame
+        self.non_finite = 0  # frames whose model output held NaN or infinity (not published)
         self.skipped_idle = 0  # no subscriber to any output
         self.resets = 0
         self.rendered = {"labels": 0, "color": 0, "overlay": 0, "masks": 0, "timing": 0}
@@ -190,6 +191,10 @@ class CameraStream:
             self.lost += int(count)
         self.report_error("lost", f"{count} message(s) lost in transport (total {self.lost}): {LOST_HINT}",
                           count=False)
+
+    def count_non_finite(self) -> None:
+        with self._lock:
+            self.non_finite += 1
 
     def request_reset(self) -> None:
         with self._lock:
@@ -486,6 +491,7 @@ class CameraStream:
                 frames_lost_in_transport=self.lost,
                 frames_invalid=self.invalid,
                 processing_errors=self.errors,
+                frames_non_finite_output=self.non_finite,
                 frames_skipped_no_subscribers=self.skipped_idle,
                 cache_resets=self.resets,
             )
@@ -506,6 +512,10 @@ class CameraStream:
         elif config.expected_rate_hz > 0 and now - self._started > 5.0 and output_rate < config.expected_rate_hz:
             level = DiagnosticStatus.WARN
             message = f"output rate {output_rate:.1f} Hz below expected_rate_hz {config.expected_rate_hz:.1f}"
+        elif counters["frames_non_finite_output"]:
+            level = DiagnosticStatus.ERROR
+            message = (f"{counters['frames_non_finite_output']} frame(s) gave NaN/infinite model output "
+                       "(not published): check the model's weights and input")
         elif last_error and counters["frames_invalid"] + counters["processing_errors"] > 0:
             level = DiagnosticStatus.WARN
             message = f"bad input: {last_error}"

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
 import warnings
+from dataclasses import fields
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -49,11 +51,25 @@ from tdnet_ros.ros.parameters import (
     ParameterError,
     apply_parameters,
     declare_parameters,
+    help_text,
+    parameter_file_problem,
+    parameter_file_warnings,
     parse_input_size,
+    unknown_parameter_warnings,
 )
 
 NODE_NAME = "segmenter_node"
 
+
+
+def _integers_to_doubles(parameters: list[Parameter]) -> list[Parameter]:
+    """Runtime changes: an integer for a double parameter (`ros2 param set ... overlay_alpha 1`)."""
+    doubles = {f.name for f in fields(NodeConfig) if isinstance(f.default, float)}
+    return [
+        Parameter(p.name, Parameter.Type.DOUBLE, float(p.value))
+        if p.name in doubles and p.type_ == Parameter.Type.INTEGER else p
+        for p in parameters
+    ]
 
 
 class FatalError(RuntimeError):
@@ -82,6 +98,39 @@ def matching_reliability(publisher_reliabilities: list[Any]) -> str:
     return "best_effort"
 
 
+def resolve_cameras(node: Node, topics: list[str]) -> list[str]:
+    """The cameras' fully resolved topic names (namespace and remapping applied).
+
+    Raises:
+        ParameterError: a name that does not resolve, or two entries naming one topic.
+    """
+    resolved = []
+    for topic in topics:
+        try:
+            resolved.append(node.resolve_topic_name(topic))
+        except Exception as error:  # rclpy raises RCLError / ValueError for invalid names
+            reason = re.sub(r",? at /\S+:\d+", "", str(error)).strip()[:200]
+            raise ParameterError(f"parameter 'cameras': '{topic}' is not a valid topic name ({reason})") from None
+    for index, name in enumerate(resolved):
+        if name in resolved[:index]:
+            first = topics[resolved.index(name)]
+            raise ParameterError(
+                f"parameter 'cameras': '{first}' and '{topics[index]}' are the same topic {name}"
+            )
+    return resolved
+
+
+def check_distinct_outputs(topics: list[str], namespaces: list[str]) -> None:
+    """Refuses cameras that would publish to the same output topics."""
+    for index, namespace in enumerate(namespaces):
+        if namespace in namespaces[:index]:
+            first = topics[namespaces.index(namespace)]
+            raise ParameterError(
+                f"parameter 'cameras': '{first}' and '{topics[index]}' would both publish to {namespace}/: "
+                "give one of them another topic name"
+            )
+
+
 def load_class_table(path: str, num_classes: int) -> tuple[list[str], np.ndarray]:
     """Reads a class table YAML (``classes: [{id, name, color}]``).
 
@@ -97,8 +146,8 @@ def load_class_table(path: str, num_classes: int) -> tuple[list[str], np.ndarray
         names = [str(entry["name"]) for entry in entries]
         colors = np.array([[int(c) for c in entry["color"]] for entry in entries], np.int64)
         ids = [int(entry["id"]) for entry in entries]
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as error:
-        raise FatalError(f"class table '{path}': cannot read it ({error})") from error
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, OverflowError) as error:
+        raise FatalError(f"class table '{path}': cannot read it ({str(error)[:200]})") from None
     if ids != list(range(num_classes)):
         raise FatalError(
             f"class table '{path}': has ids {ids[:5]}... ({len(ids)} classes), the model "
@@ -118,6 +167,7 @@ def load_segmenter(config: NodeConfig, logger: Any) -> Any:
     import torch
 
     from tdnet_ros import CheckpointError, ModelConfig, Segmenter
+    from tdnet_ros.segmenter import DeviceError
 
     if config.model:
         try:
@@ -152,6 +202,8 @@ def load_segmenter(config: NodeConfig, logger: Any) -> Any:
         return Segmenter.default(**options)
     except FatalError:
         raise
+    except DeviceError as error:
+        raise FatalError(f"parameter 'device' is '{config.device}': {error}") from error
     except CheckpointError as error:
         raise FatalError(f"parameter 'checkpoint': {error}") from error
     except FileNotFoundError as error:
@@ -189,7 +241,11 @@ class SegmenterNode(Node):
 
     def __init__(self, *, node_name: str = NODE_NAME, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
+        given = list(getattr(self, "_parameter_overrides", {}))
         self.config = declare_parameters(self)
+        for line in unknown_parameter_warnings(given) + parameter_file_warnings(sys.argv, self.get_fully_qualified_name()):
+            self.get_logger().warning(line)
+        self.add_pre_set_parameters_callback(_integers_to_doubles)
         core_log = logging.getLogger("tdnet_ros")
         core_log.setLevel(logging.INFO)
         core_log.propagate = False
@@ -232,8 +288,9 @@ class SegmenterNode(Node):
             durability=DurabilityPolicy.TRANSIENT_LOCAL,
         )
 
-        resolved = [self.resolve_topic_name(topic) for topic in self.config.cameras]
+        resolved = resolve_cameras(self, self.config.cameras)
         namespaces = output_namespaces(resolved, self.config.output_namespace)
+        check_distinct_outputs(self.config.cameras, namespaces)
         self._warm_up(resolved)
         self.cameras: list[CameraStream] = []
         for topic, namespace in zip(resolved, namespaces):
@@ -429,6 +486,14 @@ class SegmenterNode(Node):
         results = self.segmenter.segment_batch({camera.topic: frame.rgb for camera, frame in prepared})
         segmented_ns = time.monotonic_ns()
         for camera, frame in prepared:
+            if not results[camera.topic].finite:
+                # Poisoned weights or activations: never publish such labels as a valid
+                # segmentation; start the stream afresh so the cache does not carry it on.
+                self.segmenter.reset(stream=camera.topic)
+                camera.report_error("non-finite", "the model's output for a frame holds NaN or infinity: "
+                                    "no labels published for it, feature cache reset", count=False)
+                camera.count_non_finite()
+                continue
             self._guarded(
                 camera,
                 camera.publish,
@@ -465,9 +530,23 @@ def main(args: Optional[list[str]] = None) -> int:
     """
     # Our own handlers: the executor is spun in short slices, so the process reacts to
     # SIGINT/SIGTERM within ~0.1 s even while the worker is in the middle of a frame.
+    arguments = list(args if args is not None else sys.argv)
+    own = arguments[1: arguments.index("--ros-args")] if "--ros-args" in arguments else arguments[1:]
+    if "-h" in own or "--help" in own:
+        print(help_text())
+        return 0
     # Frames may be read-only views of the received buffer; the core only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+    problem = parameter_file_problem(arguments)
+    if problem:  # said here in one line: rcl would add its own lines and a traceback
+        print(f"[ERROR] [{NODE_NAME}]: cannot start: {problem}", file=sys.stderr)
+        return 1
+    try:
+        rclpy.init(args=arguments, signal_handler_options=SignalHandlerOptions.NO)
+    except Exception as error:  # RCLError: e.g. a missing or non-YAML --params-file
+        reason = re.sub(r",? at /\S+:\d+", "", str(error)).strip()
+        print(f"[ERROR] [{NODE_NAME}]: cannot start: {reason}", file=sys.stderr)
+        return 1
     stop_requested = threading.Event()
 
     def request_stop(signum: int, frame: Any) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+import textwrap
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
+
+import yaml
 
 from rcl_interfaces.msg import (
     FloatingPointRange,
@@ -172,6 +176,8 @@ _SPECS: dict[str, _Spec] = {
     ),
 }
 
+#: Range of each side of input_size (the model configuration's own limits).
+MIN_INPUT_SIDE, MAX_INPUT_SIDE = 16, 8192
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _SIZE_PATTERN = re.compile(r"^([1-9]\d*)x([1-9]\d*)$")
 _TOPIC_PATTERN = re.compile(r"^[~/]?[A-Za-z_{][A-Za-z0-9_/{}~]*$")
@@ -216,8 +222,13 @@ def check_value(name: str, value: Any) -> Optional[str]:
         return f"parameter '{name}': {value} is outside [{low}, {high}]"
     if name == "device" and not _DEVICE_PATTERN.match(value):
         return f"parameter 'device': '{value}' is not auto, cpu, cuda or cuda:N"
-    if name == "input_size" and value not in ("", "frame") and not _SIZE_PATTERN.match(value):
-        return f"parameter 'input_size': '{value}' is not empty, HEIGHTxWIDTH (e.g. 544x960) or frame"
+    if name == "input_size" and value not in ("", "frame"):
+        match = _SIZE_PATTERN.match(value)
+        if not match:
+            return f"parameter 'input_size': '{value}' is not empty, HEIGHTxWIDTH (e.g. 544x960) or frame"
+        if not all(MIN_INPUT_SIDE <= int(side) <= MAX_INPUT_SIDE for side in match.groups()):
+            return (f"parameter 'input_size': '{value}': each side must be within "
+                    f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE} pixels")
     if name == "cameras":
         if not value:
             return "parameter 'cameras': needs at least one topic"
@@ -226,7 +237,8 @@ def check_value(name: str, value: Any) -> Optional[str]:
                 return f"parameter 'cameras': '{topic}' is not a valid topic name"
         if len(set(value)) != len(value):
             return f"parameter 'cameras': duplicate topics in {list(value)}"
-    if name == "output_namespace" and (not value or not re.match(r"^[A-Za-z_][A-Za-z0-9_/]*$", value)):
+    if name == "output_namespace" and (
+            not value or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$", value)):
         return f"parameter 'output_namespace': '{value}' is not a valid relative namespace"
     return None
 
@@ -243,6 +255,77 @@ class ParameterError(ValueError):
     """A parameter has a value the node cannot start with."""
 
 
+#: Parameters rclpy itself declares or reads on every node.
+ROS_OWN_PARAMETERS = ("use_sim_time", "start_type_description_service")
+
+
+def unknown_parameter_warnings(given: list[str]) -> list[str]:
+    """One warning per given parameter name the node does not have, with the closest one."""
+    known = [item.name for item in fields(NodeConfig)]
+    lines = []
+    for name in given:
+        if name in known or name in ROS_OWN_PARAMETERS or name.startswith("qos_overrides."):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; its parameters: {', '.join(known)}"
+        lines.append(f"parameter '{name}' is not a parameter of this node and is ignored{hint}")
+    return lines
+
+
+def _section_applies(key: str, fully_qualified_name: str) -> bool:
+    """Whether a parameter file's top-level key addresses the node, with rcl's wildcards
+    (`*`: one name, `**`: any number of names)."""
+    parts = [part for part in key.split("/") if part]
+    pattern = "".join(
+        "(/[^/]+)*" if part == "**" else "/[^/]+" if part == "*" else "/" + re.escape(part) for part in parts
+    )
+    return re.fullmatch(pattern, fully_qualified_name) is not None
+
+
+def _parameter_files(arguments: list[str]) -> list[str]:
+    return [arguments[i + 1] for i, a in enumerate(arguments[:-1]) if a == "--params-file"]
+
+
+def parameter_file_problem(arguments: list[str]) -> Optional[str]:
+    """Why a `--params-file` of `arguments` cannot be read as a ROS parameter file, or None."""
+    for path in _parameter_files(arguments):
+        try:
+            with open(path, encoding="utf-8") as stream:
+                content = yaml.safe_load(stream)
+        except OSError as error:
+            return f"parameter file '{path}': cannot read it ({error.strerror})"
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            return f"parameter file '{path}' is not valid YAML{where}"
+        if not isinstance(content, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("ros__parameters"), dict) for v in content.values()):
+            return (f"parameter file '{path}' is not a ROS parameter file: expected "
+                    "'<node name or /**>: {ros__parameters: {name: value}}'")
+    return None
+
+
+def parameter_file_warnings(arguments: list[str], fully_qualified_name: str) -> list[str]:
+    """Warnings for the `--params-file` files of `arguments` that hold no section for the
+    node (e.g. keyed by another node name): rcl then ignores the whole file silently."""
+    lines = []
+    for path in _parameter_files(arguments):
+        try:
+            with open(path, encoding="utf-8") as stream:
+                content = yaml.safe_load(stream)
+        except (OSError, ValueError, yaml.YAMLError):  # parameter_file_problem reports those
+            continue
+        if not isinstance(content, dict):
+            continue
+        if not any(_section_applies(str(key), fully_qualified_name) for key in content):
+            sections = ", ".join(str(key) for key in content) or "none"
+            lines.append(
+                f"parameter file '{path}' has no section for this node ({fully_qualified_name}; its sections: "
+                f"{sections}): none of its values apply. Key it by the node's name or /**"
+            )
+    return lines
+
+
 def declare_parameters(node: Node) -> NodeConfig:
     """Declares every :class:`NodeConfig` field on ``node`` and returns the values.
 
@@ -251,7 +334,12 @@ def declare_parameters(node: Node) -> NodeConfig:
             the message names the parameter.
     """
     config = NodeConfig()
+    overrides = getattr(node, "_parameter_overrides", {})  # rclpy: values from files and -p
     for item in fields(NodeConfig):
+        given = overrides.get(item.name)
+        if isinstance(item.default, float) and given is not None and given.type_ == Parameter.Type.INTEGER:
+            # `overlay_alpha: 1` in YAML is an integer: a double parameter takes it.
+            overrides[item.name] = Parameter(item.name, Parameter.Type.DOUBLE, float(given.value))
         default = getattr(config, item.name)
         try:
             parameter = node.declare_parameter(
@@ -261,7 +349,7 @@ def declare_parameters(node: Node) -> NodeConfig:
             raise ParameterError(f"parameter '{item.name}': {error}") from error
         value = parameter.value
         if isinstance(default, list):
-            value = list(value)
+            value = list(value) if value is not None else []  # YAML `[]` arrives untyped
         elif isinstance(default, float) and isinstance(value, int):
             value = float(value)
         reason = check_value(item.name, value)
@@ -300,3 +388,23 @@ def apply_parameters(config: NodeConfig, parameters: list[Parameter]) -> Optiona
     for name, value in updates.items():
         setattr(config, name, value)
     return None
+
+
+def help_text() -> str:
+    """`segmenter_node --help`: how to run it, and every parameter with its default."""
+    lines = [
+        "usage: segmenter_node [--ros-args [--params-file FILE] [-p NAME:=VALUE ...] [-r image:=TOPIC]]",
+        "",
+        "TDNet video semantic segmentation node: camera images in; label images, colours, overlay,",
+        "per-class masks, timing and diagnostics out. Parameters (defaults in brackets):",
+        "",
+    ]
+    defaults = NodeConfig()
+    for item in fields(NodeConfig):
+        spec = _SPECS[item.name]
+        default = getattr(defaults, item.name)
+        shown = "''" if default == "" else str(default)
+        flags = " (read-only)" if spec.read_only else ""
+        lines.append(f"  {item.name} [{shown}]{flags}")
+        lines.extend(f"      {line}" for line in textwrap.wrap(spec.description, 84))
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdnet_ros.backbone import DilatedResNet
+from tdnet_ros.checkpoint import CheckpointError, check_finite, load_file
 
 TEACHER_FORMAT = "tdnet_ros-teacher/1"
 
@@ -105,12 +106,15 @@ def save_teacher(model: TeacherNet, path: str | Path, **extra: Any) -> Path:
 
 
 def load_teacher(path: str | Path) -> TeacherNet:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
-    content = torch.load(path, map_location="cpu", weights_only=True)
+    content = load_file(path, "teacher checkpoint")
     if not isinstance(content, dict) or content.get("format") != TEACHER_FORMAT:
-        raise ValueError(f"{path} is not a teacher checkpoint written by tdnet-train")
-    model = TeacherNet(TeacherConfig.from_dict(content["config"]))
-    model.load_state_dict(content["state_dict"])
+        raise CheckpointError(f"{path} is not a teacher checkpoint written by tdnet-train")
+    try:
+        model = TeacherNet(TeacherConfig.from_dict(content["config"]))
+        check_finite(content["state_dict"], str(path))
+        model.load_state_dict(content["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"teacher checkpoint {path} does not fit its configuration: {str(error)[:300]}") from None
+    except ValueError as error:
+        raise CheckpointError(f"teacher checkpoint {path}: {error}") from None
     return model.eval()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tdnet_ros.checkpoint import read_checkpoint, save_checkpoint
+from tdnet_ros.checkpoint import load_file, read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
 from tdnet_ros.data.classes import CLASS_COLORS, CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
@@ -378,7 +378,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
     if resume:
         if not last_path.is_file():
             raise FileNotFoundError(f"cannot resume: no checkpoint {last_path}")
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        state = load_file(last_path, "training checkpoint")
         _module_of(net, teacher_stage).load_state_dict(state["state_dict"])
         if not teacher_stage and state.get("auxiliary_state") is not None and net.auxiliary is not None:
             net.auxiliary.load_state_dict(state["auxiliary_state"])
