@@ -78,7 +78,7 @@ def _encoding_info(encoding: str) -> _EncodingInfo:
     info = _ENCODINGS.get(encoding)
     if info is None:
         raise ImageEncodingError(
-            f"unsupported encoding '{encoding}' (supported: {', '.join(SUPPORTED_ENCODINGS)})"
+            f"unsupported encoding '{_quoted(encoding)}' (supported: {', '.join(SUPPORTED_ENCODINGS)})"
         )
     return info
 
@@ -182,59 +182,106 @@ def compressed_to_rgb(fmt: str, data: Any, *, max_pixels: Optional[int] = None) 
     """
     lowered = fmt.lower()
     if not any(name in lowered for name in ("jpeg", "jpg", "png")):
-        raise ImageEncodingError(f"unsupported compressed format '{fmt}' (supported: jpeg, png)")
+        raise ImageEncodingError(f"unsupported compressed format '{_quoted(fmt)}' (supported: jpeg, png)")
     buffer = np.frombuffer(data, dtype=np.uint8)
     if buffer.size == 0:
-        raise ImageEncodingError(f"empty compressed data (format '{fmt}')")
-    size = compressed_size(buffer[:65536].tobytes())
-    if size is not None and max_pixels is not None and size[0] * size[1] > max_pixels:
-        # Refused from the header: a few bytes of PNG can decode to gigabytes.
-        width, height = size
+        raise ImageEncodingError(f"empty compressed data (format '{_quoted(fmt)}')")
+    # Refused from the header, before decoding: a few kilobytes can claim gigapixels.
+    width, height = compressed_size(memoryview(buffer).cast("B"))
+    if max_pixels is not None and width * height > max_pixels:
         raise ImageEncodingError(
             f"image {width}x{height} has {width * height} pixels, more than the limit "
             f"{max_pixels}"
         )
     bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if bgr is None:
-        raise ImageEncodingError(f"cannot decode {buffer.size} bytes of '{fmt}' data")
-    height, width = bgr.shape[:2]
-    if max_pixels is not None and height * width > max_pixels:
-        raise ImageEncodingError(
-            f"image {width}x{height} has {width * height} pixels, more than the limit "
-            f"{max_pixels}"
-        )
+        raise ImageEncodingError(f"cannot decode {buffer.size} bytes of '{_quoted(fmt)}' data")
+    if bgr.shape[:2] != (height, width):
+        raise ImageEncodingError(f"decoded image is {bgr.shape[1]}x{bgr.shape[0]}, its header says {width}x{height}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def compressed_size(head: bytes) -> Optional[tuple[int, int]]:
-    """(width, height) from the header of PNG or JPEG data, or None if not found.
+#: Most scans a JPEG may have: baseline files have 1 (3 non-interleaved), common progressive
+#: scripts about 10. Each scan is another pass over the whole image, so repeated scans are
+#: a way to make one small message take seconds to decode.
+MAX_JPEG_SCANS = 64
 
-    Args:
-        head: the first bytes of the file (JPEG frame headers usually come within 64 KB).
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_START_OF_SCAN, _END_OF_IMAGE = 0xDA, 0xD9
+
+
+def _quoted(text: str, limit: int = 40) -> str:
+    """A sender's string as it appears in a message: bounded, so logs stay small."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def compressed_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(width, height) of PNG or JPEG data, read from its headers (nothing is decoded).
+
+    PNG's size is in its first chunk (IHDR). For JPEG the markers are walked over the whole
+    file, skipping each segment by its length and each scan's entropy-coded data up to the
+    next marker, so the frame header is found wherever it is; the scans are counted.
+
+    Raises:
+        ImageEncodingError: not PNG or JPEG, no frame size before the image data, or more
+            than MAX_JPEG_SCANS scans.
     """
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24 and head[12:16] == b"IHDR":
-        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if head[:2] != b"\xff\xd8":
-        return None
+    data = bytes(data)
+    if data[:8] == _PNG_SIGNATURE:
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ImageEncodingError("PNG data without its IHDR header: not decoded")
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] != b"\xff\xd8":
+        raise ImageEncodingError("compressed data is neither PNG nor JPEG (no PNG signature or JPEG SOI marker)")
+    size = None
+    scans = 0
     offset = 2
-    while offset + 9 <= len(head):
-        if head[offset] != 0xFF:
-            return None
-        marker = head[offset + 1]
+    while offset + 4 <= len(data):
+        if data[offset] != 0xFF:
+            raise ImageEncodingError(f"JPEG data damaged at byte {offset} (no marker where one belongs): not decoded")
+        marker = data[offset + 1]
         if marker == 0xFF:  # fill byte
             offset += 1
             continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+        if marker == _END_OF_IMAGE:
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
             offset += 2
             continue
-        length = int.from_bytes(head[offset + 2:offset + 4], "big")
-        # Start-of-frame markers (not DHT C4, JPG C8, DAC CC) carry the size.
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height = int.from_bytes(head[offset + 5:offset + 7], "big")
-            width = int.from_bytes(head[offset + 7:offset + 9], "big")
-            return width, height
+        length = int.from_bytes(data[offset + 2:offset + 4], "big")
+        if length < 2:
+            raise ImageEncodingError(f"JPEG segment at byte {offset} has length {length}: not decoded")
+        if marker in _SOF_MARKERS and offset + 9 <= len(data) and size is None:
+            height = int.from_bytes(data[offset + 5:offset + 7], "big")
+            width = int.from_bytes(data[offset + 7:offset + 9], "big")
+            size = (width, height)
         offset += 2 + length
-    return None
+        if marker == _START_OF_SCAN:
+            if size is None:
+                raise ImageEncodingError("JPEG scan before any frame header: not decoded")
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise ImageEncodingError(f"JPEG with more than {MAX_JPEG_SCANS} scans: not decoded")
+            offset = _next_marker(data, offset)
+    if size is None or min(size) == 0:
+        raise ImageEncodingError("JPEG data without a frame size (SOF header): not decoded")
+    return size
+
+
+def _next_marker(data: bytes, offset: int) -> int:
+    """Offset of the first marker after a scan's entropy-coded data (0xFF followed by
+    anything but a stuffed 0x00 or a restart marker)."""
+    while True:
+        found = data.find(b"\xff", offset)
+        if found < 0 or found + 1 >= len(data):
+            return len(data)
+        following = data[found + 1]
+        if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
+            offset = found + 1 if following == 0xFF else found + 2
+            continue
+        return found
 
 
 def rgb_to_image_fields(rgb: np.ndarray) -> tuple[int, int, str, int, bytes]:

@@ -117,3 +117,217 @@ def test_cli_loaders_give_one_line_and_exit_2(files, tmp_path, capsys):
                          "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert EXPECTED[name] in err and len(err.strip().splitlines()) == 1
+
+
+def test_hostile_configurations_stop_the_node_with_one_clear_line(files, tmp_path):
+    pytest.importorskip("rclpy")
+    from tdnet_ros.ros.testing import NodeProcess, pick_domain_id
+
+    def params(name: str, values: dict) -> str:
+        import yaml
+
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"/**": {"ros__parameters": values}}))
+        return str(path)
+
+    def table(name: str, text: str) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        return str(path)
+
+    rows = "\n".join(f"  - {{id: {i}, name: c{i}, color: [1, 2, 3]}}" for i in range(1, 19))
+    good = str(files["good"])
+    cases = {
+        "nan weights": (["-p", f"checkpoint:={files['nan']}"], ["parameter 'checkpoint'", "non-finite weights"]),
+        "not a checkpoint": (["-p", f"checkpoint:={files['text']}"], ["is not a checkpoint"]),
+        "code in the checkpoint": (["-p", f"checkpoint:={files['code']}"], ["never loaded"]),
+        "3000 paths": (["-p", f"checkpoint:={files['paths3000']}"], ["parameter 'checkpoint'", "num_paths"]),
+        "negative classes": (["-p", f"checkpoint:={files['classes-1']}"], ["parameter 'checkpoint'", "num_classes"]),
+        "missing params file": (["--params-file", str(tmp_path / "none.yaml")],
+                                ["parameter file", "none.yaml", "cannot read it"]),
+        "params file not YAML": (["--params-file", table("broken", "a: [b\n")], ["is not valid YAML"]),
+        "no cameras": (["--params-file", params("empty", {"checkpoint": good, "cameras": []})],
+                       ["parameter 'cameras': needs at least one topic"]),
+        "huge input size": (["-p", f"checkpoint:={good}", "-p", "input_size:=100000x100000"],
+                            ["parameter 'input_size'", "within 16..8192"]),
+        "namespace a//b": (["-p", f"checkpoint:={good}", "-p", "output_namespace:=a//b"],
+                           ["parameter 'output_namespace'"]),
+        "namespace seg/": (["-p", f"checkpoint:={good}", "-p", "output_namespace:=seg/"],
+                           ["parameter 'output_namespace'"]),
+        "weird topic": (["--params-file", params("weird", {"checkpoint": good, "cameras": ["/cam/{weird}"]})],
+                        ["parameter 'cameras'", "/cam/{weird}"]),
+        "same topic twice": (["-p", f"checkpoint:={good}", "-p", "cameras:=[image,/image]"],
+                             ["'image' and '/image' are the same topic /image"]),
+        "outputs collide": (["-p", f"checkpoint:={good}", "-p",
+                             "cameras:=[/dup/image_raw,/dup/image_raw/compressed]"],
+                            ["would both publish to /dup/segmentation/image_raw/"]),
+        "class id inf": (["-p", f"checkpoint:={good}", "-p", "class_table:=" + table(
+            "inf", f"classes:\n  - {{id: .inf, name: road, color: [1, 2, 3]}}\n{rows}\n")], ["class table"]),
+        "colour 2**63": (["-p", f"checkpoint:={good}", "-p", "class_table:=" + table(
+            "big", f"classes:\n  - {{id: 0, name: road, color: [{2**63}, 2, 3]}}\n{rows}\n")], ["class table"]),
+    }
+    domain = pick_domain_id()
+    processes = {
+        name: NodeProcess(args, domain_id=domain, log_path=tmp_path / f"{index}.log")
+        for index, (name, (args, _)) in enumerate(cases.items())
+    }
+    try:
+        for name, process in processes.items():
+            code = process.wait_exit(120)
+            log = process.log()
+            assert code == 1, f"{name}: exit code {code}\n{log}"
+            errors = [line for line in log.splitlines() if "[ERROR]" in line]
+            assert len(errors) == 1 and "cannot start: " in errors[0], f"{name}\n{log}"
+            for fragment in cases[name][1]:
+                assert fragment in errors[0], f"{name}: '{fragment}' not in {errors[0]!r}"
+            assert "Traceback" not in log and "weights_only" not in log, f"{name}\n{log}"
+    finally:
+        for process in processes.values():
+            process.kill()
+    assert not CODE_RAN.exists()
+
+
+# --- compressed images that would take seconds or gigabytes to decode ------------------------
+
+
+def jpeg_bomb(claimed: int = 16000) -> bytes:
+    """A small JPEG whose frame header claims claimed x claimed pixels, hidden behind a
+    65 533-byte comment segment (past any fixed-size header probe)."""
+    import cv2
+    import numpy as np
+
+    ok, data = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))
+    data = bytearray(data.tobytes())
+    sof = next(i for i in range(2, len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xC0)
+    data[sof + 5:sof + 9] = claimed.to_bytes(2, "big") * 2  # height, width
+    comment = b"\xff\xfe" + (65535).to_bytes(2, "big") + bytes(65533)
+    return bytes(data[:2]) + comment + bytes(data[2:])
+
+
+def progressive_with_repeated_scans(size: int = 2048, repeats: int = 2000) -> bytes:
+    """A progressive JPEG whose last scan is repeated `repeats` times (each one a full pass)."""
+    import cv2
+    import numpy as np
+
+    image = np.zeros((size, size, 3), np.uint8)  # flat: each repeated scan is only bytes long
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_QUALITY, 30])
+    data = data.tobytes()
+    last_scan = data.rfind(b"\xff\xda")
+    end = data.rfind(b"\xff\xd9")
+    return data[:end] + data[last_scan:end] * repeats + data[end:]
+
+
+def test_a_jpeg_bomb_is_refused_from_its_header_without_decoding():
+    import resource
+    import time
+
+    from tdnet_ros.image_encoding import ImageEncodingError, compressed_to_rgb
+
+    bomb = jpeg_bomb()
+    assert len(bomb) < 70_000
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    began = time.perf_counter()
+    with pytest.raises(ImageEncodingError, match="image 16000x16000 has 256000000 pixels, more than the limit"):
+        compressed_to_rgb("jpeg", bomb, max_pixels=4096 * 4096)
+    assert time.perf_counter() - began < 0.5
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mb < 50, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_repeated_progressive_scans_are_refused():
+    import time
+
+    from tdnet_ros.image_encoding import MAX_JPEG_SCANS, ImageEncodingError, compressed_to_rgb
+
+    import cv2
+    import numpy as np
+
+    ok, normal = cv2.imencode(".jpg", np.zeros((256, 256, 3), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert compressed_to_rgb("jpeg", normal.tobytes()).shape == (256, 256, 3)  # ordinary progressive: fine
+    hostile = progressive_with_repeated_scans()
+    began = time.perf_counter()
+    with pytest.raises(ImageEncodingError, match=f"more than {MAX_JPEG_SCANS} scans"):
+        compressed_to_rgb("jpeg", hostile, max_pixels=4096 * 4096)
+    assert time.perf_counter() - began < 0.5
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_node_bad_compressed_input_costs_no_memory_and_no_other_cameras_time(files, tmp_path):
+    """Bombs and repeated scans on one camera, a good camera beside it: its labels keep
+    coming at once, the node's peak memory does not move, and the error lines stay few."""
+    pytest.importorskip("rclpy")
+    import array
+    import time
+
+    import numpy as np
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from tdnet_ros.ros.testing import NodeProcess, connect, make_image, pick_domain_id, stamp_ns
+
+    bad_topic, good_topic = "/bad/image_raw/compressed", "/good/image_raw"
+    domain = pick_domain_id()
+    node = NodeProcess(["-p", f"checkpoint:={files['good']}", "-p", "device:=cpu", "-p", "use_cv_bridge:=false",
+                        "-p", f"cameras:=[{bad_topic},{good_topic},/raw/image_raw]"],
+                       domain_id=domain, log_path=tmp_path / "node.log")
+    endpoints = {}
+
+    def build(client):
+        endpoints["labels"] = client.subscribe(Image, "/good/segmentation/labels")
+        endpoints["bad"] = client.publisher(CompressedImage, bad_topic, qos_profile_sensor_data)
+        endpoints["good"] = client.publisher(Image, good_topic, qos_profile_sensor_data)
+        endpoints["raw"] = client.publisher(Image, "/raw/image_raw", qos_profile_sensor_data)
+        return [endpoints["bad"], endpoints["good"], endpoints["raw"]]
+
+    try:
+        client = connect("hostile_client", domain, node, build)
+        rng = np.random.default_rng(0)
+        stamp = time.time_ns()
+
+        def good_frame_latency() -> float:
+            nonlocal stamp
+            stamp += 10**8
+            sent = time.monotonic()
+            endpoints["good"].publish(make_image(rng.integers(0, 256, (240, 320, 3), np.uint8),
+                                                 stamp_ns=stamp, frame_id="good"))
+            wanted = stamp
+            assert endpoints["labels"].wait_for(lambda m: stamp_ns(m.header.stamp) == wanted, 20), node.log()
+            return time.monotonic() - sent
+
+        for _ in range(3):  # warm
+            good_frame_latency()
+        baseline_latency = max(good_frame_latency() for _ in range(3))
+        peak_before = _vm_hwm_mb(node.process.pid)
+        latencies = []
+        for payload in (jpeg_bomb(16000), jpeg_bomb(30000), progressive_with_repeated_scans()):
+            message = CompressedImage(format="jpeg")
+            message.data = array.array("B", payload)
+            endpoints["bad"].publish(message)
+            latencies.append(good_frame_latency())
+        # 40 frames whose encoding strings are long and all different: the throttle holds.
+        for index in range(40):
+            message = make_image(np.zeros((32, 32, 3), np.uint8), stamp_ns=stamp + index, frame_id="raw")
+            message.encoding = f"bogus{index}-" + "x" * 256_000
+            endpoints["raw"].publish(message)
+            time.sleep(0.02)
+        latencies.append(good_frame_latency())
+        time.sleep(0.5)
+        grown = _vm_hwm_mb(node.process.pid) - peak_before
+        log = node.log()
+        assert grown < 100, f"peak memory grew by {grown:.0f} MB\n{log[-3000:]}"
+        assert max(latencies) < baseline_latency + 1.0, (latencies, baseline_latency)
+        # (the scan refusal came within the same throttle period and kind: not logged again)
+        assert "image 16000x16000 has 256000000 pixels" in log
+        raw_errors = [line for line in log.splitlines() if "'/raw/image_raw'" in line and "[ERROR]" in line]
+        assert len(raw_errors) == 1, raw_errors[:3]  # one per period and kind of error
+        assert len(log) < 50_000 and "x" * 100 not in log
+        client.close()
+    finally:
+        node.stop()
+        node.kill()
