@@ -321,7 +321,7 @@ def test_node_bad_compressed_input_costs_no_memory_and_no_other_cameras_time(fil
         grown = _vm_hwm_mb(node.process.pid) - peak_before
         log = node.log()
         assert grown < 100, f"peak memory grew by {grown:.0f} MB\n{log[-3000:]}"
-        assert max(latencies) < baseline_latency + 1.0, (latencies, baseline_latency)
+        assert max(latencies) < baseline_latency + 2.0, (latencies, baseline_latency)  # an undefended decode: 3-20 s
         # (the scan refusal came within the same throttle period and kind: not logged again)
         assert "image 16000x16000 has 256000000 pixels" in log
         raw_errors = [line for line in log.splitlines() if "'/raw/image_raw'" in line and "[ERROR]" in line]

@@ -25,6 +25,7 @@ from tdnet_ros.image_encoding import (
 )
 from tdnet_ros.masks import class_regions, color_lut, colorize, overlay
 from tdnet_ros.preprocess import check_frame
+from tdnet_ros.reset_rule import ResetRule, ResetSettings
 from tdnet_ros.ros.serialized_image import SerializedImageError, parse_image, serialize_image
 
 if TYPE_CHECKING:
@@ -162,10 +163,8 @@ class CameraStream:
         self.rendered = {"labels": 0, "color": 0, "overlay": 0, "masks": 0, "timing": 0}
         self.last_error = ""
         self._error_logged_at: dict[str, float] = {}
-        # Temporal state of the stream as last processed.
-        self._last_stamp_ns: Optional[int] = None
-        self._last_size: Optional[tuple[int, int]] = None
-        self._last_frame_id: Optional[str] = None
+        # Temporal state of the stream: when its cache must start afresh.
+        self._reset_rule = ResetRule()
         # Windows for diagnostics.
         self._latencies: dict[str, deque] = {}
         self._received_times: deque = deque(maxlen=1000)
@@ -299,23 +298,16 @@ class CameraStream:
     def _reset_reason(self, stamp_ns: int, size: tuple[int, int], frame_id: str) -> Optional[str]:
         with self._lock:
             requested, self._reset_requested = self._reset_requested, False
+        config = self.node.config
+        self._reset_rule.settings = ResetSettings(
+            period_factor=config.reset_period_factor, min_jump_s=config.reset_time_jump_s,
+            max_jump_s=max(config.reset_time_jump_max_s, config.reset_time_jump_s),
+        )
         if requested:
+            self._reset_rule.forget()
+            self._reset_rule.check(stamp_ns, size, frame_id)
             return "reset service called"
-        if self._last_stamp_ns is None:
-            return None  # first frame: the segmenter starts the stream itself
-        if size != self._last_size:
-            return f"image size changed from {self._last_size[1]}x{self._last_size[0]} to {size[1]}x{size[0]}"
-        if frame_id != self._last_frame_id:
-            return f"frame_id changed from '{self._last_frame_id}' to '{frame_id}'"
-        jump = (stamp_ns - self._last_stamp_ns) / 1e9
-        if jump < 0:
-            return f"timestamp jumped backwards by {-jump:.3f} s"
-        if jump > self.node.config.reset_time_jump_s:
-            return (
-                f"timestamp jumped forward by {jump:.3f} s (> reset_time_jump_s "
-                f"{self.node.config.reset_time_jump_s})"
-            )
-        return None
+        return self._reset_rule.check(stamp_ns, size, frame_id)
 
     def _subscribed(self) -> dict[str, bool]:
         return {
@@ -361,7 +353,6 @@ class CameraStream:
         """Renders and publishes the outputs of a segmented frame, and records its timing (worker thread)."""
         job, rgb, header, stamp_ns, wanted = frame.job, frame.rgb, frame.header, frame.stamp_ns, frame.wanted
         start_ns, decoded_ns = frame.start_ns, frame.decoded_ns
-        self._last_stamp_ns, self._last_size, self._last_frame_id = stamp_ns, rgb.shape[:2], header.frame_id
 
         labels = result.labels  # (H, W) class ids at the camera's resolution
         output_ms: dict[str, float] = {}  # per-output rendering + publishing time
@@ -497,6 +488,7 @@ class CameraStream:
                 frames_non_finite_output=self.non_finite,
                 frames_skipped_no_subscribers=self.skipped_idle,
                 cache_resets=self.resets,
+                **{f"cache_resets_{kind}": count for kind, count in self._reset_rule.counts.items()},
             )
             last_error = self.last_error
 
@@ -531,6 +523,7 @@ class CameraStream:
             KeyValue(key="output_rate_hz", value=f"{output_rate:.2f}"),
         ]
         values += [KeyValue(key=k, value=str(v)) for k, v in counters.items()]
+        values.append(KeyValue(key="reset_jump_limit_s", value=f"{self._reset_rule.jump_limit_s():.3f}"))
         values += [KeyValue(key=f"rendered_{k}", value=str(v)) for k, v in self.rendered.items()]
         for stage, samples in sorted(latencies.items()):
             p50, p95, p99 = _percentiles(samples)

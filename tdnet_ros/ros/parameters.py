@@ -42,7 +42,9 @@ class NodeConfig:
     output_reliability: str = "reliable"
     output_depth: int = 1
     overlay_alpha: float = 0.5
-    reset_time_jump_s: float = 0.5  # forward stamp jump that resets a camera's cache
+    reset_period_factor: float = 5.0  # a forward stamp jump of more frame periods resets the cache
+    reset_time_jump_s: float = 0.5  # ... but a jump up to this always keeps it (the floor)
+    reset_time_jump_max_s: float = 10.0  # ... and a longer one always resets it (the ceiling)
     min_image_size: int = 16  # smaller width or height is refused
     max_image_pixels: int = 4096 * 4096  # larger images are refused
     expected_rate_hz: float = 0.0  # diagnostics WARN below this output rate (0: off)
@@ -148,9 +150,20 @@ _SPECS: dict[str, _Spec] = {
         "Weight of the class colours in the overlay image (0 = camera only, 1 = colours only).",
         float_range=(0.0, 1.0),
     ),
+    "reset_period_factor": _Spec(
+        "A camera's temporal cache resets when its stamp jumps forward by more than this many "
+        "of its median frame periods (bounded by reset_time_jump_s and reset_time_jump_max_s); "
+        "backwards jumps, size and frame_id changes always reset.",
+        float_range=(1.0, 1000.0),
+    ),
     "reset_time_jump_s": _Spec(
-        "A camera's temporal cache resets when its stamp jumps forward by more than this "
-        "(seconds); backwards jumps, size and frame_id changes always reset.",
+        "Floor of the reset jump (seconds): a forward stamp jump up to this never resets, "
+        "whatever the camera's rate.",
+        float_range=(0.001, 3600.0),
+    ),
+    "reset_time_jump_max_s": _Spec(
+        "Ceiling of the reset jump (seconds): a longer forward jump always resets; it is also "
+        "the limit until a camera's frame period is known (its first frames).",
         float_range=(0.001, 3600.0),
     ),
     "min_image_size": _Spec(
