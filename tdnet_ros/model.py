@@ -100,6 +100,12 @@ class Encoding(nn.Module):
         return q, v_map, cached
 
 
+#: Most attention scores held at once on the CPU (elements; 256 MB in float32). The
+#: published td4-psp18 at 769x1537 needs 6.9e7 (two chunks); a 4096x4096 frame with
+#: input_size "frame" would need 1.3e10 (51 GB) in one piece.
+MAX_SCORE_ELEMENTS = 1 << 26
+
+
 def _to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
 
@@ -122,6 +128,19 @@ class AttentionStep(nn.Module):
             return F.scaled_dot_product_attention(query, key, projected)
         # On CPUs two batched matmuls beat the fused kernel for these shapes (Lq ~ 2e4,
         # Lk ~ 1e3, d_v = 512: 0.25 s against 0.32 s per frame on one core, measured).
+        # Queries go in chunks, so that the (B, rows, Lk) scores stay within
+        # MAX_SCORE_ELEMENTS whatever the input size.
+        batch, length = query.shape[:2]
+        rows = max(1, MAX_SCORE_ELEMENTS // (batch * key.shape[1]))
+        if rows >= length:
+            return self._attend(query, key, projected)
+        out = query.new_empty(batch, length, projected.shape[-1])  # (B, Lq, d_v)
+        for start in range(0, length, rows):
+            out[:, start:start + rows] = self._attend(query[:, start:start + rows], key, projected)
+        return out
+
+    @staticmethod
+    def _attend(query: torch.Tensor, key: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         scores = torch.bmm(query, key.transpose(1, 2)).mul_(query.shape[-1] ** -0.5)  # (B, Lq, Lk)
         return torch.bmm(scores.softmax(dim=-1), projected)
 

@@ -331,3 +331,44 @@ def test_node_bad_compressed_input_costs_no_memory_and_no_other_cameras_time(fil
     finally:
         node.stop()
         node.kill()
+
+
+def test_attention_in_chunks_equals_attention_in_one_piece(monkeypatch):
+    import tdnet_ros.model as model
+
+    step = model.AttentionStep(32).eval()
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, n, c, generator=generator) for n, c in ((1000, 16), (300, 16), (300, 32)))
+    with torch.no_grad():
+        whole = step(query, key, value)
+        monkeypatch.setattr(model, "MAX_SCORE_ELEMENTS", 2 * 300 * 70)  # chunks of 70 queries
+        chunked = step(query, key, value)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_frame_mode_on_a_large_frame_stays_within_bounded_memory(files):
+    """input_size "frame" with a 2048x2048 frame: the attention goes in chunks (in one piece
+    its scores would take 3.2 GB; at 4096x4096 they once asked for 17 GB at once)."""
+    import resource
+
+    import numpy as np
+
+    segmenter = Segmenter.from_checkpoint(files["good"], input_size="frame")
+    frame = np.zeros((2048, 2048, 3), np.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for _ in range(4):  # the fourth frame attends to the cache of the three before it
+        result = segmenter.segment(frame)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    assert result.cache_warm and result.labels.shape == (2048, 2048)
+    assert grown < 1500, f"peak memory grew by {grown:.0f} MB"
+
+
+def test_generator_refuses_arguments_that_never_finish(capsys):
+    from tdnet_ros.data.generate_cli import main as generate
+
+    for arguments, expected in ((["--fps", "1e-300"], "--fps: must be within 0.1..1000"),
+                                (["--fps", "nan"], "--fps: must be within"),
+                                (["--frames", "10000000"], "--frames: must be within 1..100000")):
+        with pytest.raises(SystemExit) as caught:
+            generate(["--seed", "1", "--frames", "2", "--out", "/tmp/unused", *arguments])
+        assert caught.value.code == 2 and expected in capsys.readouterr().err

@@ -43,13 +43,26 @@ def _pixels(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+#: Bounds of --fps and --frames: stamps and motion stay meaningful, a run stays finite.
+FPS_RANGE = (0.1, 1000.0)
+MAX_FRAMES = 100_000
+
+
+def _frame_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_FRAMES:
+        raise argparse.ArgumentTypeError(f"must be within 1..{MAX_FRAMES}, got {value}")
+    return value
+
+
+def _fps(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    low, high = FPS_RANGE
+    if not low <= value <= high:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be within {low:g}..{high:g} frames per second, got {text}")
     return value
 
 
@@ -60,13 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         "as Cityscapes-style folders or as a rosbag2 (MCAP or sqlite3).",
     )
     parser.add_argument("--seed", type=_non_negative_int, required=True, help="sequence seed (same seed, same video)")
-    parser.add_argument("--frames", type=_positive_int, required=True, help="number of frames")
+    parser.add_argument("--frames", type=_frame_count, required=True, help=f"number of frames (1..{MAX_FRAMES})")
     parser.add_argument("--out", type=Path, required=True,
                         help="dataset root (cityscapes) or bag folder to create (mcap, sqlite3)")
     parser.add_argument("--format", choices=FORMATS, default="cityscapes", help="output form (default: cityscapes)")
     parser.add_argument("--width", type=_pixels, default=512, help="image width in pixels (default 512)")
     parser.add_argument("--height", type=_pixels, default=256, help="image height in pixels (default 256)")
-    parser.add_argument("--fps", type=_positive_float, default=10.0, help="frame rate of stamps and motion (default 10)")
+    parser.add_argument("--fps", type=_fps, default=10.0,
+                        help=f"frame rate of stamps and motion, {FPS_RANGE[0]:g}..{FPS_RANGE[1]:g} (default 10)")
     parser.add_argument("--split", default="train", help="cityscapes split folder (default train)")
     parser.add_argument("--city", default="synth", help="cityscapes city folder and file prefix (default synth)")
     parser.add_argument("--sequence", type=_non_negative_int, default=None,
