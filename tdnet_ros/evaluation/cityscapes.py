@@ -23,7 +23,7 @@ from tdnet_ros.evaluation.bag import BagError
 from tdnet_ros.evaluation.labels import cityscapes_label_id_to_train_id_lut
 from tdnet_ros.evaluation.offline import OfflineResult, SegmenterLike
 from tdnet_ros.evaluation.recorder import EvaluationRecorder
-from tdnet_ros.evaluation.video import OverlayVideoWriter
+from tdnet_ros.evaluation.video import EvaluationVideoWriter, video_caption
 
 _GROUND_TRUTH = re.compile(
     r"^(?P<city>.+)_(?P<sequence>\d{6})_(?P<frame>\d{6})_gtFine_(?P<kind>labelTrainIds|labelIds)$"
@@ -99,7 +99,8 @@ def evaluate_cityscapes(root: str | Path, segmenter: SegmenterLike, split: str =
     for name, reason in problems:
         recorder.skip(str(root / "leftImg8bit_sequence" / split), name, None, "missing_frames",
                       reason)
-    video = (OverlayVideoWriter(video_path, np.asarray(segmenter.class_colors), fps=17.0)
+    video = (EvaluationVideoWriter(video_path, np.asarray(segmenter.class_colors), tuple(segmenter.class_names),
+                                   fps=17.0)
              if video_path is not None else None)
     label_id_lut = cityscapes_label_id_to_train_id_lut()
     stream = "cityscapes"
@@ -140,10 +141,7 @@ def evaluate_cityscapes(root: str | Path, segmenter: SegmenterLike, split: str =
                 cache_warm=getattr(output, "cache_warm", None))
             index += 1
             if video is not None and annotated:
-                caption = snippet.name
-                if record.miou is not None:
-                    caption += f"  mIoU {record.miou:.1f}%"
-                video.add(rgb, np.asarray(output.labels), caption)
+                video.add(rgb, np.asarray(output.labels), frame_truth, video_caption(recorder, index, snippet.name))
     result = OfflineResult(
         recorder=recorder, recording=root, image_topic=f"leftImg8bit_sequence/{split}",
         ground_truth=f"gtFine/{split} (annotated 20th frame of each snippet, "

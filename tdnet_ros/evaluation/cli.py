@@ -265,7 +265,7 @@ def run_live_mode(args: argparse.Namespace, segmenter: Any, provenance: Provenan
     import numpy as np
 
     from tdnet_ros.evaluation.live import LiveSettings, measure_live, run_live
-    from tdnet_ros.evaluation.video import OverlayVideoWriter
+    from tdnet_ros.evaluation.video import EvaluationVideoWriter
 
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = LiveSettings(
@@ -282,7 +282,8 @@ def run_live_mode(args: argparse.Namespace, segmenter: Any, provenance: Provenan
     live = run_live(args.bag, settings, progress=not args.no_progress)
     video = None
     if not args.no_video:
-        video = OverlayVideoWriter(out_dir / "overlay.mp4", np.asarray(segmenter.class_colors))
+        video = EvaluationVideoWriter(out_dir / "overlay.mp4", np.asarray(segmenter.class_colors),
+                                      tuple(segmenter.class_names))
     recorder, extra = measure_live(args.bag, live, settings, int(segmenter.num_classes),
                                    tuple(segmenter.class_names), video=video)
     if args.label_topic and not live.ground_truth and not live.problems:

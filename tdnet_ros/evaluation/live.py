@@ -42,7 +42,7 @@ from tdnet_ros.evaluation.bag import (
 )
 from tdnet_ros.evaluation.output_bag import prediction_topic
 from tdnet_ros.evaluation.recorder import EvaluationRecorder, latency_summary
-from tdnet_ros.evaluation.video import OverlayVideoWriter
+from tdnet_ros.evaluation.video import EvaluationVideoWriter, video_caption
 
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 
@@ -527,7 +527,7 @@ def _nearest(by_stamp: dict[int, bytes], stamps: list[int], stamp: int | None,
 
 def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSettings,
                  num_classes: int, class_names: tuple[str, ...],
-                 video: OverlayVideoWriter | None = None
+                 video: EvaluationVideoWriter | None = None
                  ) -> tuple[EvaluationRecorder, dict[str, Any]]:
     """Matches the received predictions to the recording's frames and measures them.
 
@@ -588,10 +588,7 @@ def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSet
                 timings_ms=timing.get("stages"), path=timing.get("path"),
                 cache_warm=timing.get("cache_warm"))
             if video is not None:
-                caption = f"#{frame.index}  {latency_ms:.0f} ms from stamp"
-                if record.miou is not None:
-                    caption += f"  mIoU {record.miou:.1f}%"
-                video.add(frame.data, labels, caption)
+                video.add(frame.data, labels, truth, video_caption(recorder, frame.index, f"{latency_ms:.0f} ms from stamp"))
     published_count = sum(1 for f in live.published if f.live_stamp_ns is not None)
     extra = {
         "mode": "live",

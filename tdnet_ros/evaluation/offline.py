@@ -22,7 +22,7 @@ from tdnet_ros.evaluation.bag import IMAGE_TYPES, BagError, BagFrame, DecodeFail
 from tdnet_ros.evaluation.labels import FolderGroundTruth, GroundTruth, TopicGroundTruth
 from tdnet_ros.evaluation.output_bag import PredictionBagWriter
 from tdnet_ros.evaluation.recorder import EvaluationRecorder
-from tdnet_ros.evaluation.video import OverlayVideoWriter
+from tdnet_ros.evaluation.video import EvaluationVideoWriter, video_caption
 
 
 class SegmenterLike(Protocol):
@@ -202,7 +202,8 @@ def evaluate_offline(recording_path: str | Path, segmenter: SegmenterLike,
     topic = settings.image_topic
     video = None
     if settings.video_path is not None:
-        video = OverlayVideoWriter(settings.video_path, np.asarray(segmenter.class_colors))
+        video = EvaluationVideoWriter(settings.video_path, np.asarray(segmenter.class_colors),
+                                      tuple(segmenter.class_names))
     prediction_bag = None
     if settings.output_bag is not None:
         prediction_bag = PredictionBagWriter(
@@ -265,10 +266,7 @@ def evaluate_offline(recording_path: str | Path, segmenter: SegmenterLike,
                     cache_warm=getattr(output, "cache_warm", None),
                 )
                 if video is not None:
-                    caption = f"#{frame.index}  {latency_ms:.0f} ms"
-                    if record.miou is not None:
-                        caption += f"  mIoU {record.miou:.1f}%"
-                    video.add(rgb, labels, caption)
+                    video.add(rgb, labels, truth, video_caption(recorder, frame.index, f"{latency_ms:.0f} ms"))
                 if prediction_bag is not None:
                     prediction_bag.add(frame.index, frame.stamp_ns, frame.frame_id, labels)
         finally:
