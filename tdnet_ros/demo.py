@@ -121,6 +121,7 @@ def summary(results: dict, report_dir: Path, seconds: float) -> str:
             f"  temporal consistency {number(results.get('temporal_consistency'), ' %')}",
             f"  latency stamp->labels p50 {number(latency.get('p50'), ' ms')}, p95 {number(latency.get('p95'), ' ms')}",
             f"  dropped frames       {results.get('dropped_frames')} of {results.get('published_frames')}",
+            f"  cache resets         {results.get('node_cache_resets')} in the node (warm-up included)",
             f"  report               {report_dir / 'report.md'}",
             f"  output folder        {report_dir.parent.resolve()}",
         ]

@@ -24,7 +24,8 @@ class ResetSettings:
 class ResetRule:
     """Decides, frame by frame, whether a stream's cache must reset, and says why."""
 
-    #: Frame periods needed before the median is trusted; until then the ceiling applies.
+    #: Frame periods needed before the median is trusted; until then the floor applies (an
+    #: unknown rate is treated as a fast camera's: a slow topic resets on its first frames only).
     MIN_PERIODS = 2
 
     def __init__(self, settings: ResetSettings = ResetSettings()) -> None:
@@ -37,7 +38,7 @@ class ResetRule:
         """The forward stamp jump above which the stream resets, from its frame period."""
         s = self.settings
         if len(self._periods) < self.MIN_PERIODS:
-            return s.max_jump_s
+            return s.min_jump_s
         median = sorted(self._periods)[len(self._periods) // 2]
         return min(max(s.period_factor * median, s.min_jump_s), s.max_jump_s)
 
@@ -61,15 +62,14 @@ class ResetRule:
                 reason, kind = (f"timestamp jumped forward by {jump:.3f} s (> {limit:.3f} s: "
                                 f"{self.settings.period_factor:g} frame periods, within "
                                 f"[{self.settings.min_jump_s:g}, {self.settings.max_jump_s:g}] s)"), "time_jump"
-            if kind is None:
-                self._periods.append(jump)
-            else:
+            if jump >= 0:
+                self._periods.append(jump)  # a pause counts too: the median shrugs it off
+            if kind is not None:
                 self.counts[kind] += 1
-                self._periods.clear()  # the new sequence may run at another rate
         self._last = (stamp_ns, size, frame_id)
         return reason
 
     def forget(self) -> None:
-        """After a reset requested from outside: the next frame starts a new sequence."""
+        """After a reset requested from outside: the next frame starts a new sequence (the
+        stream's rate stays known)."""
         self._last = None
-        self._periods.clear()

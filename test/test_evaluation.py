@@ -401,11 +401,12 @@ def test_cli_writes_report_json_plots_video_and_bag(tmp_path, checkpoint, capsys
     assert cv2.imread(str(out / "per_class_iou.png")) is not None
     video = cv2.VideoCapture(str(out / "overlay.mp4"))
     assert video.get(cv2.CAP_PROP_FRAME_COUNT) == 6
-    assert int(video.get(cv2.CAP_PROP_FRAME_WIDTH)) == WIDTH
+    assert int(video.get(cv2.CAP_PROP_FRAME_WIDTH)) == 3 * WIDTH  # camera | ground truth | prediction
     report = (out / "report.md").read_text()
-    # Beside every figure: model, checkpoint hash, device, precision, command.
-    assert report.count(results["checkpoint_sha256"]) >= 4
-    assert report.count("*Command* `tdnet-eval") >= 4
+    # Model, checkpoint hash, device, precision and command once, at the top (the figures
+    # carry them in their footers).
+    assert report.count(results["checkpoint_sha256"]) == 1 and report.index(results["checkpoint_sha256"]) < 400
+    assert report.count("*Command* `tdnet-eval") == 1
     assert "float32" in report
 
     with Recording(prediction_bag) as recording:

@@ -27,12 +27,13 @@ def test_a_30_hz_camera_that_pauses_resets_at_the_floor():
     assert rule.counts["time_jump"] == 1
 
 
-def test_the_ceiling_holds_for_very_slow_topics_and_before_the_rate_is_known():
+def test_until_the_rate_is_known_the_floor_applies_and_the_ceiling_always_holds():
     rule = ResetRule(ResetSettings(max_jump_s=10.0))
-    assert feed(rule, [8.0])[1] is None  # second frame: period unknown, only the ceiling applies
-    rule = ResetRule()
+    # A 0.2 Hz topic: its first two gaps reset (rate unknown), then it keeps its cache ...
     reasons = feed(rule, [5.0] * 5 + [11.0])
-    assert reasons[:6] == [None] * 6 and "jumped forward by 11.000 s" in reasons[6]
+    assert [r is not None for r in reasons[:6]] == [False, True, True, False, False, False]
+    # ... until a gap above the ceiling.
+    assert "jumped forward by 11.000 s" in reasons[6] and rule.counts["time_jump"] == 3
 
 
 def test_backwards_size_and_frame_id_always_reset():

@@ -354,7 +354,8 @@ class LiveEvaluator:
                 stages[f"node_{name}"] = float(getattr(message, f"{name}_ms"))
         fields = {"stages": stages, "path": int(message.path),
                   "cache_warm": bool(message.cache_warm),
-                  "node_end_to_end_ms": float(message.end_to_end_ms)}
+                  "node_end_to_end_ms": float(message.end_to_end_ms),
+                  "cache_resets": int(message.cache_resets)}
         with self.result_lock:
             self.timings[stamp_to_ns(message.header.stamp)] = fields
             self.last_node_dropped = int(message.dropped_frames)
@@ -525,6 +526,13 @@ def _nearest(by_stamp: dict[int, bytes], stamps: list[int], stamp: int | None,
     return by_stamp[nearest] if abs(nearest - stamp) <= tolerance_ns else None
 
 
+def node_cache_resets(timings: dict[int, dict]) -> int | None:
+    """Cache resets the node made while it was being evaluated (its timing messages carry
+    its running count; the first frame of a stream is no reset)."""
+    counts = [t["cache_resets"] for t in timings.values() if "cache_resets" in t]
+    return max(counts) - min(counts) if counts else None
+
+
 def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSettings,
                  num_classes: int, class_names: tuple[str, ...],
                  video: EvaluationVideoWriter | None = None
@@ -602,6 +610,8 @@ def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSet
         "end_to_end_latency_ms": latency_summary(end_to_end),
         "playback_s": live.playback_s,
         "node_exit_code": live.node_exit_code,
+        # The node's own count (its cache resets, as its log says them), warm-up included.
+        "node_cache_resets": node_cache_resets(live.timings),
         # Output rate of the node over the playback (the offline "fps" is processing speed).
         "fps": len(recorder.frames) / live.playback_s if live.playback_s > 0 else None,
     }

@@ -68,7 +68,8 @@ def plot_latency_histogram(recorder: EvaluationRecorder, path: Path,
     axes.set_xlabel("latency per frame (ms)")
     axes.set_ylabel("frames")
     axes.set_title(f"End-to-end latency ({latencies.size} frames)")
-    axes.legend(fontsize=8)
+    # Outside the axes: a legend never covers the bars or the lines.
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout(rect=(0, 0.05, 1, 1))
     _caption(figure, provenance)
     figure.savefig(path, dpi=110)
@@ -94,7 +95,7 @@ def plot_timeline(recorder: EvaluationRecorder, path: Path, provenance: str) -> 
     top.set_ylim(0, 105)
     top.set_title("Per-frame IoU and temporal agreement")
     if top.get_legend_handles_labels()[0]:
-        top.legend(fontsize=8, loc="lower right")
+        top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     bottom.plot(indices, [f.latency_ms for f in recorder.frames], linewidth=1, color="#c44e52")
     bottom.set_xlabel("frame index on the camera topic")
     from matplotlib.ticker import MaxNLocator

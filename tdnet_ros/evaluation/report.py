@@ -90,7 +90,8 @@ def _provenance_block(provenance: Provenance) -> list[str]:
 
 def render_markdown(results: dict[str, Any], provenance: Provenance,
                     figures: dict[str, Path], video: Path | None, report_dir: Path) -> str:
-    """The Markdown report (tables; each figure with its provenance beside it)."""
+    """The Markdown report: the model and command once at the top, then the tables and
+    figures (each figure also names them in its footer)."""
 
     def relative(path: Path) -> str:
         try:
@@ -119,7 +120,9 @@ def render_markdown(results: dict[str, Any], provenance: Provenance,
         f"({results.get('frames_with_ground_truth', 0)} with ground truth) |",
         f"| frames per second | {_fmt(results.get('fps'), 1)} |",
         f"| skipped items | {results['skipped_count']} |",
-        f"| temporal state resets | {results['stream_resets']['total']} |",
+        f"| temporal state resets | {results['stream_resets']['total']}"
+        + (f" (the node's own count: {results['node_cache_resets']}, warm-up included)"
+           if results.get("node_cache_resets") is not None else "") + " |",
     ]
     for key, label in (("published_frames", "frames played"),
                        ("dropped_frames", "dropped frames (no prediction)"),
@@ -148,7 +151,6 @@ def render_markdown(results: dict[str, Any], provenance: Provenance,
     lines.append("")
     if "latency_histogram" in figures:
         lines += [f"![latency histogram]({relative(figures['latency_histogram'])})", ""]
-        lines += _provenance_block(provenance)
 
     per_class = results.get("per_class_iou") or {}
     lines += ["## Accuracy", ""]
@@ -158,17 +160,15 @@ def render_markdown(results: dict[str, Any], provenance: Provenance,
         lines.append("")
         if "per_class_iou" in figures:
             lines += [f"![per-class IoU]({relative(figures['per_class_iou'])})", ""]
-            lines += _provenance_block(provenance)
     else:
         lines += ["No frame had ground truth: accuracy was not measured.", ""]
 
     if "timeline" in figures:
         timeline = relative(figures["timeline"])
         lines += ["## Over time", "", f"![per-frame IoU and latency]({timeline})", ""]
-        lines += _provenance_block(provenance)
     if video is not None:
-        lines += ["## Overlay video", "", f"[{relative(video)}]({relative(video)})", ""]
-        lines += _provenance_block(provenance)
+        lines += ["## Video", "", "Camera | ground truth | prediction, H.264: "
+                  f"[{relative(video)}]({relative(video)})", ""]
     if results.get("output_bag"):
         lines += [f"Prediction bag: `{results['output_bag']}`", ""]
 
