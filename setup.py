@@ -28,7 +28,7 @@ setup(
             "tdnet-bench = tdnet_ros.benchmark:main",
             "tdnet-build-engines = tdnet_ros.backends.build:main",
             "tdnet-demo = tdnet_ros.demo:main",
-            "segmenter_node = tdnet_ros.ros.node:main",
+            "segmenter_node = tdnet_ros.ros.entry:main",
             "tdnet-eval = tdnet_ros.evaluation.cli:main",
             "tdnet-generate = tdnet_ros.data.generate_cli:main",
             "tdnet-train = tdnet_ros.training.cli:main",

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -234,13 +234,15 @@ class Segmenter:
                     state.cache.reset()
 
     def warm_up(
-        self, frame_size: tuple[int, int] | None = None, streams: tuple[str, ...] = ("default",), batched: bool = True
+        self, frame_size: tuple[int, int] | None = None, streams: tuple[str, ...] = ("default",), batched: bool = True,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         """Allocates the streams' caches and does the backend's one-off work (CUDA graph
         captures, compilation, engine loads) for frames of `frame_size` (default: the model
         input size), so that the first real frame runs at full speed: for each stream alone,
         and, when `batched`, for all of them as one batch (cameras triggered together reach
-        each step together). The streams start cold afterwards."""
+        each step together). The streams start cold afterwards. `should_stop` is asked
+        between the streams' steps: when it says True, warm-up ends there."""
         if frame_size is None and self.input_size == "frame":
             raise ValueError("warm_up needs frame_size when the segmenter runs at each frame's own size")
         size = self.model_input_size(frame_size or (0, 0))
@@ -249,8 +251,10 @@ class Segmenter:
         with self._lock, torch.inference_mode():
             states = [self._stream_state(stream, size) for stream in streams]
             for stream, state in zip(streams, states):
+                if should_stop is not None and should_stop():
+                    break
                 self._runner.prepare(x, [state.cache], [stream])
-            if batched and len(streams) > 1:
+            if batched and len(streams) > 1 and not (should_stop is not None and should_stop()):
                 batch = x.expand(len(streams), -1, -1, -1).contiguous(memory_format=self._normalize.memory_format)
                 self._runner.prepare(batch, [state.cache for state in states], list(streams))  # (B, 3, H, W)
             for state in states:

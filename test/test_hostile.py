@@ -372,3 +372,77 @@ def test_generator_refuses_arguments_that_never_finish(capsys):
         with pytest.raises(SystemExit) as caught:
             generate(["--seed", "1", "--frames", "2", "--out", "/tmp/unused", *arguments])
         assert caught.value.code == 2 and expected in capsys.readouterr().err
+
+
+# --- signals at any moment of the node's life -------------------------------------------------
+
+
+def _spawn_node(arguments: list[str]):
+    import subprocess
+    import sys
+
+    from tdnet_ros.ros.testing import pick_domain_id, ros_environment
+
+    return subprocess.Popen([sys.executable, "-m", "tdnet_ros.ros.entry", "--ros-args", *arguments],
+                            env=ros_environment(pick_domain_id()), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _stop(process, signum: int, after_s: float, second_signal_s: float | None = None) -> tuple[int, float, str]:
+    import subprocess
+    import time
+
+    time.sleep(after_s)
+    sent = time.monotonic()
+    process.send_signal(signum)
+    if second_signal_s is not None:
+        time.sleep(second_signal_s)
+        if process.poll() is None:
+            process.send_signal(signum)
+    try:
+        output, _ = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return process.returncode, time.monotonic() - sent, output
+
+
+@pytest.mark.parametrize("signum_name, after_s", [
+    ("SIGINT", 0.2), ("SIGINT", 0.5), ("SIGTERM", 1.0), ("SIGINT", 2.0), ("SIGTERM", 3.5), ("SIGINT", 6.0),
+])
+def test_a_signal_at_any_moment_of_start_up_exits_0_within_2_s(files, signum_name, after_s):
+    """From the imports through model loading and warm-up to serving: exit 0, no traceback,
+    well within the 2 s a launch file waits before escalating."""
+    import signal
+
+    process = _spawn_node(["-p", f"checkpoint:={files['good']}", "-p", "device:=cpu"])
+    code, seconds, output = _stop(process, getattr(signal, signum_name), after_s)
+    assert code == 0 and seconds < 2.0 and "Traceback" not in output, (code, seconds, output[-2000:])
+
+
+def test_a_second_sigint_during_shutdown_still_exits_0(files):
+    import signal
+
+    process = _spawn_node(["-p", f"checkpoint:={files['good']}", "-p", "device:=cpu"])
+    code, seconds, output = _stop(process, signal.SIGINT, 4.0, second_signal_s=0.05)
+    assert code == 0 and seconds < 2.0 and "Traceback" not in output, (code, seconds, output[-2000:])
+
+
+def test_sigterm_during_a_compile_warm_up_stops_it_without_ready(files):
+    """torch.compile of a step takes seconds and cannot be interrupted: the process still
+    ends within 2 s with 0, and never says it is ready."""
+    import signal
+    import time
+
+    process = _spawn_node(["-p", f"checkpoint:={files['good']}", "-p", "device:=cpu", "-p", "backend:=compile"])
+    before = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the line logged just before the warm-up starts
+        line = process.stdout.readline()
+        before.append(line)
+        if "image conversion:" in line or not line:
+            break
+    code, seconds, output = _stop(process, signal.SIGTERM, 0.0)
+    output = "".join(before) + output
+    assert code == 0 and seconds < 2.0, (code, seconds, output[-2000:])
+    assert "ready:" not in output and "Traceback" not in output, output[-2000:]

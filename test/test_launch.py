@@ -51,7 +51,7 @@ def test_launch_file_names_what_exists() -> None:
     scripts = {ep.name: ep for ep in importlib.metadata.entry_points(group="console_scripts")}
     entry = scripts.get(constants["EXECUTABLE"])
     assert entry is not None, f"no console script {constants['EXECUTABLE']} (pip install -e .)"
-    assert entry.value == "tdnet_ros.ros.node:main"
+    assert entry.value == "tdnet_ros.ros.entry:main"
     assert callable(entry.load())
     # colcon (ament_cmake) installs the same executable where `ros2 run` looks for it.
     cmake = (REPO / "CMakeLists.txt").read_text()

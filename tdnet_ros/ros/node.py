@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -239,8 +238,10 @@ class SegmenterNode(Node):
         FatalError / ParameterError: the configuration cannot work; nothing is left running.
     """
 
-    def __init__(self, *, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+    def __init__(self, *, node_name: str = NODE_NAME, stop_requested: Optional[threading.Event] = None,
+                 **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
+        self._stop_requested = stop_requested or threading.Event()
         given = list(getattr(self, "_parameter_overrides", {}))
         self.config = declare_parameters(self)
         for line in unknown_parameter_warnings(given) + parameter_file_warnings(sys.argv, self.get_fully_qualified_name()):
@@ -250,7 +251,9 @@ class SegmenterNode(Node):
         core_log.setLevel(logging.INFO)
         core_log.propagate = False
         core_log.handlers = [RosLogHandler(self.get_logger())]
+        self._check_stop()
         self.segmenter = load_segmenter(self.config, self.get_logger())
+        self._check_stop()
         self.class_names = list(self.segmenter.class_names)
         self.class_colors = np.asarray(self.segmenter.class_colors, dtype=np.uint8)
         if self.config.class_table:
@@ -292,6 +295,7 @@ class SegmenterNode(Node):
         namespaces = output_namespaces(resolved, self.config.output_namespace)
         check_distinct_outputs(self.config.cameras, namespaces)
         self._warm_up(resolved)
+        self._check_stop()
         self.cameras: list[CameraStream] = []
         for topic, namespace in zip(resolved, namespaces):
             camera = CameraStream(topic=topic, output_namespace=namespace, node=self)
@@ -390,6 +394,12 @@ class SegmenterNode(Node):
             camera.incompatible_policy = ""
             self._subscribe(camera, wanted)
 
+    def _check_stop(self) -> None:
+        """Start-up is abandoned between its steps once a stop is requested."""
+        if self._stop_requested.is_set():
+            self.destroy_node()
+            raise ShutdownRequested()
+
     def _warm_up(self, topics: list[str]) -> None:
         """Captures/compiles/loads every step for every camera (and for all cameras as one
         batch) before any subscription exists, so that no frame waits for it."""
@@ -397,7 +407,9 @@ class SegmenterNode(Node):
             self.get_logger().info("input_size is frame: each camera's steps are prepared at its first frame")
             return
         started = time.monotonic()
-        self.segmenter.warm_up(streams=tuple(topics), batched=self._batching)
+        self.segmenter.warm_up(streams=tuple(topics), batched=self._batching,
+                               should_stop=self._stop_requested.is_set)
+        self._check_stop()
         self.get_logger().info(
             f"warm-up ({self.segmenter.backend}, {len(topics)} camera(s)) took {time.monotonic() - started:.2f} s"
         )
@@ -523,13 +535,24 @@ class SegmenterNode(Node):
         return not self._worker.is_alive()
 
 
+class ShutdownRequested(Exception):
+    """SIGINT/SIGTERM arrived while the node was starting: it stops without serving."""
+
+
 def main(args: Optional[list[str]] = None) -> int:
-    """Console script ``segmenter_node``: runs the node until SIGINT/SIGTERM (exit 0).
+    """`python -m tdnet_ros.ros.node`: the same as the `segmenter_node` console script."""
+    from tdnet_ros.ros.entry import main as entry_main
+
+    return entry_main(args)
+
+
+def run(args: Optional[list[str]], stop_requested: threading.Event) -> int:
+    """Runs the node until ``stop_requested`` is set (SIGINT/SIGTERM, see entry.py): exit 0.
 
     Returns 1, after one error message, when the configuration cannot work.
     """
-    # Our own handlers: the executor is spun in short slices, so the process reacts to
-    # SIGINT/SIGTERM within ~0.1 s even while the worker is in the middle of a frame.
+    # The executor is spun in short slices, so the process reacts to a stop request
+    # within ~0.1 s even while the worker is in the middle of a frame.
     arguments = list(args if args is not None else sys.argv)
     own = arguments[1: arguments.index("--ros-args")] if "--ros-args" in arguments else arguments[1:]
     if "-h" in own or "--help" in own:
@@ -547,16 +570,14 @@ def main(args: Optional[list[str]] = None) -> int:
         reason = re.sub(r",? at /\S+:\d+", "", str(error)).strip()
         print(f"[ERROR] [{NODE_NAME}]: cannot start: {reason}", file=sys.stderr)
         return 1
-    stop_requested = threading.Event()
-
-    def request_stop(signum: int, frame: Any) -> None:
-        stop_requested.set()
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    if stop_requested.is_set():
+        return 0
     logger = rclpy.logging.get_logger(NODE_NAME)
     try:
-        node = SegmenterNode()
+        node = SegmenterNode(stop_requested=stop_requested)
+    except ShutdownRequested:
+        rclpy.try_shutdown()
+        return 0
     except (FatalError, ParameterError) as error:
         logger.error(f"cannot start: {error}")
         rclpy.try_shutdown()

@@ -59,7 +59,7 @@ class NodeProcess:
         self._log = open(self.log_path, "wb")
         environment = ros_environment(domain_id, large_data)
         environment.update(env or {})
-        self.command = [sys.executable, "-m", "tdnet_ros.ros.node", "--ros-args", *ros_args]
+        self.command = [sys.executable, "-m", "tdnet_ros.ros.entry", "--ros-args", *ros_args]
         self.process = subprocess.Popen(
             self.command, stdout=self._log, stderr=subprocess.STDOUT, env=environment
         )
