@@ -43,7 +43,13 @@ def main(args: list[str] | None = None) -> int:
     stop = install_stop_handlers()
     from tdnet_ros.ros.node import run  # rclpy, numpy; torch when the model loads
 
-    return run(args, stop)
+    code = run(args, stop)
+    # The node is shut down. Python's own finalization would now put back the default
+    # SIGINT action (a second Ctrl-C while DDS and torch tear down would end the process
+    # with -2) and can take seconds: leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
