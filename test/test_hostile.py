@@ -446,3 +446,33 @@ def test_sigterm_during_a_compile_warm_up_stops_it_without_ready(files):
     output = "".join(before) + output
     assert code == 0 and seconds < 2.0, (code, seconds, output[-2000:])
     assert "ready:" not in output and "Traceback" not in output, output[-2000:]
+
+
+# --- recordings cut off by power loss ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["cut at 60 %", "garbage appended"])
+def test_a_damaged_mcap_is_evaluated_as_far_as_it_is_readable(files, tmp_path, capsys, damage):
+    import json
+
+    from tdnet_ros.data import generate_sequence, write_rosbag
+    from tdnet_ros.data.writers import IMAGE_TOPIC, LABEL_TOPIC
+    from tdnet_ros.evaluation.cli import main as evaluate
+
+    bag = tmp_path / "bag"
+    write_rosbag(generate_sequence(2, 30, 128, 64), bag, storage="mcap")
+    storage = next(bag.glob("*.mcap"))
+    data = storage.read_bytes()
+    storage.write_bytes(data[: int(len(data) * 0.6)] if damage.startswith("cut") else data + b"\x00garbage" * 64)
+    status = evaluate([str(bag), "--image-topic", IMAGE_TOPIC, "--label-topic", LABEL_TOPIC, "--label-match",
+                       "stamp", "--checkpoint", str(files["good"]), "--out", str(tmp_path / "out"), "--no-video",
+                       "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    if damage.startswith("cut"):
+        assert 10 <= results["frames"] < 30 and results["frames_with_ground_truth"] == results["frames"]
+    else:
+        assert results["frames"] == 30
+    lost = 60 - 2 * results["frames"]  # images and labels
+    assert f"{lost} of 60 messages lost" in err and "is damaged" in err

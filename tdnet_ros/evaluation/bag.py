@@ -135,17 +135,53 @@ class Recording:
             reader = AnyReader([path], default_typestore=_default_typestore())
             reader.open()
         except Exception as error:  # rosbags raises several unrelated types
-            raise BagError(
-                f"cannot read recording {self.path}: {error} "
-                "(expected a rosbag2 folder or .mcap/.db3 file, or a ROS 1 .bag file)"
-                + _metadata_topics(path)
-            ) from error
+            reader = self._open_salvaged(path, error)
+            if reader is None:
+                raise BagError(
+                    f"cannot read recording {self.path}: {error} "
+                    "(expected a rosbag2 folder or .mcap/.db3 file, or a ROS 1 .bag file)"
+                    + _metadata_topics(path)
+                ) from error
         self._reader = reader
+
+    def _open_salvaged(self, path: Path, error: Exception) -> Any | None:
+        """A reader over the complete part of a damaged MCAP recording (cut off by power
+        loss, or with garbage after it), or None. What was lost goes to `read_errors`."""
+        import tempfile
+
+        from rosbags.highlevel import AnyReader
+
+        from tdnet_ros.evaluation.mcap_salvage import salvage_mcap
+
+        files = sorted(path.glob("*.mcap")) if path.is_dir() else [path] if path.suffix == ".mcap" else []
+        if len(files) != 1:
+            return None
+        self._salvage_dir = tempfile.TemporaryDirectory(prefix="tdnet_salvage_")
+        salvage = salvage_mcap(files[0], Path(self._salvage_dir.name) / files[0].name)
+        if salvage is None:
+            return None
+        try:
+            reader = AnyReader([salvage.path], default_typestore=_default_typestore())
+            reader.open()
+        except Exception:
+            return None
+        kept = sum(c.msgcount for c in reader.connections)
+        expected = _metadata_message_count(path)
+        lost = f"{expected - kept} of {expected} messages lost" if expected is not None else (
+            "the number of messages lost is unknown (no metadata.yaml)")
+        self.read_errors.append(
+            f"recording {self.path} is damaged ({error}): read its {kept} complete messages; {lost}; "
+            f"{salvage.dropped_bytes} bytes after the last complete record were not readable"
+        )
+        return reader
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if getattr(self, "_salvage_dir", None) is not None:
+            self._salvage_dir.cleanup()
+            self._salvage_dir = None
 
     @property
     def is_ros1(self) -> bool:
@@ -264,6 +300,17 @@ class Recording:
             except ImageEncodingError as error:
                 data = DecodeFailure(str(error))
             yield BagFrame(index, stamp, bag_time, frame_id, data)
+
+
+def _metadata_message_count(path: Path) -> int | None:
+    """The message count a rosbag2 folder's metadata.yaml states, or None."""
+    metadata = path / "metadata.yaml" if path.is_dir() else path.parent / "metadata.yaml"
+    try:
+        import yaml
+
+        return int(yaml.safe_load(metadata.read_text())["rosbag2_bagfile_information"]["message_count"])
+    except Exception:  # no metadata, or not the expected layout
+        return None
 
 
 def _metadata_topics(path: Path) -> str:

@@ -234,6 +234,9 @@ def run(args: argparse.Namespace, command: str) -> int:
         )
         result = evaluate_offline(args.bag, segmenter, settings)
         results = write_offline_report(result, provenance, out_dir, args.json)
+    for entry in results.get("skipped", []):
+        if entry.get("category") == "recording_damaged":
+            print(f"tdnet-eval: warning: {entry['reason']}", file=sys.stderr)
     print("\n".join(summary_lines(results, out_dir)))
     return 0 if results["frames"] > 0 else 1
 
