@@ -139,3 +139,13 @@ def test_recipe_errors_name_the_file_and_key(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text("student: s.yaml\n")
     assert recipe_cli([str(tmp_path / "r.yaml")]) == 2
     assert "s.yaml" in capsys.readouterr().err
+
+
+def test_the_training_curve_is_drawn_from_the_log(tmp_path):
+    from tdnet_ros.training.curve import main as curve, read_validation
+
+    log = tmp_path / "log.csv"
+    log.write_text("iteration,lr,loss,seconds,val_miou\n10,0.01,2.0,5.0,\n20,0.01,1.5,10.0,0.25\n40,0.01,1.0,20.0,0.40\n")
+    assert read_validation(log) == [(20, 10.0, 25.0), (40, 20.0, 40.0)]
+    assert curve([str(log), "--out", str(tmp_path / "curve.png")]) == 0
+    assert (tmp_path / "curve.png").stat().st_size > 1000
