@@ -351,9 +351,16 @@ def test_unreadable_bag_and_missing_topic_fail_clearly(tmp_path, segmenter):
     assert "/front/image" in message and CAMERA in message and TRUTH in message
     with Recording(bag_path) as recording:
         assert {t.name for t in recording.topics()} == {CAMERA, TRUTH}
-    # A storage file cut in half: unreadable, and the error lists the topics of its metadata.
+    # A storage file cut in half (power loss): what is complete is evaluated, the loss said.
     storage_file = next(bag_path.glob("*.mcap"))
-    storage_file.write_bytes(storage_file.read_bytes()[: storage_file.stat().st_size // 2])
+    whole = storage_file.read_bytes()
+    storage_file.write_bytes(whole[: len(whole) // 2])
+    result = evaluate_offline(bag_path, segmenter, settings())
+    damaged = [s for s in result.recorder.skipped if s.category == "recording_damaged"]
+    assert len(damaged) == 1 and "messages lost" in damaged[0].reason
+    # Cut before its first complete record: unreadable, and the error lists the topics of
+    # its metadata.
+    storage_file.write_bytes(whole[:20])
     with pytest.raises(BagError, match="cannot read recording") as error:
         evaluate_offline(bag_path, segmenter, settings())
     assert CAMERA in str(error.value) and "metadata.yaml" in str(error.value)
