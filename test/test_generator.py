@@ -228,7 +228,7 @@ def test_cli_writes_bag(tmp_path: Path) -> None:
         (["--seed", "1", "--frames", "0"], "--frames: must be >= 1"),
         (["--seed", "1", "--frames", "2", "--width", "4"], "--width: must be within 16..4096"),
         (["--seed", "1", "--frames", "2", "--format", "avi"], "invalid choice: 'avi'"),
-        (["--seed", "1", "--frames", "2", "--fps", "0"], "--fps: must be a positive"),
+        (["--seed", "1", "--frames", "2", "--fps", "0"], "--fps: must be within 0.1..1000"),
         (["--frames", "2"], "the following arguments are required: --seed"),
         (["--seed", "1", "--frames", "2", "--city", "../x"], "--city '../x' must be letters"),
     ],

@@ -121,7 +121,7 @@ def test_cli_loaders_give_one_line_and_exit_2(files, tmp_path, capsys):
 
 def test_hostile_configurations_stop_the_node_with_one_clear_line(files, tmp_path):
     pytest.importorskip("rclpy")
-    from tdnet_ros.ros.testing import NodeProcess, pick_domain_id
+    from tdnet_ros.ros.testing import NodeProcess, assert_each_cannot_start, pick_domain_id
 
     def params(name: str, values: dict) -> str:
         import yaml
@@ -172,15 +172,7 @@ def test_hostile_configurations_stop_the_node_with_one_clear_line(files, tmp_pat
         for index, (name, (args, _)) in enumerate(cases.items())
     }
     try:
-        for name, process in processes.items():
-            code = process.wait_exit(120)
-            log = process.log()
-            assert code == 1, f"{name}: exit code {code}\n{log}"
-            errors = [line for line in log.splitlines() if "[ERROR]" in line]
-            assert len(errors) == 1 and "cannot start: " in errors[0], f"{name}\n{log}"
-            for fragment in cases[name][1]:
-                assert fragment in errors[0], f"{name}: '{fragment}' not in {errors[0]!r}"
-            assert "Traceback" not in log and "weights_only" not in log, f"{name}\n{log}"
+        assert_each_cannot_start(processes, {name: fragments for name, (_, fragments) in cases.items()})
     finally:
         for process in processes.values():
             process.kill()

@@ -47,6 +47,9 @@ HEIGHT, WIDTH = 480, 640
 CAM_A, CAM_B, CAM_C = "/cam_a/image_raw", "/cam_b/image_raw", "/cam_c/image_raw/compressed"
 OUT_A, OUT_B, OUT_C = "/cam_a/segmentation", "/cam_b/segmentation", "/cam_c/segmentation"
 WAIT = 20.0  # seconds for one frame's outputs (slow shared CI machines)
+# A stamp jump that starts a new sequence whatever the camera's rate: above the reset
+# rule's ceiling (reset_time_jump_max_s, 10 s).
+NEW_SEQUENCE_S = 30.0
 msgs = load_messages()
 
 
@@ -259,7 +262,7 @@ def test_every_encoding_with_padding_gives_all_outputs(harness: Harness, encodin
     rgb = frame(ENCODINGS.index(encoding))
     rows, exact = pack(rgb, encoding, padding=24)
     # 10 s apart: every frame starts a new sequence, so each is checked on its own.
-    stamp = h.next_stamp(10.0)
+    stamp = h.next_stamp(NEW_SEQUENCE_S)
     message = image_message(rows, encoding, stamp, "camera_a")
     seen = rgb if exact else image_msg_to_rgb(message)  # lossy encodings: what the node sees
     if encoding.startswith("mono"):  # grey = the green channel we packed
@@ -277,7 +280,7 @@ def test_every_encoding_with_padding_gives_all_outputs(harness: Harness, encodin
 def test_labels_equal_core_segmenter_over_a_sequence(harness: Harness) -> None:
     h = harness
     h.reference.reset("b")
-    stamp = h.next_stamp(10.0)
+    stamp = h.next_stamp(NEW_SEQUENCE_S)
     paths = []
     for index in range(6):
         rgb = frame(100 + index)
@@ -300,7 +303,7 @@ def test_compressed_png_and_jpeg(harness: Harness) -> None:
         ok, data = cv2.imencode(extension, rgb[..., ::-1])
         assert ok
         message = CompressedImage(format=fmt, data=data.tobytes())
-        stamp = h.next_stamp(10.0)
+        stamp = h.next_stamp(NEW_SEQUENCE_S)
         message.header.stamp.sec, message.header.stamp.nanosec = divmod(stamp, 10**9)
         message.header.frame_id = "camera_c"
         h.pub[CAM_C].publish(message)
@@ -338,7 +341,7 @@ def test_cameras_waiting_together_run_as_one_batch(harness: Harness) -> None:
     core's segment_batch of the same frames."""
     h = harness
     for attempt in range(5):
-        stamp = h.next_stamp(10.0)
+        stamp = h.next_stamp(NEW_SEQUENCE_S)
         sent = {"a": frame(300 + attempt), "b": frame(310 + attempt), "c": frame(320 + attempt)}
         ok, png = cv2.imencode(".png", sent["c"][..., ::-1])
         assert ok
@@ -401,7 +404,7 @@ def test_cache_resets_on_backwards_and_forward_jumps_size_and_frame_id(harness: 
     # TD4 uses its cache once N-1 = 3 frames are in it: warm up, then jump backwards 5 s,
     # warm up, jump forward 2 s (> reset_time_jump_s 0.5), warm up, new frame_id, new size.
     assert h.reference.config.num_paths == 4
-    steps = [10.0, 0.1, 0.1, 0.1, -5.0, 0.1, 0.1, 0.1, 2.0, 0.1, 0.1, 0.1, 0.1, 0.1]
+    steps = [NEW_SEQUENCE_S, 0.1, 0.1, 0.1, -5.0, 0.1, 0.1, 0.1, 2.0, 0.1, 0.1, 0.1, 0.1, 0.1]
     frame_ids = ["camera_b"] * 12 + ["camera_b2", "camera_b2"]
     sizes = [None] * 13 + [(800, 600)]
     timings = send_sequence(h, CAM_B, steps, frame_ids, sizes)
@@ -421,7 +424,7 @@ def test_cache_resets_on_backwards_and_forward_jumps_size_and_frame_id(harness: 
 
 def test_reset_services(harness: Harness) -> None:
     h = harness
-    timings = send_sequence(h, CAM_A, [10.0, 0.1, 0.1, 0.1], ["camera_a"] * 4)
+    timings = send_sequence(h, CAM_A, [NEW_SEQUENCE_S, 0.1, 0.1, 0.1], ["camera_a"] * 4)
     assert timings[-1].cache_warm
     response = h.client.call(Trigger, f"{OUT_A}/reset", Trigger.Request())
     assert response.success and CAM_A in response.message
@@ -565,7 +568,7 @@ def test_parameters_have_descriptors_and_are_validated(harness: Harness) -> None
     assert accepted.successful, accepted.reason
     try:
         rgb = frame(600)
-        stamp = h.next_stamp(10.0)
+        stamp = h.next_stamp(NEW_SEQUENCE_S)
         h.reference.reset("a")
         expected = h.reference.segment(rgb, stream="a").labels
         h.pub[CAM_A].publish(make_image(rgb, stamp_ns=stamp, frame_id="camera_a"))

@@ -26,6 +26,7 @@ from tdnet_ros.ros.interfaces import load_messages  # noqa: E402
 from tdnet_ros.ros.testing import (  # noqa: E402
     GraphClient,
     NodeProcess,
+    assert_each_cannot_start,
     connect,
     diagnostics_values,
     make_image,
@@ -91,16 +92,7 @@ def test_configuration_errors_stop_the_node_with_one_clear_error(checkpoint: Pat
         for index, (name, (args, _)) in enumerate(cases.items())
     }
     try:
-        for name, process in processes.items():
-            code = process.wait_exit(120)
-            log = process.log()
-            assert code == 1, f"{name}: exit code {code}\n{log}"
-            errors = [line for line in log.splitlines() if "[ERROR]" in line]
-            assert len(errors) == 1, f"{name}: expected one error line\n{log}"
-            assert "cannot start: " in errors[0]
-            for fragment in cases[name][1]:
-                assert fragment in errors[0], f"{name}: '{fragment}' not in {errors[0]!r}"
-            assert "Traceback" not in log, f"{name}\n{log}"
+        assert_each_cannot_start(processes, {name: fragments for name, (_, fragments) in cases.items()})
     finally:
         for process in processes.values():
             process.kill()

@@ -15,13 +15,9 @@ from tdnet_ros.training.config import from_dict
 from tdnet_ros.training.recipe import main as recipe_cli
 from tdnet_ros.training.trainer import train
 
-TINY = {
-    "model": "td4-tiny",
-    "data": {"train_seeds": [1], "val_seeds": [2], "frames": 10, "val_frames": 6, "size": [64, 128]},
-    "augment": {"base_size": [64, 128], "crop": [48, 96]},
-    "optim": {"iterations": 3, "batch_size": 2, "warmup_iterations": 1},
-    "run": {"threads": 1, "val_interval": 0, "val_max_clips": 2, "log_interval": 1, "progress": False},
-}
+from test_training_run import TINY as TINY_TWO_ITERATIONS  # noqa: E402  (the tiny run's settings)
+
+TINY = {**TINY_TWO_ITERATIONS, "optim": {**TINY_TWO_ITERATIONS["optim"], "iterations": 3}}
 TINY_TEACHER = {"layers": [1, 1, 1, 1], "base_width": 8, "feature_channels": 32}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 LATENCY_WINDOW = 300
 #: Longest problem text kept or logged (error messages may quote what a sender sent).
 MAX_PROBLEM_CHARS = 300
+#: Kinds of error whose last log time is remembered (for the throttle), per camera.
+MAX_ERROR_KINDS = 64
 
 LOST_HINT = (
     "best-effort subscriptions lose camera-sized images whose fragments do not all arrive "
@@ -244,6 +247,8 @@ class CameraStream:
             period = self.node.config.error_log_period_s
             if last is not None and now - last < period:
                 return
+            if len(self._error_logged_at) >= MAX_ERROR_KINDS:  # bounded, whatever arrives
+                self._error_logged_at.clear()
             self._error_logged_at[kind] = now
         self.node.get_logger().error(f"topic '{self.topic}': {problem}")
 
@@ -292,7 +297,7 @@ class CameraStream:
         try:
             rgb = self.node.cv_bridge.imgmsg_to_cv2(msg, desired_encoding="rgb8")
         except Exception as error:  # CvBridgeError, TypeError, cv2.error
-            raise ImageEncodingError(f"cv_bridge cannot convert {msg.encoding}: {error}") from error
+            raise ImageEncodingError(f"cv_bridge cannot convert '{msg.encoding[:40]}': {str(error)[:200]}") from error
         return np.ascontiguousarray(rgb)
 
     def _reset_reason(self, stamp_ns: int, size: tuple[int, int], frame_id: str) -> Optional[str]:
@@ -329,8 +334,9 @@ class CameraStream:
             rgb, header = self._decode(job.msg)
             check_frame(rgb)  # what the segmenter will demand: refused here, alone
         except (ImageEncodingError, SerializedImageError, ValueError) as error:
-            # Throttled per kind of problem (never per text: that quotes the sender's strings).
-            self.report_error(f"input:{type(error).__name__}", str(error))
+            # Throttled per kind of problem: the message up to its first number or quoted
+            # string (those come from the sender: keying by them would let it flood the log).
+            self.report_error("input:" + re.match(r"[^0-9'\"]{0,40}", str(error)).group(0), str(error))
             return None
         decoded_ns = time.monotonic_ns()
 

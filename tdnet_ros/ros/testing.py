@@ -237,6 +237,21 @@ def connect(name: str, domain_id: int, node: NodeProcess, build: Callable[[Graph
             raise TimeoutError(f"segmenter_node {state}:\n{node.log()[-3000:]}")
 
 
+def assert_each_cannot_start(processes: dict[str, "NodeProcess"], expected: dict[str, list[str]],
+                             timeout: float = 120.0) -> None:
+    """Every process exits 1 after exactly one `cannot start:` error line holding the
+    expected fragments, and no traceback."""
+    for name, process in processes.items():
+        code = process.wait_exit(timeout)
+        log = process.log()
+        assert code == 1, f"{name}: exit code {code}\n{log}"
+        errors = [line for line in log.splitlines() if "[ERROR]" in line]
+        assert len(errors) == 1 and "cannot start: " in errors[0], f"{name}: expected one error line\n{log}"
+        for fragment in expected[name]:
+            assert fragment in errors[0], f"{name}: '{fragment}' not in {errors[0]!r}"
+        assert "Traceback" not in log and "weights_only" not in log, f"{name}\n{log}"
+
+
 def make_image(rgb: np.ndarray, *, stamp_ns: int, frame_id: str, encoding: str = "rgb8",
                padding: int = 0) -> Any:
     """A ``sensor_msgs/Image`` of an rgb8 frame (other encodings: pack them yourself)."""

@@ -156,15 +156,20 @@ def from_dict(values: dict[str, Any], source: str = "configuration") -> TrainCon
         raise ConfigError(f"{source}: {error}") from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Reads a YAML training configuration (then applies `overrides`, nested by section)."""
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The content of a YAML file (`what` names it in the error: "training configuration")."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"training configuration not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"cannot parse {path}: {error}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Reads a YAML training configuration (then applies `overrides`, nested by section)."""
+    values = read_yaml(path, "training configuration")
     if overrides:
         values = _merge(values, overrides)
     return from_dict(values, str(path))

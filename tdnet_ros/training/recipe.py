@@ -27,10 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .cli import _parse_set
-from .config import ConfigError, TrainConfig, load_config
+from .config import ConfigError, TrainConfig, load_config, read_yaml
 from .datasets import DatasetError
 
 
@@ -48,12 +46,7 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
     """Reads a recipe YAML file; `overrides` may replace its keys or the stages' settings."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"cannot parse {path}: {error}") from None
+    values = read_yaml(path, "recipe")
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must be a mapping at the top level")
     overrides = dict(overrides or {})
