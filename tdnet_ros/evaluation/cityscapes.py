@@ -135,7 +135,7 @@ def evaluate_cityscapes(root: str | Path, segmenter: SegmenterLike, split: str =
             tick = time.perf_counter()
             output = segmenter.segment(rgb, stream=stream)
             latency_ms = (time.perf_counter() - tick) * 1000.0
-            record = recorder.add_frame(
+            recorder.add_frame(
                 index, None, rgb, np.asarray(output.labels), frame_truth, latency_ms,
                 timings_ms=dict(output.timings), path=output.path,
                 cache_warm=getattr(output, "cache_warm", None))

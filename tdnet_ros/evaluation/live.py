@@ -591,7 +591,7 @@ def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSet
             latency_ms = (prediction.received_wall_ns - published.live_stamp_ns) / 1e6
             end_to_end.append(latency_ms)
             timing = live.timings.get(published.live_stamp_ns, {})
-            record = recorder.add_frame(
+            recorder.add_frame(
                 frame.index, frame.stamp_ns, frame.data, labels, truth, latency_ms,
                 timings_ms=timing.get("stages"), path=timing.get("path"),
                 cache_warm=timing.get("cache_warm"))

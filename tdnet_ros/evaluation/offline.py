@@ -259,7 +259,7 @@ def evaluate_offline(recording_path: str | Path, segmenter: SegmenterLike,
                     continue
                 latency_ms = (time.perf_counter() - tick) * 1000.0
                 labels = np.asarray(output.labels)
-                record = recorder.add_frame(
+                recorder.add_frame(
                     frame.index, frame.stamp_ns, rgb, labels, truth, latency_ms,
                     timings_ms=dict(getattr(output, "timings", {}) or {}),
                     path=getattr(output, "path", None),

@@ -60,7 +60,6 @@ from tdnet_ros.ros.parameters import (
 NODE_NAME = "segmenter_node"
 
 
-
 def _integers_to_doubles(parameters: list[Parameter]) -> list[Parameter]:
     """Runtime changes: an integer for a double parameter (`ros2 param set ... overlay_alpha 1`)."""
     doubles = {f.name for f in fields(NodeConfig) if isinstance(f.default, float)}
