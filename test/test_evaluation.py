@@ -599,3 +599,11 @@ def test_standalone_player_publishes_the_recording(tmp_path):
     stamps = {(m.header.stamp.sec, m.header.stamp.nanosec) for m in cameras.messages}
     assert all(abs(sec - time.time()) < 120 for sec, _ in stamps)
     assert {(m.header.stamp.sec, m.header.stamp.nanosec) for m in truths.messages} & stamps
+
+
+def test_node_cache_resets_are_the_nodes_own_count():
+    from tdnet_ros.evaluation.live import node_cache_resets
+
+    # Warm-up timings may not reach the evaluator: the count is the node's running total.
+    assert node_cache_resets({1: {"cache_resets": 1}, 2: {"cache_resets": 1}, 3: {"cache_resets": 2}}) == 2
+    assert node_cache_resets({}) is None

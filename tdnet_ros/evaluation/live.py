@@ -527,10 +527,10 @@ def _nearest(by_stamp: dict[int, bytes], stamps: list[int], stamp: int | None,
 
 
 def node_cache_resets(timings: dict[int, dict]) -> int | None:
-    """Cache resets the node made while it was being evaluated (its timing messages carry
-    its running count; the first frame of a stream is no reset)."""
+    """Cache resets the node made during the evaluation: its timing messages carry its
+    running count, and the node was started for this evaluation (warm-up included)."""
     counts = [t["cache_resets"] for t in timings.values() if "cache_resets" in t]
-    return max(counts) - min(counts) if counts else None
+    return max(counts) if counts else None
 
 
 def measure_live(recording_path: str | Path, live: LiveResult, settings: LiveSettings,
