@@ -77,6 +77,28 @@ def evaluate(
     }
 
 
+def precision_agreement(checkpoint: str, precision: str, seed: int, frames: int,
+                        width: int = 512, height: int = 256) -> dict:
+    """Labels of `precision` against float32 on one generated sequence, frame by frame, and
+    both median latencies (the frames run interleaved, so both see the same machine load)."""
+    from tdnet_ros.data import generate_sequence
+    from tdnet_ros.segmenter import Segmenter
+
+    reference = Segmenter.from_checkpoint(checkpoint)
+    reduced = Segmenter.from_checkpoint(checkpoint, precision=precision)
+    agreement, seconds = [], {"float32": [], precision: []}
+    for frame in generate_sequence(seed, frames, width=width, height=height):
+        began = time.perf_counter()
+        a = reference.segment(frame.rgb).labels
+        middle = time.perf_counter()
+        b = reduced.segment(frame.rgb).labels
+        seconds["float32"].append(middle - began)
+        seconds[precision].append(time.perf_counter() - middle)
+        agreement.append(float((a == b).mean()))
+    return {"agreement_mean": float(np.mean(agreement)), "agreement_min": float(np.min(agreement)),
+            **{f"{name}_ms_median": 1000 * float(np.median(v[1:] or v)) for name, v in seconds.items()}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="held-out mIoU on generated street videos")
     which = parser.add_mutually_exclusive_group(required=True)
@@ -86,8 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=60, help="frames per sequence")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--compare-precision", choices=("bfloat16", "float16"),
+                        help="instead: this precision's labels against float32 on the first seed, and both latencies")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.compare_precision:
+        if not args.checkpoint:
+            parser.error("--compare-precision needs --checkpoint")
+        result = precision_agreement(args.checkpoint, args.compare_precision, args.seeds[0], args.frames)
+        print(json.dumps(result))
+        return 0
     result = evaluate(args.seeds, args.frames, checkpoint=args.checkpoint, teacher=args.teacher)
     print(f"{result['model']}: mIoU {100 * result['miou']:.1f} over {result['frames']} frames "
           f"(seeds {result['seeds']}), pixel accuracy {100 * result['pixel_accuracy']:.1f}, "
