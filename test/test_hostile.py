@@ -121,7 +121,7 @@ def test_cli_loaders_give_one_line_and_exit_2(files, tmp_path, capsys):
 
 def test_hostile_configurations_stop_the_node_with_one_clear_line(files, tmp_path):
     pytest.importorskip("rclpy")
-    from tdnet_ros.ros.testing import NodeProcess, assert_each_cannot_start, pick_domain_id
+    from tdnet_ros.ros.testing import assert_each_cannot_start
 
     def params(name: str, values: dict) -> str:
         import yaml
@@ -166,16 +166,7 @@ def test_hostile_configurations_stop_the_node_with_one_clear_line(files, tmp_pat
         "colour 2**63": (["-p", f"checkpoint:={good}", "-p", "class_table:=" + table(
             "big", f"classes:\n  - {{id: 0, name: road, color: [{2**63}, 2, 3]}}\n{rows}\n")], ["class table"]),
     }
-    domain = pick_domain_id()
-    processes = {
-        name: NodeProcess(args, domain_id=domain, log_path=tmp_path / f"{index}.log")
-        for index, (name, (args, _)) in enumerate(cases.items())
-    }
-    try:
-        assert_each_cannot_start(processes, {name: fragments for name, (_, fragments) in cases.items()})
-    finally:
-        for process in processes.values():
-            process.kill()
+    assert_each_cannot_start(cases, tmp_path)
     assert not CODE_RAN.exists()
 
 

@@ -85,17 +85,7 @@ def test_configuration_errors_stop_the_node_with_one_clear_error(checkpoint: Pat
     if not torch.cuda.is_available():
         cases["cuda without CUDA"] = (["-p", f"checkpoint:={checkpoint}", "-p", "device:=cuda"],
                                       ["parameter 'device' is 'cuda'", "CUDA is not available"])
-    domain = pick_domain_id()
-    # Started together: most of each run is importing torch.
-    processes = {
-        name: NodeProcess(args, domain_id=domain, log_path=tmp_path / f"{index}.log")
-        for index, (name, (args, _)) in enumerate(cases.items())
-    }
-    try:
-        assert_each_cannot_start(processes, {name: fragments for name, (_, fragments) in cases.items()})
-    finally:
-        for process in processes.values():
-            process.kill()
+    assert_each_cannot_start(cases, tmp_path)
 
 
 def test_missing_engines_fall_back_with_one_warning_before_ready(checkpoint: Path, tmp_path: Path) -> None:

@@ -237,19 +237,29 @@ def connect(name: str, domain_id: int, node: NodeProcess, build: Callable[[Graph
             raise TimeoutError(f"segmenter_node {state}:\n{node.log()[-3000:]}")
 
 
-def assert_each_cannot_start(processes: dict[str, "NodeProcess"], expected: dict[str, list[str]],
+def assert_each_cannot_start(cases: dict[str, tuple[list[str], list[str]]], log_dir: Path,
                              timeout: float = 120.0) -> None:
-    """Every process exits 1 after exactly one `cannot start:` error line holding the
-    expected fragments, and no traceback."""
-    for name, process in processes.items():
-        code = process.wait_exit(timeout)
-        log = process.log()
-        assert code == 1, f"{name}: exit code {code}\n{log}"
-        errors = [line for line in log.splitlines() if "[ERROR]" in line]
-        assert len(errors) == 1 and "cannot start: " in errors[0], f"{name}: expected one error line\n{log}"
-        for fragment in expected[name]:
-            assert fragment in errors[0], f"{name}: '{fragment}' not in {errors[0]!r}"
-        assert "Traceback" not in log and "weights_only" not in log, f"{name}\n{log}"
+    """Starts one node per case {name: (ROS arguments, expected fragments)}, all at once
+    (most of each run is importing torch); each must exit 1 after exactly one
+    `cannot start:` error line holding its fragments, and no traceback."""
+    domain = pick_domain_id()
+    processes = {
+        name: NodeProcess(args, domain_id=domain, log_path=Path(log_dir) / f"{index}.log")
+        for index, (name, (args, _)) in enumerate(cases.items())
+    }
+    try:
+        for name, process in processes.items():
+            code = process.wait_exit(timeout)
+            log = process.log()
+            assert code == 1, f"{name}: exit code {code}\n{log}"
+            errors = [line for line in log.splitlines() if "[ERROR]" in line]
+            assert len(errors) == 1 and "cannot start: " in errors[0], f"{name}: expected one error line\n{log}"
+            for fragment in cases[name][1]:
+                assert fragment in errors[0], f"{name}: '{fragment}' not in {errors[0]!r}"
+            assert "Traceback" not in log and "weights_only" not in log, f"{name}\n{log}"
+    finally:
+        for process in processes.values():
+            process.kill()
 
 
 def make_image(rgb: np.ndarray, *, stamp_ns: int, frame_id: str, encoding: str = "rgb8",
