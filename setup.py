@@ -25,14 +25,14 @@ setup(
     python_requires=">=3.10",
     entry_points={
         "console_scripts": [
-            "tdnet-bench = tdnet_ros.benchmark:main",
-            "tdnet-build-engines = tdnet_ros.backends.build:main",
-            "tdnet-demo = tdnet_ros.demo:main",
+            "tdnet-bench = tdnet_ros.cli.bench:main",
+            "tdnet-build-engines = tdnet_ros.cli.build_engines:main",
+            "tdnet-demo = tdnet_ros.cli.demo:main",
             "segmenter_node = tdnet_ros.ros.entry:main",
-            "tdnet-eval = tdnet_ros.evaluation.cli:main",
-            "tdnet-generate = tdnet_ros.data.generate_cli:main",
-            "tdnet-train = tdnet_ros.training.cli:main",
-            "tdnet-recipe = tdnet_ros.training.recipe:main",
+            "tdnet-eval = tdnet_ros.cli.evaluate:main",
+            "tdnet-generate = tdnet_ros.cli.generate:main",
+            "tdnet-train = tdnet_ros.cli.train:main",
+            "tdnet-recipe = tdnet_ros.cli.recipe:main",
         ],
     },
 )

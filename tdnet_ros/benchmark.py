@@ -18,30 +18,21 @@ the machine; the README names the command and machine beside each one it quotes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_model, published_to_internal
-from .config import VARIANTS, ModelConfig
+from .config import ModelConfig
 from .model import build_model
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_frame
-from .segmenter import Segmenter, resolve_device
+from .runtime import RuntimeConfig
+from .segmenter import Segmenter
 from .timing import percentiles
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH, got {text!r}") from None
-    return height, width
 
 
 def synthetic_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -101,11 +92,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 
 def measure_one(args, name, model, published, size, device_name, precision, backend="eager") -> dict:
-    options = {"engine_dir": args.engine_dir} if args.engine_dir else {}
-    segmenter = Segmenter(
-        model, device=device_name, precision=precision, input_size=size, backend=backend, backend_options=options,
-        checkpoint=args.checkpoint, preprocess=args.preprocess,
-    )
+    runtime = RuntimeConfig(device=device_name, precision=precision, input_size=size, backend=backend,
+                            preprocess=args.preprocess, engine_dir=str(args.engine_dir or ""))
+    segmenter = Segmenter(model, runtime, checkpoint=args.checkpoint)
     device = segmenter.device
     cameras = [f"camera{i}" for i in range(args.cameras)]
     segmenter.warm_up(streams=tuple(cameras))  # CUDA graph captures, compilation, engine loads
@@ -118,7 +107,7 @@ def measure_one(args, name, model, published, size, device_name, precision, back
     if published is not None:
         published.to(device)
     # Reduced precision is judged by its label agreement with float32 on the same frames.
-    reference = Segmenter(model, device=device, input_size=size) if precision != "float32" else None
+    reference = Segmenter(model, runtime.replace(precision="float32", backend="eager")) if precision != "float32" else None
     clock = time.process_time if args.clock == "process" else time.perf_counter
     for i in range(args.warmup + args.frames):
         start = clock()
@@ -190,66 +179,3 @@ def print_table(rows: list[dict]) -> None:
             f"| {row['backend']} | {row['cameras']} | {total['p50']:.2f} / {total['p95']:.2f} | {stages} "
             f"| {row['fps']:.1f} | {memory} | {published} | {speedup} | {agreement} |"
         )
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written (its examples), every option with its default."""
-
-
-BACKENDS = ("eager", "compile", "cuda-graph", "onnx", "tensorrt")
-PRECISIONS = ("float32", "float16", "bfloat16")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tdnet-bench", description=__doc__, formatter_class=_HelpFormatter)
-    parser.add_argument("--model", nargs="+", default=["td4-psp18"], choices=sorted(VARIANTS), metavar="MODEL",
-                        help=f"model names: {', '.join(sorted(VARIANTS))}")
-    parser.add_argument("--checkpoint", type=Path, help="weights (default: random; speed does not depend on them)")
-    parser.add_argument("--size", nargs="+", type=parse_size, default=[(769, 1537)], help="model input HxW")
-    parser.add_argument("--frame-size", type=parse_size, help="camera frame HxW (default: the input size)")
-    parser.add_argument("--device", nargs="+", default=["cpu"], help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--precision", nargs="+", default=["float32"], choices=PRECISIONS, metavar="PRECISION",
-                        help=f"one or more of {', '.join(PRECISIONS)}")
-    parser.add_argument(
-        "--backend", nargs="+", default=["eager"], choices=BACKENDS, metavar="BACKEND",
-        help=f"step backends: {', '.join(BACKENDS)} (onnx/tensorrt need --engine-dir)",
-    )
-    parser.add_argument("--engine-dir", type=Path, help="prebuilt ONNX files / TensorRT engines (tdnet-build-engines)")
-    parser.add_argument("--preprocess", default="cv2", choices=("cv2", "device", "auto"),
-                        help="resize/normalize on the host (cv2, as the published code) or on the device")
-    parser.add_argument("--cameras", type=int, default=1,
-                        help="streams given the frame together (one batch per step); frame_ms is the whole call")
-    parser.add_argument("--frames", type=int, default=20, help="timed frames per configuration")
-    parser.add_argument("--warmup", type=int, default=4, help="untimed frames first, per configuration")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument(
-        "--clock",
-        choices=("wall", "process"),
-        default="wall",
-        help="per-frame time: wall clock, or this process's CPU time (steadier on a shared "
-        "machine; with --threads 1 it is the single-core cost). Stage times are always wall.",
-    )
-    parser.add_argument("--published-code", type=Path, help="local checkout of the published TDNet Testing/ folder")
-    parser.add_argument("--json", type=Path, help="also write the measured rows here, as JSON")
-    args = parser.parse_args(argv)
-    try:
-        for device in args.device:
-            resolve_device(device)
-        if args.checkpoint is not None:
-            load_model(args.checkpoint, args.model[0])  # fails here, in one line, if unusable
-        if min(args.frames, args.cameras) < 1 or args.warmup < 0:
-            raise ValueError("--frames and --cameras must be >= 1 and --warmup >= 0")
-    except (ValueError, FileNotFoundError) as error:  # DeviceError, CheckpointError
-        print(f"tdnet-bench: error: {error}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = measure(args)
-    print_table(rows)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import DilatedResNet
+from .cache import CachedFrame
 from .config import ModelConfig
 
 PYRAMID_BINS = (1, 2, 3, 6)
@@ -198,9 +199,6 @@ class SubNetwork(nn.Module):
         self.head = Head(config.value_channels, config.head_reduction, config.num_classes)
 
 
-# (query, key, value) of one cached frame: (B, L, d_k), (B, L, d_k), (B, L, d_v)
-CachedFrame = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
 
 @dataclass
 class StepOutput:
@@ -242,13 +240,6 @@ class TDNet(nn.Module):
             for part in (net.backbone, net.pyramid, net.head):
                 part.to(dtype)
         return self
-
-    def cache_order(self, path: int) -> list[int]:
-        """Paths of the cached frames, oldest first, when frame `path` runs.
-
-        Frame t runs path t mod N, so the previous N-1 frames ran paths t+1 ... t+N-1 (mod N).
-        """
-        return [(path + j) % self.num_paths for j in range(1, self.num_paths)]
 
     def step(
         self,
@@ -308,7 +299,8 @@ class TDNet(nn.Module):
         """Training forward over a clip of N frames: frame j runs path (first_path + j) mod N.
 
         Returns the StepOutput of every frame; the last one carries the attention-composed
-        logits, the others their single-frame logits.
+        logits, the others their single-frame logits. A one-path model (N = 1) takes a clip
+        of one frame, which runs without attention.
         """
         if len(clip) != self.num_paths:
             raise ValueError(f"a clip must have {self.num_paths} frames, got {len(clip)}")

@@ -15,15 +15,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .backends.gpu_preprocess import DevicePreprocessor
-from .backends.runners import make_runner
+from .backends.registry import make_runner
 from .cache import FeatureCache
-from .checkpoint import file_sha256, load_model
-from .config import ModelConfig, feature_size_for
+from .checkpoint import CheckpointError, file_sha256, load_model
+from .classes import CLASS_COLORS, CLASS_NAMES
+from .config import ModelConfig
 from .fusion import fold_batch_norms
-from .data.classes import CLASS_COLORS, CLASS_NAMES
 from .model import TDNet
 from .preprocess import (
+    DevicePreprocessor,
     Normalizer,
     check_frame,
     check_normalized,
@@ -31,12 +31,15 @@ from .preprocess import (
     labels_to_numpy,
     resize_frame,
 )
+from . import runtime
+from .runtime import DeviceError, RuntimeConfig, resolve_device  # noqa: F401 (resolve_device: re-exported)
 from .timing import StageTimes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PATH = Path(__file__).parent / "models" / "default.pt"
-PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: torch dtype of each precision name of the runtime configuration.
+PRECISIONS = dict(zip(runtime.PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 @dataclass
@@ -59,31 +62,69 @@ class _Stream:
     cuda_stream: torch.cuda.Stream | None  # CUDA: its uploads, preprocessing and downloads
 
 
-class DeviceError(ValueError):
-    """The device asked for cannot be used here (unknown, or CUDA without CUDA)."""
+#: What `Segmenter(model)` runs with when no RuntimeConfig is given (its documented
+#: keyword defaults): the CPU, eager steps, cv2 preprocessing.
+LIBRARY_DEFAULTS = RuntimeConfig(device="cpu", backend="eager", fallback="eager", preprocess="cv2")
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """"cpu", "cuda[:n]" or "auto" (CUDA when available, else the CPU with a warning)."""
-    name = str(device)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        log.warning("device 'auto': CUDA is not available, running on the CPU")
-        return torch.device("cpu")
+def runtime_with(runtime: RuntimeConfig | None = None, **options: Any) -> RuntimeConfig:
+    """`runtime` (default LIBRARY_DEFAULTS) with Segmenter's keyword options applied:
+    device, precision, backend, preprocess, input_size, channels_last, fold_batch_norm and
+    backend_options ({engine_dir, compile_options, fallback})."""
+    base = runtime or LIBRARY_DEFAULTS
+    backend_options = dict(options.pop("backend_options", None) or {})
+    unknown = set(options) - {"device", "precision", "backend", "preprocess", "input_size", "channels_last",
+                              "fold_batch_norm"}
+    unknown |= set(backend_options) - {"engine_dir", "compile_options", "fallback"}
+    if unknown:
+        raise TypeError(f"unknown segmenter option(s): {', '.join(sorted(unknown))}")
+    changes = {name: value for name, value in options.items() if value is not None or name == "input_size"}
+    if "device" in changes:
+        changes["device"] = str(changes["device"])
+    if backend_options.get("engine_dir") is not None:
+        changes["engine_dir"] = str(backend_options["engine_dir"])
+    for name in ("compile_options", "fallback"):
+        if backend_options.get(name) is not None:
+            changes[name] = backend_options[name]
+    return base.replace(**changes) if changes else base
+
+
+class LoadError(ValueError):
+    """The segmenter cannot be built: `setting` names what is at fault (checkpoint, model or
+    device), the message says why, in one sentence."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def load_segmenter(runtime: RuntimeConfig, checkpoint: str = "", model: str = "") -> "Segmenter":
+    """The one way every entry point (node, tdnet-eval, tdnet-bench, tdnet-demo) builds its
+    segmenter: `checkpoint` ("" = the bundled default model) with `model` (a variant name,
+    for published .pkl files; "" = from the checkpoint), run as `runtime` says.
+
+    Raises:
+        LoadError: unknown model, missing/incompatible checkpoint, unusable device.
+    """
+    if model:
+        try:
+            ModelConfig.from_name(model)
+        except ValueError as error:
+            raise LoadError("model", str(error)) from None
+        if not checkpoint:
+            raise LoadError("model", f"'{model}' is given but no checkpoint: give a checkpoint file of that "
+                                     "model, or no model to use the bundled default model")
     try:
-        resolved = torch.device(name)
-    except RuntimeError:
-        raise DeviceError(f"unknown device {name!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise DeviceError(
-            f"device {name!r} was requested but CUDA is not available (torch {torch.__version__}, {build}); "
-            "use device 'cpu' or 'auto'"
-        )
-    if resolved.type not in ("cpu", "cuda"):
-        raise DeviceError(f"unsupported device {name!r}; use 'cpu', 'cuda' or 'auto'")
-    return resolved
+        runtime = runtime.resolve()
+        if checkpoint:
+            return Segmenter.from_checkpoint(checkpoint, model=model or None, runtime=runtime)
+        return Segmenter.default(runtime=runtime)
+    except DeviceError as error:
+        raise LoadError("device", str(error)) from None
+    except (CheckpointError, FileNotFoundError) as error:
+        raise LoadError("checkpoint", str(error)) from None
+    except ValueError as error:
+        raise LoadError("checkpoint", str(error)) from None
 
 
 class Segmenter:
@@ -91,7 +132,11 @@ class Segmenter:
 
     Args:
         model: a loaded TDNet.
-        device: "cpu", "cuda", "cuda:N" or "auto".
+        runtime: how it runs (tdnet_ros.runtime.RuntimeConfig: device, precision, backend
+            and fallback, preprocessing, input size, engine folder); "auto" values are
+            resolved here. Without one, LIBRARY_DEFAULTS with the keyword options below.
+        checkpoint: path the weights came from (for reports, and the key of prebuilt engines).
+        device: "cpu" (default), "cuda", "cuda:N" or "auto".
         precision: "float32" (default), "bfloat16" or "float16": weights and activations of
             the convolutional parts; attention always runs in float32 (see TDNet.set_precision).
         input_size: size frames are resized to before the network: None for the model's
@@ -100,14 +145,13 @@ class Segmenter:
             training size resize the LayerNorm's affine parameters to the feature map.
         channels_last: use the channels-last memory format (faster convolutions on CPU and GPU).
         fold_batch_norm: fold BatchNorm layers into the convolutions (on a copy of the model).
-        checkpoint: path the weights came from (for reports, and the key of prebuilt engines).
         backend: how each step runs: "eager" (default), "compile" (torch.compile),
             "cuda-graph", "onnx" (onnxruntime, prebuilt files) or "tensorrt" (prebuilt
             engines); one that cannot run here falls back with one log line (see
             tdnet_ros.backends). `self.backend` names the one in use.
-        backend_options: keyword arguments of `tdnet_ros.backends.make_runner`:
-            `engine_dir` (prebuilt ONNX files / TensorRT engines), `compile_options`,
-            `fallback` ("eager" or "cuda-graph").
+        backend_options: `engine_dir` (prebuilt ONNX files / TensorRT engines),
+            `compile_options` (torch.compile keyword arguments), `fallback` ("eager" or
+            "cuda-graph").
         preprocess: "cv2" (default: resize on the host, as the published pipeline),
             "device" (upload uint8 once, resize and normalize on the model's device) or
             "auto" (device on CUDA, cv2 on the CPU).
@@ -120,42 +164,31 @@ class Segmenter:
     def __init__(
         self,
         model: TDNet,
+        runtime: RuntimeConfig | None = None,
         *,
-        device: str | torch.device = "cpu",
-        precision: str = "float32",
-        input_size: tuple[int, int] | str | None = None,
-        channels_last: bool = True,
-        fold_batch_norm: bool = True,
         checkpoint: str | Path | None = None,
-        backend: str = "eager",
-        backend_options: dict[str, Any] | None = None,
-        preprocess: str = "cv2",
+        **options: Any,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}")
-        if isinstance(input_size, str) and input_size != "frame":
-            raise ValueError(f"input_size must be (height, width), None or 'frame', got {input_size!r}")
-        self.device = resolve_device(device)
-        self.precision = precision
-        self.dtype = PRECISIONS[precision]
+        self.runtime = runtime_with(runtime, **options).resolve()
+        self.device = torch.device(self.runtime.device)
+        self.precision = self.runtime.precision
+        self.dtype = PRECISIONS[self.precision]
         if self.device.type == "cpu" and self.dtype == torch.float16:
             log.warning("float16 on the CPU is slow; bfloat16 is the CPU's reduced precision")
+        channels_last = self.runtime.channels_last
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if fold_batch_norm:
+        if self.runtime.fold_batch_norm:
             model = fold_batch_norms(copy.deepcopy(model).eval())
         self.model = model.eval().to(self.device, memory_format=memory_format).set_precision(self.dtype)
         self.config: ModelConfig = model.config
-        self.input_size = tuple(input_size) if isinstance(input_size, (tuple, list)) else input_size
+        self.input_size = self.runtime.input_size
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self._normalize = Normalizer(self.device, self.dtype, channels_last)
-        if preprocess not in ("cv2", "device", "auto"):
-            raise ValueError(f"unknown preprocess {preprocess!r}; use 'cv2', 'device' or 'auto'")
-        if preprocess == "auto":
-            preprocess = "device" if self.device.type == "cuda" else "cv2"
-        self.preprocess = preprocess
-        options = backend_options or {}
+        self.preprocess = self.runtime.preprocess
         self._runner = make_runner(
-            backend, self.model, device=self.device, precision=precision, checkpoint=checkpoint, **options
+            self.runtime.backend, self.model, device=self.device, precision=self.precision, checkpoint=checkpoint,
+            engine_dir=self.runtime.engine_dir or None, compile_options=self.runtime.compile_options,
+            fallback=self.runtime.fallback,
         )
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # streams may be served from several threads
@@ -164,21 +197,21 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, model: str | None = None, device: str = "cpu", **options: Any
+        cls, path: str | Path, model: str | None = None, runtime: RuntimeConfig | None = None, **options: Any
     ) -> "Segmenter":
         """Loads a published `.pkl` (model name given or inferred) or a project checkpoint."""
-        device_resolved = resolve_device(device)  # fail on the device before reading weights
-        return cls(load_model(path, model), device=device_resolved, checkpoint=path, **options)
+        runtime = runtime_with(runtime, **options).resolve()  # fail on the device before reading weights
+        return cls(load_model(path, model), runtime, checkpoint=path)
 
     @classmethod
-    def default(cls, device: str = "cpu", **options: Any) -> "Segmenter":
+    def default(cls, runtime: RuntimeConfig | None = None, **options: Any) -> "Segmenter":
         """The bundled default model (a small TD4 trained by this project)."""
         if not DEFAULT_MODEL_PATH.is_file():
             raise FileNotFoundError(
                 f"no bundled default model at {DEFAULT_MODEL_PATH}; "
                 "give a checkpoint explicitly (Segmenter.from_checkpoint)"
             )
-        return cls.from_checkpoint(DEFAULT_MODEL_PATH, device=device, **options)
+        return cls.from_checkpoint(DEFAULT_MODEL_PATH, runtime=runtime, **options)
 
     # -- properties -------------------------------------------------------------------
 
@@ -324,7 +357,7 @@ class Segmenter:
         groups: dict[tuple[tuple[int, int], int, bool], list[str]] = {}
         for stream, x in inputs.items():
             cache = self._streams[stream].cache
-            step = (tuple(x.shape[-2:]), cache.frames_written % self.config.num_paths, cache.warm)
+            step = (tuple(x.shape[-2:]), cache.next_path, cache.warm)
             groups.setdefault(step, []).append(stream)
         compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         labels: dict[str, torch.Tensor] = {}
@@ -382,17 +415,7 @@ class Segmenter:
         if state is not None:
             log.info("stream %r changed input size %s -> %s: cache reset", stream, state.input_size, input_size)
             self._runner.forget(stream)  # graphs over the old cache
-        h, w = feature_size_for(input_size)
-        s = self.config.cache_stride
-        cached_tokens = ((h - 1) // s + 1) * ((w - 1) // s + 1)
-        cache = FeatureCache(
-            self.config.num_paths,
-            cached_tokens,
-            self.config.key_channels,
-            self.config.value_channels,
-            device=self.device,
-            dtype=self.model.attention_dtype,
-        )
+        cache = FeatureCache.for_model(self.config, input_size, device=self.device, dtype=self.model.attention_dtype)
         cuda = self.device.type == "cuda"
         channels_last = self._normalize.memory_format == torch.channels_last
         state = self._streams[stream] = _Stream(

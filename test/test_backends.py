@@ -21,7 +21,6 @@ from tdnet_ros import ModelConfig, Segmenter, build_model, load_model, save_chec
 from tdnet_ros.backends import (
     ArtifactKey,
     BackendUnavailable,
-    DevicePreprocessor,
     StepModule,
     artifact_dir,
     example_inputs,
@@ -29,9 +28,10 @@ from tdnet_ros.backends import (
     step_keys,
     step_name,
 )
-from tdnet_ros.backends.build import main as build_main
+from tdnet_ros.cli.build_engines import main as build_main
 from tdnet_ros.backends.onnx_export import export_step, load_onnx_step
 from tdnet_ros.benchmark import synthetic_frame
+from tdnet_ros.preprocess import DevicePreprocessor
 from tdnet_ros.preprocess import Normalizer, resize_frame
 
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -349,7 +349,7 @@ def test_build_command_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "backend, message",
     [
-        ("cuda-graph", "the cuda-graph backend needs a CUDA device"),
+        ("cuda-graph", "cuda-graph backend unavailable, running eager: it needs a CUDA device"),
         ("tensorrt", "tensorrt backend unavailable, running eager: TensorRT needs a CUDA GPU"),
     ],
 )
@@ -366,7 +366,7 @@ def test_onnx_in_bfloat16_falls_back_with_one_message(caplog):
         seg = Segmenter(tiny_model(), precision="bfloat16", backend="onnx")
     assert seg.backend == "eager"
     (record,) = ours(caplog)
-    assert "onnx backend unavailable in bfloat16" in record.getMessage()
+    assert "onnx backend unavailable, running eager: in bfloat16" in record.getMessage()
 
 
 def test_unknown_backend_and_preprocess_are_value_errors():

@@ -17,7 +17,7 @@ import torch
 from published_vectors import filled_state_dict, published_preprocess, vector_files
 from tdnet_ros import ModelConfig, Segmenter, build_model, save_checkpoint
 from tdnet_ros.backends import CudaGraphRunner
-from tdnet_ros.backends.build import build
+from tdnet_ros.cli.build_engines import build
 from tdnet_ros.benchmark import synthetic_frame
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from tdnet_ros import ModelConfig, build_model, save_checkpoint
 
@@ -16,7 +15,7 @@ def test_demo_writes_report_plots_and_video(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, ROS_DOMAIN_ID=str(100 + os.getpid() % 100))
     completed = subprocess.run(
-        [sys.executable, "-m", "tdnet_ros.demo", "--frames", "12", "--checkpoint", str(checkpoint),
+        [sys.executable, "-m", "tdnet_ros.cli.demo", "--frames", "12", "--checkpoint", str(checkpoint),
          "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=240, env=env,
     )
@@ -32,7 +31,7 @@ def test_demo_writes_report_plots_and_video(tmp_path):
 
 def test_demo_without_model_names_the_missing_checkpoint(tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "tdnet_ros.demo", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "d"), "--frames", "2", "--no-progress"],
+        [sys.executable, "-m", "tdnet_ros.cli.demo", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "d"), "--frames", "2", "--no-progress"],
         capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode != 0

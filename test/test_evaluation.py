@@ -18,7 +18,7 @@ import pytest
 
 from tdnet_ros import ModelConfig, Segmenter, build_model, save_checkpoint
 from tdnet_ros.evaluation import BagError, OfflineSettings, Recording, evaluate_offline
-from tdnet_ros.evaluation.cli import main as tdnet_eval
+from tdnet_ros.cli.evaluate import main as tdnet_eval
 from tdnet_ros.evaluation.labels import cityscapes_train_id_to_label_id_lut
 
 HEIGHT, WIDTH = 72, 96
@@ -254,7 +254,7 @@ def test_bad_content_is_skipped_counted_and_named(tmp_path, segmenter):
     assert "96x72" in reasons["#3 label_size_mismatch"]
 
     out = tmp_path / "report"
-    from tdnet_ros.evaluation.cli import write_offline_report
+    from tdnet_ros.cli.evaluate import write_offline_report
     from tdnet_ros.evaluation.report import Provenance
 
     provenance = Provenance("td4-tiny", "x.pt", "ab" * 32, "cpu", "float32", "pytest")

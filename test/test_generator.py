@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("pybullet")
 
-from tdnet_ros.data.classes import (  # noqa: E402
+from tdnet_ros.classes import (  # noqa: E402
     CLASS_COLORS,
     CLASS_NAMES,
     IGNORE_ID,
@@ -22,7 +22,7 @@ from tdnet_ros.data.classes import (  # noqa: E402
     label_id_to_train_id_table,
     train_id_to_label_id_table,
 )
-from tdnet_ros.data.generate_cli import main as generate_main  # noqa: E402
+from tdnet_ros.cli.generate import main as generate_main  # noqa: E402
 from tdnet_ros.data.street import (  # noqa: E402
     USED_CLASSES,
     StreetConfig,

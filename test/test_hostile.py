@@ -101,10 +101,10 @@ def test_non_finite_logits_are_flagged(files):
 
 
 def test_cli_loaders_give_one_line_and_exit_2(files, tmp_path, capsys):
-    from tdnet_ros.benchmark import main as bench
+    from tdnet_ros.cli.bench import main as bench
     from tdnet_ros.data import generate_sequence, write_rosbag
     from tdnet_ros.data.writers import IMAGE_TOPIC
-    from tdnet_ros.evaluation.cli import main as evaluate
+    from tdnet_ros.cli.evaluate import main as evaluate
 
     bag = tmp_path / "bag"
     write_rosbag(generate_sequence(1, 2, 64, 32), bag, storage="mcap")
@@ -358,7 +358,7 @@ def test_frame_mode_on_a_large_frame_stays_within_bounded_memory(files):
 
 
 def test_generator_refuses_arguments_that_never_finish(capsys):
-    from tdnet_ros.data.generate_cli import main as generate
+    from tdnet_ros.cli.generate import main as generate
 
     for arguments, expected in ((["--fps", "1e-300"], "--fps: must be within 0.1..1000"),
                                 (["--fps", "nan"], "--fps: must be within"),
@@ -451,7 +451,7 @@ def test_a_damaged_mcap_is_evaluated_as_far_as_it_is_readable(files, tmp_path, c
 
     from tdnet_ros.data import generate_sequence, write_rosbag
     from tdnet_ros.data.writers import IMAGE_TOPIC, LABEL_TOPIC
-    from tdnet_ros.evaluation.cli import main as evaluate
+    from tdnet_ros.cli.evaluate import main as evaluate
 
     bag = tmp_path / "bag"
     write_rosbag(generate_sequence(2, 30, 128, 64), bag, storage="mcap")

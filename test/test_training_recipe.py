@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from tdnet_ros.checkpoint import read_checkpoint
-from tdnet_ros.training.cli import main as train_cli
+from tdnet_ros.cli.train import main as train_cli
 from tdnet_ros.training.config import from_dict
-from tdnet_ros.training.recipe import main as recipe_cli
+from tdnet_ros.cli.recipe import main as recipe_cli
 from tdnet_ros.training.trainer import train
 
 from test_training_run import TINY as TINY_TWO_ITERATIONS  # noqa: E402  (the tiny run's settings)

@@ -10,7 +10,7 @@ import torch
 
 from tdnet_ros.checkpoint import read_checkpoint
 from tdnet_ros.segmenter import Segmenter
-from tdnet_ros.training.cli import main as train_cli
+from tdnet_ros.cli.train import main as train_cli
 from tdnet_ros.training.config import ConfigError, TrainConfig, from_dict, load_config
 from tdnet_ros.training.trainer import learning_rate, train
 

@@ -41,9 +41,9 @@ def one_error_line(main, argv: list[str], capsys) -> str:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
 def test_cuda_without_cuda(bag, capsys):
-    from tdnet_ros.benchmark import main as bench
+    from tdnet_ros.cli.bench import main as bench
     from tdnet_ros.data.writers import IMAGE_TOPIC
-    from tdnet_ros.evaluation.cli import main as evaluate
+    from tdnet_ros.cli.evaluate import main as evaluate
 
     line = one_error_line(evaluate, [str(bag), "--image-topic", IMAGE_TOPIC, "--device", "cuda"], capsys)
     assert "device 'cuda' was requested but CUDA is not available" in line
@@ -52,7 +52,7 @@ def test_cuda_without_cuda(bag, capsys):
 
 
 def test_tdnet_bench_unknown_model_names_the_known_ones(capsys):
-    from tdnet_ros.benchmark import main as bench
+    from tdnet_ros.cli.bench import main as bench
 
     with pytest.raises(SystemExit) as caught:  # argparse: usage line, then the error
         bench(["--model", "foo"])
@@ -62,7 +62,7 @@ def test_tdnet_bench_unknown_model_names_the_known_ones(capsys):
 
 
 def test_tdnet_bench_prints_json_only_when_asked(checkpoint, tmp_path, capsys):
-    from tdnet_ros.benchmark import main as bench
+    from tdnet_ros.cli.bench import main as bench
 
     assert bench(["--model", "td4-tiny", "--size", "64x128", "--frames", "2", "--warmup", "1"]) == 0
     assert "{" not in capsys.readouterr().out
@@ -73,7 +73,7 @@ def test_tdnet_bench_prints_json_only_when_asked(checkpoint, tmp_path, capsys):
 
 def test_tdnet_eval_model_without_checkpoint_is_refused(bag, capsys):
     from tdnet_ros.data.writers import IMAGE_TOPIC
-    from tdnet_ros.evaluation.cli import main as evaluate
+    from tdnet_ros.cli.evaluate import main as evaluate
 
     line = one_error_line(evaluate, [str(bag), "--image-topic", IMAGE_TOPIC, "--model", "td4-psp18"], capsys)
     assert "--model td4-psp18 needs --checkpoint" in line
@@ -81,7 +81,7 @@ def test_tdnet_eval_model_without_checkpoint_is_refused(bag, capsys):
 
 def test_tdnet_eval_label_topic_missing_lists_the_topics(bag, checkpoint, tmp_path, capsys):
     from tdnet_ros.data.writers import IMAGE_TOPIC
-    from tdnet_ros.evaluation.cli import main as evaluate
+    from tdnet_ros.cli.evaluate import main as evaluate
 
     code = evaluate([str(bag), "--image-topic", IMAGE_TOPIC, "--label-topic", "/camera/label",
                      "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")])
@@ -92,7 +92,7 @@ def test_tdnet_eval_label_topic_missing_lists_the_topics(bag, checkpoint, tmp_pa
 
 
 def test_tdnet_demo_bad_checkpoint_fails_before_rendering(tmp_path, capsys):
-    from tdnet_ros.demo import main as demo
+    from tdnet_ros.cli.demo import main as demo
 
     line = one_error_line(demo, ["--checkpoint", "/nope.pt", "--out", str(tmp_path / "demo")], capsys)
     assert line == "tdnet-demo: error: --checkpoint: checkpoint file not found: /nope.pt"

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tdnet_ros.data.classes import CLASS_COLORS, CLASS_NAMES
+from tdnet_ros.classes import CLASS_COLORS, CLASS_NAMES
 from tdnet_ros.evaluation.video import EvaluationVideoWriter
 
 PAGE = """<html><head><title>pending</title></head><body>

@@ -1,22 +1,27 @@
 """Deployment backends: torch.compile, CUDA graphs, ONNX (onnxruntime / trtexec) and TensorRT.
 
 All of them run the same exportable step (`StepModule`): one sub-network, cold or warm,
-with the feature cache as explicit tensors. `make_runner` picks a backend for a segmenter
-and falls back, with one log line, when it cannot run here.
+with the feature cache as explicit tensors. `make_runner` looks a backend up in the
+registry and wraps it in a fallback (one log line) where it cannot run here. The build
+command (`tdnet-build-engines`) is in `tdnet_ros.cli.build_engines`.
 """
 
-from .artifacts import ArtifactKey, BackendUnavailable, artifact_dir, checkpoint_hash, find_artifacts, library_versions
-from .gpu_preprocess import DevicePreprocessor
-from .runners import BACKENDS, CompiledRunner, CudaGraphRunner, ModuleRunner, StepRunner, make_runner
-from .step import StepModule, example_inputs, gather_cache, step_keys, step_name
+from .artifacts import ArtifactKey, BackendUnavailable, artifact_dir, checkpoint_hash, find_artifacts
+from .registry import BACKENDS, FALLBACKS, REGISTRY, Backend, BackendContext, library_versions, make_runner
+from .runners import CompiledRunner, CudaGraphRunner, FallbackRunner, ModuleRunner, StepRunner
+from .step import StepModule, example_inputs, step_keys, step_name
 
 __all__ = [
     "BACKENDS",
+    "FALLBACKS",
+    "REGISTRY",
     "ArtifactKey",
+    "Backend",
+    "BackendContext",
     "BackendUnavailable",
     "CompiledRunner",
     "CudaGraphRunner",
-    "DevicePreprocessor",
+    "FallbackRunner",
     "ModuleRunner",
     "StepModule",
     "StepRunner",
@@ -24,7 +29,6 @@ __all__ = [
     "checkpoint_hash",
     "example_inputs",
     "find_artifacts",
-    "gather_cache",
     "library_versions",
     "make_runner",
     "step_keys",

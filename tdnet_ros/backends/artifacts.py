@@ -44,20 +44,6 @@ def checkpoint_hash(checkpoint: str | Path | None, model: torch.nn.Module) -> st
     return file_sha256(checkpoint) if checkpoint else weights_sha256(model)
 
 
-def library_versions(backend: str) -> dict[str, str]:
-    """Versions an artefact depends on: torch always; onnx opset / torch_tensorrt, TensorRT, GPU."""
-    versions = {"torch": torch.__version__}
-    if backend == "onnx":
-        from .onnx_export import OPSET
-
-        versions["onnx_opset"] = str(OPSET)
-    elif backend == "tensorrt":
-        from .tensorrt import tensorrt_versions
-
-        versions.update(tensorrt_versions())
-    return versions
-
-
 @dataclass(frozen=True)
 class ArtifactKey:
     """Everything a set of exported steps depends on."""

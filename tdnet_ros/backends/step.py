@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import FeatureCache
-from ..config import feature_size_for
+from ..cache import cached_tokens
 from ..model import TDNet
 
 
@@ -67,13 +66,6 @@ def step_keys(model: TDNet) -> list[tuple[int, bool]]:
     return [(path, warm) for warm in warm_options for path in range(model.num_paths)]
 
 
-def cached_tokens(model: TDNet, input_size: tuple[int, int]) -> int:
-    """L: tokens of one cached frame at this input size (features subsampled by cache_stride)."""
-    h, w = feature_size_for(input_size)
-    s = model.config.cache_stride
-    return ((h - 1) // s + 1) * ((w - 1) // s + 1)
-
-
 def example_inputs(
     model: TDNet,
     input_size: tuple[int, int],
@@ -89,26 +81,9 @@ def example_inputs(
     if not warm:
         return (x,)
     c = model.config
-    shape = (model.num_paths - 1, batch, cached_tokens(model, input_size))
+    shape = (model.num_paths - 1, batch, cached_tokens(model.config, input_size))
     dtype = model.attention_dtype
     query = torch.randn(*shape, c.key_channels, generator=generator).to(device, dtype)  # (N-1, B, L, d_k)
     key = torch.randn(*shape, c.key_channels, generator=generator).to(device, dtype)  # (N-1, B, L, d_k)
     value = torch.randn(*shape, c.value_channels, generator=generator).to(device, dtype)  # (N-1, B, L, d_v)
     return x, query, key, value
-
-
-def gather_cache(
-    caches: list[FeatureCache], slots: list[int] | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Several streams' cached frames in `slots` order (oldest first), stacked and batched:
-    (N-1, B, L, d) each, row i of the batch from caches[i].
-
-    `slots` may be a prebuilt index tensor on the caches' device (needed inside a CUDA
-    graph capture, where no host-to-device copy may happen).
-    """
-    device = caches[0].query.device
-    index = slots if isinstance(slots, torch.Tensor) else torch.tensor(slots, device=device)
-    parts = [(c.query.index_select(0, index), c.key.index_select(0, index), c.value.index_select(0, index)) for c in caches]
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(3))  # (N-1, B, L, d)

@@ -1,8 +1,8 @@
 """Rendered street-video dataset: generator, Cityscapes-style and rosbag2 writers.
 
-``classes`` is dependency-free; the other modules need numpy, OpenCV, pybullet
-(``street``) and rosbags (``writers``) and are imported lazily on attribute access
-so that ``from tdnet_ros.data.classes import CLASS_NAMES`` stays cheap.
+The class table is the core's (``tdnet_ros.classes``). These modules need numpy,
+OpenCV, pybullet (``street``) and rosbags (``writers``) and are imported lazily on
+attribute access.
 """
 
 from __future__ import annotations

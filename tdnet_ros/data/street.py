@@ -29,7 +29,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from tdnet_ros.data.classes import CLASS_COLORS, IGNORE_ID, TrainId
+from tdnet_ros.classes import CLASS_COLORS, IGNORE_ID, TrainId
 
 
 @contextmanager

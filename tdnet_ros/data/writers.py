@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tdnet_ros.data.classes import train_id_to_label_id_table
+from tdnet_ros.classes import train_id_to_label_id_table
 
 IMAGE_TOPIC = "/camera/image_raw"
 LABEL_TOPIC = "/camera/labels"

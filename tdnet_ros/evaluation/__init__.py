@@ -9,16 +9,17 @@ Three ways in, one recorder and one report:
 * Cityscapes (:func:`evaluate_cityscapes`): the published ``leftImg8bit_sequence`` protocol.
 
 :func:`write_report` writes results.json, report.md and the figures; ``tdnet-eval``
-(:mod:`.cli`) is the command line of all three. Only :mod:`.live` uses rclpy, and only
+(:mod:`tdnet_ros.cli.evaluate`) is the command line of all three. Only :mod:`.live` uses rclpy, and only
 when run.
 
 Example::
 
-    from tdnet_ros import Segmenter
-    from tdnet_ros.evaluation import OfflineSettings, evaluate_offline
-    from tdnet_ros.evaluation.cli import write_offline_report, load_segmenter
+    from tdnet_ros.evaluation import OfflineSettings, Provenance, evaluate_offline, write_offline_report
+    from tdnet_ros.runtime import RuntimeConfig
+    from tdnet_ros.segmenter import load_segmenter
 
-    segmenter, provenance = load_segmenter("model.pt", None, "cpu")
+    segmenter = load_segmenter(RuntimeConfig(device="cpu"), "model.pt")
+    provenance = Provenance.of(segmenter, "model.pt", None, "my script")
     result = evaluate_offline("recording/", segmenter,
                               OfflineSettings(image_topic="/camera/image_raw",
                                               label_topic="/camera/labels"))
@@ -29,7 +30,7 @@ Example::
 from tdnet_ros.evaluation.bag import BagError, Recording
 from tdnet_ros.evaluation.cityscapes import evaluate_cityscapes
 from tdnet_ros.evaluation.live import LiveEvaluationError, LiveSettings, measure_live, run_live
-from tdnet_ros.evaluation.offline import OfflineResult, OfflineSettings, evaluate_offline
+from tdnet_ros.evaluation.offline import OfflineResult, OfflineSettings, evaluate_offline, write_offline_report
 from tdnet_ros.evaluation.recorder import EvaluationRecorder
 from tdnet_ros.evaluation.report import Provenance, write_report
 
@@ -46,5 +47,6 @@ __all__ = [
     "evaluate_offline",
     "measure_live",
     "run_live",
+    "write_offline_report",
     "write_report",
 ]

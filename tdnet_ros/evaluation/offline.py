@@ -22,6 +22,7 @@ from tdnet_ros.evaluation.bag import IMAGE_TYPES, BagError, BagFrame, DecodeFail
 from tdnet_ros.evaluation.labels import FolderGroundTruth, GroundTruth, TopicGroundTruth
 from tdnet_ros.evaluation.output_bag import PredictionBagWriter
 from tdnet_ros.evaluation.recorder import EvaluationRecorder
+from tdnet_ros.evaluation.report import Provenance, write_report
 from tdnet_ros.evaluation.video import EvaluationVideoWriter, video_caption
 
 
@@ -297,3 +298,18 @@ def evaluate_offline(recording_path: str | Path, segmenter: SegmenterLike,
     result.wall_time_s = time.perf_counter() - started
     return result
 
+
+def write_offline_report(result: OfflineResult, provenance: Provenance, out_dir: Path,
+                         json_path: Path | None = None) -> dict[str, Any]:
+    """Writes the report of an offline evaluation; returns the JSON results."""
+    extra = {
+        "mode": result.mode,
+        "recording": str(result.recording),
+        "image_topic": result.image_topic,
+        "ground_truth": result.ground_truth,
+        "wall_time_s": result.wall_time_s,
+        "output_bag": str(result.output_bag) if result.output_bag else None,
+        "recording_topics": result.topics,
+    }
+    return write_report(result.recorder, provenance, out_dir, extra=extra,
+                        video=result.video_path, json_path=json_path)

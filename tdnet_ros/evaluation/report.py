@@ -21,11 +21,26 @@ class Provenance:
     device: str
     precision: str
     command: str
+    backend: str = ""  # the step backend after any fallback ("" = not known)
 
     def line(self) -> str:
         digest = (self.checkpoint_sha256 or "unknown")[:16]
+        backend = f" | backend {self.backend}" if self.backend else ""
         return (f"model {self.model} | checkpoint sha256 {digest} | device {self.device} | "
-                f"precision {self.precision} | {self.command}")
+                f"precision {self.precision}{backend} | {self.command}")
+
+    @classmethod
+    def of(cls, segmenter: Any, checkpoint: str | None, model: str | None, command: str) -> "Provenance":
+        """The provenance of a loaded segmenter (`checkpoint` None or "": the bundled model)."""
+        source = getattr(segmenter, "checkpoint", None)
+        if checkpoint:
+            label = str(checkpoint)
+        else:
+            label = f"bundled default ({source})" if source else "bundled default"
+        name = getattr(getattr(segmenter, "config", None), "name", None) or model or "unknown"
+        return cls(model=str(name), checkpoint=label, checkpoint_sha256=getattr(segmenter, "checkpoint_sha256", None),
+                   device=str(segmenter.device), precision=str(segmenter.precision), command=command,
+                   backend=str(getattr(segmenter, "backend", "")))
 
 
 def _json_ready(value: Any) -> Any:

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import torch
 
-from tdnet_ros.data.classes import IGNORE_ID
+from tdnet_ros.classes import IGNORE_ID
 from tdnet_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32) * 255

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tdnet_ros.data.classes import IGNORE_ID, label_id_to_train_id_table
+from tdnet_ros.classes import IGNORE_ID, label_id_to_train_id_table
 
 Clip = tuple[list[np.ndarray], list[np.ndarray | None]]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tdnet_ros.data.classes import CLASS_NAMES
+from tdnet_ros.classes import CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
 
 from .augment import to_tensor

@@ -19,17 +19,12 @@ recipe file) and where everything goes.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import _parse_set
 from .config import ConfigError, TrainConfig, load_config, read_yaml
-from .datasets import DatasetError
 
 
 @dataclass(frozen=True)
@@ -133,25 +128,3 @@ def run_recipe(recipe: Recipe, log=print) -> dict[str, Any]:
     log(f"held-out: mIoU {100 * result['miou']:.2f}, pixel accuracy {100 * result['pixel_accuracy']:.2f} "
         f"on seeds {list(recipe.heldout_seeds)} ({result['frames']} frames)")
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tdnet-recipe", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("recipe", help="recipe YAML (see config/recipe_default.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key (out_dir=...) or a stage's setting "
-                             "(student.optim.iterations=...), YAML syntax, repeatable")
-    args = parser.parse_args(argv)
-    try:
-        recipe = load_recipe(args.recipe, _parse_set(args.set))
-        stage_configs(recipe)  # every configuration checked before anything trains
-        run_recipe(recipe, log=lambda line: print(f"tdnet-recipe: {line}", flush=True))
-    except (ConfigError, DatasetError, FileNotFoundError, FloatingPointError) as error:
-        print(f"tdnet-recipe: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

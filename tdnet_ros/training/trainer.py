@@ -19,7 +19,7 @@ from torch import nn
 
 from tdnet_ros.checkpoint import load_file, read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
-from tdnet_ros.data.classes import CLASS_COLORS, CLASS_NAMES
+from tdnet_ros.classes import CLASS_COLORS, CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
 from tdnet_ros.model import TDNet, build_model
 
@@ -67,14 +67,6 @@ class AuxiliaryHeads(nn.Module):
         )
 
 
-def clip_outputs(model: TDNet, clip: list[torch.Tensor], first_path: int, with_layer3: bool = False):
-    """`model.forward_clip`, also for a single sub-network (N = 1), where forward_clip would
-    hand `step` an empty cache list instead of None."""
-    if model.num_paths == 1:
-        return [model.step(clip[0], first_path, None, with_layer3=with_layer3)]
-    return model.forward_clip(clip, first_path, with_layer3=with_layer3)
-
-
 class StudentForTraining(nn.Module):
     """TDNet + auxiliary heads behind one `forward`, so DistributedDataParallel can wrap it."""
 
@@ -84,7 +76,7 @@ class StudentForTraining(nn.Module):
         self.auxiliary = AuxiliaryHeads(model.config) if with_auxiliary else None
 
     def forward(self, clip: list[torch.Tensor], first_path: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        outputs = clip_outputs(self.model, clip, first_path, self.auxiliary is not None)
+        outputs = self.model.forward_clip(clip, first_path, with_layer3=self.auxiliary is not None)
         logits = [o.logits for o in outputs]  # N x (B, K, h, w); the last is attention-composed
         aux = []
         if self.auxiliary is not None:
@@ -179,7 +171,7 @@ def validate(
         if teacher_stage:
             logits = model(tensors[-1])["out"]
         else:
-            logits = clip_outputs(model, tensors, 0)[-1].logits
+            logits = model.forward_clip(tensors, 0)[-1].logits
         logits = F.interpolate(logits.float(), size=target.shape, mode="bilinear", align_corners=False)
         scores.update(logits.argmax(1)[0].cpu().numpy().astype(np.int64), target.astype(np.int64))
     model.train(was_training)

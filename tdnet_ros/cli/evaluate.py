@@ -25,8 +25,9 @@ from typing import Any
 
 from tdnet_ros.evaluation.bag import BagError, Recording
 from tdnet_ros.evaluation.live import LiveEvaluationError  # rclpy is imported only when run
-from tdnet_ros.evaluation.offline import OfflineResult, OfflineSettings, evaluate_offline
+from tdnet_ros.evaluation.offline import OfflineSettings, evaluate_offline, write_offline_report
 from tdnet_ros.evaluation.report import Provenance, write_report
+from tdnet_ros.runtime import RuntimeConfig, add_runtime_arguments, runtime_from_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,10 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="checkpoint file (none given: the bundled model)")
     parser.add_argument("--model", help="model name for --checkpoint, e.g. td4-psp18 "
                         "(none given: from the checkpoint); needs --checkpoint")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--precision", default="float32",
-                        choices=("float32", "bfloat16", "float16"),
-                        help="weights and activations")
+    # The node's runtime settings, resolved by the same rules: the backend a robot deploys.
+    add_runtime_arguments(parser, RuntimeConfig(device="cpu"))
     parser.add_argument("--max-frames", type=int, help="evaluate at most this many frames")
     parser.add_argument("--max-gap", type=float, default=0.5,
                         help="a forward stamp jump above this many seconds resets the "
@@ -106,40 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_segmenter(checkpoint: str | None, model: str | None, device: str,
-                   precision: str = "float32", command: str | None = None
-                   ) -> tuple[Any, Provenance]:
-    """The segmenter to evaluate and what identifies it.
+def open_segmenter(args: argparse.Namespace, command: str, device: str | None = None) -> tuple[Any, Provenance]:
+    """The segmenter the flags describe (core `load_segmenter`) and what identifies it.
 
-    Args:
-        checkpoint: checkpoint file; None or "" for the bundled default model.
-        model: model name (published checkpoints); None: from the checkpoint.
-        device: "cpu", "cuda" or "auto".
-        precision: "float32", "bfloat16" or "float16".
-        command: the command line to state in the report (default: this process's).
+    Raises:
+        ValueError: unusable model, checkpoint, device or runtime flag, named by its flag.
     """
-    from tdnet_ros import Segmenter
-    from tdnet_ros.checkpoint import file_sha256
+    from tdnet_ros.segmenter import LoadError, load_segmenter
 
-    if checkpoint:
-        segmenter = Segmenter.from_checkpoint(checkpoint, model=model, device=device,
-                                              precision=precision)
-        checkpoint_label = str(checkpoint)
-        digest: str | None = file_sha256(checkpoint)
-    else:
-        segmenter = Segmenter.default(device=device, precision=precision)
-        source = getattr(segmenter, "checkpoint", None)
-        checkpoint_label = f"bundled default ({source})" if source else "bundled default"
-        digest = file_sha256(source) if source and Path(source).is_file() else None
-    digest = getattr(segmenter, "checkpoint_sha256", None) or digest
-    name = getattr(getattr(segmenter, "config", None), "name", None) or model or "unknown"
-    provenance = Provenance(
-        model=str(name), checkpoint=checkpoint_label, checkpoint_sha256=digest,
-        device=str(getattr(segmenter, "device", device)),
-        precision=str(getattr(segmenter, "precision", "float32")),
-        command=command if command is not None else shlex.join(sys.argv),
-    )
-    return segmenter, provenance
+    runtime = runtime_from_arguments(args)
+    if device is not None:
+        runtime = runtime.replace(device=device)
+    try:
+        segmenter = load_segmenter(runtime, args.checkpoint or "", args.model or "")
+    except LoadError as error:
+        raise ValueError(f"--{error.setting}: {error}") from None
+    return segmenter, Provenance.of(segmenter, args.checkpoint, args.model, command)
 
 
 def default_output_folder(bag: Path) -> Path:
@@ -177,7 +158,7 @@ def summary_lines(results: dict[str, Any], out_dir: Path) -> list[str]:
 
 def check_model_options(args: argparse.Namespace) -> None:
     """Options naming the model that cannot work, refused before anything is read."""
-    from tdnet_ros.segmenter import resolve_device
+    from tdnet_ros.runtime import resolve_device
 
     if args.model and not args.checkpoint:
         raise ValueError(f"--model {args.model} needs --checkpoint (a file of that model); without "
@@ -212,9 +193,7 @@ def run(args: argparse.Namespace, command: str) -> int:
                               ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage"))
         if args.label_topic:
             recording.check_topic(args.label_topic, "label", ("sensor_msgs/msg/Image",))
-    segmenter, provenance = load_segmenter(args.checkpoint, args.model,
-                                           "cpu" if args.live else args.device,
-                                           args.precision, command)
+    segmenter, provenance = open_segmenter(args, command, device="cpu" if args.live else None)
     if args.live:
         # The node runs the model; this process only read its classes.
         provenance = dataclasses.replace(provenance, device=args.device,
@@ -249,8 +228,7 @@ def run_cityscapes_mode(args: argparse.Namespace, command: str) -> int:
         raise ValueError("--cityscapes takes the dataset root as BAG and no topics, "
                          "labels or --live")
     out_dir = args.out or default_output_folder(args.bag)
-    segmenter, provenance = load_segmenter(args.checkpoint, args.model, args.device,
-                                           args.precision, command)
+    segmenter, provenance = open_segmenter(args, command)
     result = evaluate_cityscapes(
         args.bag, segmenter, split=args.split, warmup_frames=args.warmup_frames,
         max_snippets=args.max_snippets, flow_max_side=args.flow_max_side or None,
@@ -299,22 +277,6 @@ def run_live_mode(args: argparse.Namespace, segmenter: Any, provenance: Provenan
     return write_report(recorder, provenance, out_dir, extra=extra,
                         video=video.close() if video is not None else None,
                         json_path=args.json)
-
-
-def write_offline_report(result: OfflineResult, provenance: Provenance, out_dir: Path,
-                         json_path: Path | None = None) -> dict[str, Any]:
-    """Writes the report of an offline evaluation; returns the JSON results."""
-    extra = {
-        "mode": result.mode,
-        "recording": str(result.recording),
-        "image_topic": result.image_topic,
-        "ground_truth": result.ground_truth,
-        "wall_time_s": result.wall_time_s,
-        "output_bag": str(result.output_bag) if result.output_bag else None,
-        "recording_topics": result.topics,
-    }
-    return write_report(result.recorder, provenance, out_dir, extra=extra,
-                        video=result.video_path, json_path=json_path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,10 +17,11 @@ import logging
 import sys
 from pathlib import Path
 
-from ..benchmark import parse_size
+from ..backends.artifacts import ArtifactKey, BackendUnavailable, artifact_dir, checkpoint_hash
+from ..backends.registry import library_versions
 from ..checkpoint import CheckpointError, load_model
-from ..segmenter import PRECISIONS, Segmenter
-from .artifacts import ArtifactKey, BackendUnavailable, artifact_dir, checkpoint_hash, library_versions
+from ..runtime import PRECISIONS, RuntimeConfig, fixed_size_argument
+from ..segmenter import Segmenter
 
 ONNX_BFLOAT16 = "ONNX steps are exported in float32 or float16 only (onnxruntime has few bfloat16 kernels)"
 PRECISION_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{p: p for p in PRECISIONS}}
@@ -44,7 +45,9 @@ def build(
     if backend == "onnx" and precision == "bfloat16":
         raise ValueError(ONNX_BFLOAT16)
     model = load_model(checkpoint, model_name)
-    segmenter = Segmenter(model, device=device, precision=precision, checkpoint=checkpoint)
+    # exactly the runtime the node runs the artefacts with, but eager: nothing to fall back from
+    runtime = RuntimeConfig(device=device, precision=precision, backend="eager", fallback="eager", preprocess="cv2")
+    segmenter = Segmenter(model, runtime, checkpoint=checkpoint)
     sha = checkpoint_hash(checkpoint, segmenter.model)
     versions = library_versions(backend)
     folders = []
@@ -52,11 +55,11 @@ def build(
         key = ArtifactKey(backend, model.config.name, tuple(size), precision, sha, versions)
         directory = artifact_dir(out, key)
         if backend == "onnx":
-            from .onnx_export import export_onnx
+            from ..backends.onnx_export import export_onnx
 
             export_onnx(segmenter.model, tuple(size), directory, key)
         else:
-            from .tensorrt import build_engines
+            from ..backends.tensorrt import build_engines
 
             build_engines(segmenter.model, tuple(size), directory, key)
         folders.append(directory)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="published .pkl or project checkpoint")
     parser.add_argument("--model", help="model name for published checkpoints (inferred from the keys if omitted)")
     parser.add_argument(
-        "--size", nargs="+", type=parse_size, required=True, help="model input HxW (one artefact set each)"
+        "--size", nargs="+", type=fixed_size_argument, required=True, help="model input HxW (one artefact set each)"
     )
     parser.add_argument("--precision", choices=sorted(PRECISION_ALIASES), default="float32")
     parser.add_argument("--device", default=None, help="device to export on (default: cpu for onnx, cuda for tensorrt)")

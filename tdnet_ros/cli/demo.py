@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from .data import generate_sequence, write_rosbag
-from .data.writers import IMAGE_TOPIC, LABEL_TOPIC
-from .evaluation import cli as evaluation_cli
-from .segmenter import DEFAULT_MODEL_PATH
+from ..data import generate_sequence, write_rosbag
+from ..data.writers import IMAGE_TOPIC, LABEL_TOPIC
+from ..segmenter import DEFAULT_MODEL_PATH
+from . import evaluate as evaluation_cli
 
 # Held out: the default model's training and validation seeds never include it.
 DEMO_SEED = 90210
@@ -59,8 +59,8 @@ def check_model(checkpoint: str, device: str) -> None:
     Raises:
         ValueError: unusable device (DeviceError) or checkpoint (CheckpointError), named.
     """
-    from .checkpoint import load_model
-    from .segmenter import resolve_device
+    from ..checkpoint import load_model
+    from ..runtime import resolve_device
 
     resolve_device(device)
     load_model(checkpoint or DEFAULT_MODEL_PATH)

@@ -2,7 +2,7 @@
 
     tdnet-train config/train_default.yaml
     tdnet-train config/train_default.yaml --set optim.iterations=2 --set run.out_dir=outputs/x
-    torchrun --nproc_per_node 2 -m tdnet_ros.training.cli config/train_default.yaml
+    torchrun --nproc_per_node 2 -m tdnet_ros.cli.train config/train_default.yaml
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, load_config
-from .datasets import DatasetError
+from ..training.config import ConfigError, load_config
+from ..training.datasets import DatasetError
 
 
-def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -40,11 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from <run.out_dir>/last.pt")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, _parse_set(args.set))
+        config = load_config(args.config, parse_set(args.set))
     except ConfigError as error:
         print(f"tdnet-train: {error}", file=sys.stderr)
         return 2
-    from .trainer import train  # torch import after the configuration is known to be valid
+    from ..training.trainer import train  # torch import after the configuration is known to be valid
 
     try:
         result = train(config, resume=args.resume)
