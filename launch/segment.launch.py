@@ -4,6 +4,7 @@
     ros2 launch tdnet_ros segment.launch.py cameras:="['/front/image_raw', '/rear/image_raw']" \
         checkpoint:=/path/to/td4-psp18.pkl model:=td4-psp18 device:=cuda namespace:=perception
     ros2 launch tdnet_ros segment.launch.py params_file:=my_robot.yaml   # the file's values stay
+    ros2 launch tdnet_ros segment.launch.py autostart:=false   # a lifecycle manager drives it
 
 Everything here is also possible without launch (this repository's tests do that):
     segmenter_node --ros-args --params-file config/segmenter.yaml -r image:=/camera/image_raw
@@ -11,6 +12,11 @@ Everything here is also possible without launch (this repository's tests do that
 The launch arguments checkpoint, model, device and cameras override the parameter file
 only when they are given: a parameter file that names its own checkpoint and cameras keeps
 them when they are not.
+
+The node is a lifecycle node. With autostart true (the parameter file's default) it
+configures and activates itself. autostart:=false starts it as a launch_ros LifecycleNode, which waits unconfigured
+for a lifecycle manager (nav2_lifecycle_manager, `ros2 lifecycle set /segmenter_node
+configure`, or launch's own ChangeState events).
 
 Transports: nothing here changes the middleware's settings unless asked. large_data:=true
 sets FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA for everything this launch starts; the camera
@@ -26,14 +32,14 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode, Node
 
 PACKAGE = "tdnet_ros"
 EXECUTABLE = "segmenter_node"
 PARAMS_FILE = "segmenter.yaml"
 RVIZ_FILE = "segmentation.rviz"
 #: Launch arguments that override the parameter of the same name when given (not "").
-OVERRIDES = ("checkpoint", "model", "device", "cameras")
+OVERRIDES = ("checkpoint", "model", "device", "cameras")  # and autostart (a boolean)
 
 
 def _segmenter(context, *_args, **_kwargs) -> List[Node]:
@@ -43,10 +49,16 @@ def _segmenter(context, *_args, **_kwargs) -> List[Node]:
         import yaml
 
         overrides["cameras"] = [str(topic) for topic in yaml.safe_load(overrides["cameras"])]
+    autostart = LaunchConfiguration("autostart").perform(context).lower()
+    if autostart != "":
+        overrides["autostart"] = autostart in ("true", "1", "yes")
     parameters = [LaunchConfiguration("params_file").perform(context)]
     if overrides:
         parameters.append(overrides)  # later entries win over the file
-    return [Node(
+    # A node left to a lifecycle manager is announced to launch as one (its lifecycle
+    # events can then be handled in launch files).
+    action = LifecycleNode if overrides.get("autostart") is False else Node
+    return [action(
         package=PACKAGE,
         executable=EXECUTABLE,
         name=EXECUTABLE,
@@ -77,6 +89,10 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("device", default_value="",
                               description="auto, cpu, cuda or cuda:N; empty = the parameter file's."),
         DeclareLaunchArgument("rviz", default_value="false", description="Also start rviz2 with the package's config."),
+        DeclareLaunchArgument("autostart", default_value="",
+                              description="true: the node configures and activates itself; false: it waits "
+                                          "unconfigured for a lifecycle manager; empty = the parameter file's "
+                                          "(there: true)."),
         DeclareLaunchArgument("large_data", default_value="false",
                               description="Set FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA for everything this launch "
                                           "starts (the camera needs the same setting)."),

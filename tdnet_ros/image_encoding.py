@@ -1,10 +1,14 @@
-"""Conversion between ``sensor_msgs/Image`` encodings and RGB arrays, without ROS.
+"""The image codec, without ROS: ``sensor_msgs/Image`` and ``CompressedImage`` to RGB
+arrays (decode), and label maps and RGB arrays to image fields or serialized messages
+(encode), with every size check in one place (:func:`check_size`).
 
-The functions take the message's fields (``height, width, encoding, step, is_bigendian,
-data``), not the message, so that they are unit-tested without rclpy and serve any
-message-like object (rclpy messages, ``rosbags`` messages). Where ROS's ``cv_bridge`` is
-installed the node may use it; this module is the project's own conversion elsewhere and
-follows the same conventions:
+Decoding takes the message's fields (``height, width, encoding, step, is_bigendian,
+data``), a message-like object, or the serialized (CDR) bytes the node subscribes to.
+
+The functions serve any message-like object (rclpy messages, ``rosbags`` messages) and
+are unit-tested without rclpy. Where ROS's ``cv_bridge`` is installed the node may use it
+for the pixels (``decode_image(..., convert=...)``), after the same checks; this module is
+the project's own conversion elsewhere and follows the same conventions:
 
 * row padding: ``step`` may exceed ``width * bytes_per_pixel``; the padding is skipped;
 * 16-bit data honours ``is_bigendian``;
@@ -15,8 +19,9 @@ follows the same conventions:
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import cv2
 import numpy as np
@@ -24,6 +29,30 @@ import numpy as np
 
 class ImageEncodingError(ValueError):
     """An image message cannot be converted: bad fields, bad size or unknown encoding."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Sizes a decoder accepts (the node's max_image_pixels and min_image_size)."""
+
+    max_pixels: Optional[int] = None  # more pixels are refused, before any data is touched
+    min_size: int = 1  # a smaller width or height is refused
+
+
+def check_size(width: int, height: int, limits: ImageLimits = ImageLimits()) -> None:
+    """The size checks of every decoder (raw, compressed, cv_bridge).
+
+    Raises:
+        ImageEncodingError: empty, more pixels than the limit, or smaller than the minimum.
+    """
+    if height <= 0 or width <= 0:
+        raise ImageEncodingError(f"empty image: width {width}, height {height}")
+    if limits.max_pixels is not None and height * width > limits.max_pixels:
+        raise ImageEncodingError(
+            f"image {width}x{height} has {width * height} pixels, more than the limit {limits.max_pixels}"
+        )
+    if min(height, width) < limits.min_size:
+        raise ImageEncodingError(f"image {width}x{height} is smaller than min_image_size {limits.min_size}")
 
 
 @dataclass(frozen=True)
@@ -113,13 +142,7 @@ def image_to_rgb(
         ImageEncodingError: what is wrong with the fields, in words.
     """
     info = _encoding_info(encoding)
-    if height <= 0 or width <= 0:
-        raise ImageEncodingError(f"empty image: width {width}, height {height}")
-    if max_pixels is not None and height * width > max_pixels:
-        raise ImageEncodingError(
-            f"image {width}x{height} has {width * height} pixels, more than the limit "
-            f"{max_pixels}"
-        )
+    check_size(width, height, ImageLimits(max_pixels))
     if encoding.startswith("bayer_") and (height % 2 or width % 2 or height < 2 or width < 2):
         raise ImageEncodingError(f"{encoding} needs even width and height, got {width}x{height}")
     if info.channels == 2 and width % 2:
@@ -188,11 +211,7 @@ def compressed_to_rgb(fmt: str, data: Any, *, max_pixels: Optional[int] = None) 
         raise ImageEncodingError(f"empty compressed data (format '{_quoted(fmt)}')")
     # Refused from the header, before decoding: a few kilobytes can claim gigapixels.
     width, height = compressed_size(memoryview(buffer).cast("B"))
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageEncodingError(
-            f"image {width}x{height} has {width * height} pixels, more than the limit "
-            f"{max_pixels}"
-        )
+    check_size(width, height, ImageLimits(max_pixels))
     bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if bgr is None:
         raise ImageEncodingError(f"cannot decode {buffer.size} bytes of '{_quoted(fmt)}' data")
@@ -284,8 +303,9 @@ def _next_marker(data: bytes, offset: int) -> int:
         return found
 
 
-def rgb_to_image_fields(rgb: np.ndarray) -> tuple[int, int, str, int, bytes]:
-    """Fields ``(height, width, "rgb8", step, data)`` of an unpadded rgb8 image.
+def rgb_to_image_fields(rgb: np.ndarray) -> tuple[int, int, str, int, np.ndarray]:
+    """Fields ``(height, width, "rgb8", step, data)`` of an unpadded rgb8 image (``data``:
+    the C-contiguous pixels, without a copy where they already are).
 
     Raises:
         ImageEncodingError: ``rgb`` is not an ``(H, W, 3)`` uint8 array.
@@ -295,10 +315,10 @@ def rgb_to_image_fields(rgb: np.ndarray) -> tuple[int, int, str, int, bytes]:
             f"expected an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}"
         )
     height, width = rgb.shape[:2]
-    return height, width, "rgb8", width * 3, np.ascontiguousarray(rgb).tobytes()
+    return height, width, "rgb8", width * 3, np.ascontiguousarray(rgb)
 
 
-def labels_to_image_fields(labels: np.ndarray) -> tuple[int, int, str, int, bytes]:
+def labels_to_image_fields(labels: np.ndarray) -> tuple[int, int, str, int, np.ndarray]:
     """Fields of a label image: mono8 for uint8 labels, mono16 (little endian) otherwise.
 
     Raises:
@@ -310,5 +330,198 @@ def labels_to_image_fields(labels: np.ndarray) -> tuple[int, int, str, int, byte
         )
     height, width = labels.shape
     if labels.dtype == np.uint8:
-        return height, width, "mono8", width, np.ascontiguousarray(labels).tobytes()
-    return height, width, "mono16", width * 2, labels.astype("<u2").tobytes()
+        return height, width, "mono8", width, np.ascontiguousarray(labels)
+    return height, width, "mono16", width * 2, np.ascontiguousarray(labels.astype("<u2", copy=False))
+
+
+# -- serialized (CDR) sensor_msgs/Image ------------------------------------------------------
+# Serialized (CDR) ``sensor_msgs/Image``: read without copying the pixels, written with one copy.
+#
+# rclpy's message conversion copies the pixel data twice each way (Python ``array`` <-> C
+# message <-> CDR); for camera-sized images that is most of the node's own latency. The node
+# subscribes to raw bytes and reads the fields here (``data`` stays a view into the received
+# buffer), and publishes its image outputs as bytes built here. Pure Python (``struct`` +
+# ``memoryview``), no rclpy import.
+#
+# Layout (XCDR1/XCDR2 plain, every field at most 4-byte aligned, so both are the same):
+# encapsulation (4 bytes: 0x00, 0x00 big / 0x01 little endian (XCDR2: 0x06 / 0x07), 0, 0);
+# then, aligned relative to the end of the encapsulation: ``int32 sec, uint32 nanosec,
+# string frame_id, uint32 height, uint32 width, string encoding, uint8 is_bigendian,
+# uint32 step, sequence<uint8> data`` (strings and sequences: uint32 length, then bytes;
+# strings include their terminating NUL).
+
+
+class SerializedImageError(ValueError):
+    """The bytes are not a well-formed serialized sensor_msgs/Image."""
+
+
+@dataclass(frozen=True)
+class SerializedImage:
+    sec: int
+    nanosec: int
+    frame_id: str
+    height: int
+    width: int
+    encoding: str
+    is_bigendian: int
+    step: int
+    data: memoryview  # view into the serialized buffer, no copy
+
+
+_LITTLE_ENDIAN_IDS = {0x01, 0x03, 0x07, 0x09, 0x0B}
+_BIG_ENDIAN_IDS = {0x00, 0x02, 0x06, 0x08, 0x0A}
+
+
+def parse_image(buffer: bytes | bytearray | memoryview) -> SerializedImage:
+    """Fields of a serialized ``sensor_msgs/Image``; ``data`` is a view into ``buffer``.
+
+    Raises:
+        SerializedImageError: truncated or malformed buffer (with what and where).
+    """
+    view = memoryview(buffer).cast("B")
+    if len(view) < 4:
+        raise SerializedImageError(f"serialized image of {len(view)} bytes has no CDR header")
+    representation = view[1]
+    if view[0] != 0 or representation not in _LITTLE_ENDIAN_IDS | _BIG_ENDIAN_IDS:
+        raise SerializedImageError(f"unknown CDR representation {bytes(view[:2]).hex()}")
+    order = "<" if representation in _LITTLE_ENDIAN_IDS else ">"
+    body = view[4:]
+    offset = 0
+
+    def uint32(name: str) -> int:
+        nonlocal offset
+        offset = (offset + 3) & ~3
+        if offset + 4 > len(body):
+            raise SerializedImageError(f"serialized image truncated at field '{name}'")
+        (value,) = struct.unpack_from(order + "I", body, offset)
+        offset += 4
+        return value
+
+    def string(name: str) -> str:
+        nonlocal offset
+        length = uint32(name)
+        if offset + length > len(body):
+            raise SerializedImageError(f"serialized image truncated in string '{name}'")
+        raw = bytes(body[offset:offset + length])
+        offset += length
+        return raw.rstrip(b"\0").decode("utf-8", errors="replace")
+
+    sec = uint32("header.stamp.sec")
+    if sec >= 2**31:
+        sec -= 2**32  # int32
+    nanosec = uint32("header.stamp.nanosec")
+    frame_id = string("header.frame_id")
+    height = uint32("height")
+    width = uint32("width")
+    encoding = string("encoding")
+    if offset + 1 > len(body):
+        raise SerializedImageError("serialized image truncated at field 'is_bigendian'")
+    is_bigendian = body[offset]
+    offset += 1
+    step = uint32("step")
+    length = uint32("data")
+    # A sender may announce more data than it sent; keep what is there (the image
+    # conversion then reports the shortfall with the expected size).
+    data = body[offset:offset + length]
+    return SerializedImage(sec, nanosec, frame_id, height, width, encoding, is_bigendian, step, data)
+
+
+def _cdr_string(value: str, offset: int) -> tuple[bytes, int]:
+    """A CDR string at ``offset`` (4-aligned): length with NUL, bytes, NUL; new offset."""
+    raw = value.encode("utf-8") + b"\0"
+    return struct.pack("<I", len(raw)) + raw, offset + 4 + len(raw)
+
+
+def serialize_image(
+    *, sec: int, nanosec: int, frame_id: str, height: int, width: int, encoding: str,
+    step: int, data: Any, is_bigendian: int = 0,
+) -> bytes:
+    """Little-endian CDR bytes of a ``sensor_msgs/Image`` (publishable with rclpy as-is).
+
+    Args:
+        data: the pixel bytes (anything exposing the buffer protocol, e.g. a C-contiguous
+            numpy array); copied once, into the returned bytes.
+    """
+    pixels = memoryview(data).cast("B")
+    parts = [b"\x00\x01\x00\x00", struct.pack("<iI", sec, nanosec)]
+    offset = 8  # body offset, for alignment
+    chunk, offset = _cdr_string(frame_id, offset)
+    parts.append(chunk)
+    padding = -offset % 4
+    parts.append(b"\0" * padding + struct.pack("<II", height, width))
+    offset += padding + 8
+    chunk, offset = _cdr_string(encoding, offset)
+    parts.append(chunk)
+    parts.append(struct.pack("<B", is_bigendian))
+    offset += 1
+    padding = -offset % 4
+    parts.append(b"\0" * padding + struct.pack("<II", step, len(pixels)))
+    parts.append(pixels)
+    return b"".join(parts)
+
+
+# -- the node's two directions -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    rgb: np.ndarray  # (H, W, 3) uint8, possibly a view of the message's buffer
+    sec: int
+    nanosec: int
+    frame_id: str
+
+
+def decode_image(
+    message: Any, limits: ImageLimits = ImageLimits(), convert: Optional[Callable[[Any], np.ndarray]] = None
+) -> DecodedImage:
+    """A camera message as RGB with its stamp and frame_id.
+
+    Args:
+        message: serialized ``sensor_msgs/Image`` bytes (read without copying the pixels),
+            a ``CompressedImage``-like object (has ``format``), or an ``Image``-like one.
+        limits: sizes refused before decoding.
+        convert: another converter for ``Image`` objects (e.g. cv_bridge's), called after
+            the same checks; its failures become ImageEncodingError.
+
+    Raises:
+        ImageEncodingError, SerializedImageError (both ValueError): what is wrong, in words.
+    """
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        fields = parse_image(message)
+        rgb = image_to_rgb(fields.height, fields.width, fields.encoding, fields.step, fields.is_bigendian,
+                           fields.data, max_pixels=limits.max_pixels)
+        stamp = (fields.sec, fields.nanosec, fields.frame_id)
+    else:
+        header = message.header
+        stamp = (int(header.stamp.sec), int(header.stamp.nanosec), header.frame_id)
+        if hasattr(message, "format"):
+            rgb = compressed_to_rgb(message.format, message.data, max_pixels=limits.max_pixels)
+        elif convert is None:
+            rgb = image_msg_to_rgb(message, max_pixels=limits.max_pixels)
+        else:
+            check_size(message.width, message.height, ImageLimits(limits.max_pixels))
+            if len(message.data) < message.step * message.height:
+                raise ImageEncodingError(
+                    f"data has {len(message.data)} bytes, expected step x height = {message.step} x "
+                    f"{message.height} = {message.step * message.height}")
+            try:
+                rgb = np.ascontiguousarray(convert(message))
+            except Exception as error:  # CvBridgeError, TypeError, cv2.error
+                raise ImageEncodingError(
+                    f"cv_bridge cannot convert '{_quoted(message.encoding)}': {str(error)[:200]}") from error
+    check_size(rgb.shape[1], rgb.shape[0], limits)
+    return DecodedImage(rgb, *stamp)
+
+
+def encode_labels(labels: np.ndarray, *, sec: int, nanosec: int, frame_id: str) -> bytes:
+    """A serialized label image: mono8 class ids, or mono16 (little endian) above 255."""
+    height, width, encoding, step, data = labels_to_image_fields(labels)
+    return serialize_image(sec=sec, nanosec=nanosec, frame_id=frame_id, height=height, width=width,
+                           encoding=encoding, step=step, data=data)
+
+
+def encode_rgb(rgb: np.ndarray, *, sec: int, nanosec: int, frame_id: str) -> bytes:
+    """A serialized rgb8 image (built directly: one copy of the pixels, not three)."""
+    height, width, encoding, step, data = rgb_to_image_fields(rgb)
+    return serialize_image(sec=sec, nanosec=nanosec, frame_id=frame_id, height=height, width=width,
+                           encoding=encoding, step=step, data=data)

@@ -1,6 +1,6 @@
 """Rendering of label maps: class colours, overlays and per-class cropped masks (numpy/cv2).
 
-Used by the ROS node for its colour, overlay and mask outputs; no ROS imports.
+`Renderer` is what the node's colour, overlay and mask outputs use; no ROS imports.
 """
 
 from __future__ import annotations
@@ -107,3 +107,30 @@ def class_regions(labels: np.ndarray, num_classes: int | None = None) -> list[Cl
             )
         )
     return regions
+
+
+class Renderer:
+    """Renders one class table's outputs of label maps: colour image, overlay and masks.
+
+    Args:
+        class_colors: (K, 3) uint8 RGB colours.
+        overlay_alpha: weight of the colours in the overlay (may change at run time).
+    """
+
+    def __init__(self, class_colors: np.ndarray, overlay_alpha: float = 0.5) -> None:
+        self.class_colors = np.asarray(class_colors, dtype=np.uint8)
+        self.num_classes = len(self.class_colors)
+        self.overlay_alpha = overlay_alpha
+        self._lut = color_lut(self.class_colors) if self.num_classes <= 256 else None
+
+    def color(self, labels: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB class colours of (H, W) labels."""
+        return colorize(labels, self.class_colors, self._lut)
+
+    def overlay(self, rgb: np.ndarray, color: np.ndarray) -> np.ndarray:
+        """The camera image with the class colours blended over it (at overlay_alpha)."""
+        return overlay(rgb, color, self.overlay_alpha)
+
+    def masks(self, labels: np.ndarray) -> list[ClassRegion]:
+        """One cropped mask per class present."""
+        return class_regions(labels, num_classes=self.num_classes)

@@ -8,6 +8,7 @@ low-rate recording) keeps its temporal model while a 30 Hz camera that pauses re
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
@@ -33,6 +34,8 @@ class ResetRule:
         self._periods: deque[float] = deque(maxlen=settings.history)
         self._last: Optional[tuple[int, tuple[int, int], str]] = None  # stamp ns, (h, w), frame_id
         self.counts = {"time_jump": 0, "backwards": 0, "size": 0, "frame_id": 0}
+        self.requested = 0  # resets asked for from outside (request()), apart from the causes above
+        self._requested = threading.Event()  # set from another thread (a reset service)
 
     def jump_limit_s(self) -> float:
         """The forward stamp jump above which the stream resets, from its frame period."""
@@ -42,11 +45,21 @@ class ResetRule:
         median = sorted(self._periods)[len(self._periods) // 2]
         return min(max(s.period_factor * median, s.min_jump_s), s.max_jump_s)
 
+    def request(self) -> None:
+        """Asks for a reset at the next frame (thread-safe: e.g. from a service callback)."""
+        self._requested.set()
+
     def check(self, stamp_ns: int, size: tuple[int, int], frame_id: str) -> Optional[str]:
         """The reason this frame starts a new sequence, or None; then remembers the frame.
 
         The first frame gives None: a new stream starts its cache anyway.
         """
+        if self._requested.is_set():
+            self._requested.clear()
+            self.forget()
+            self.check(stamp_ns, size, frame_id)
+            self.requested += 1
+            return "reset requested"
         reason, kind = None, None
         if self._last is not None:
             last_stamp, last_size, last_frame_id = self._last

@@ -91,11 +91,16 @@ def runtime_with(runtime: RuntimeConfig | None = None, **options: Any) -> Runtim
 
 class LoadError(ValueError):
     """The segmenter cannot be built: `setting` names what is at fault (checkpoint, model or
-    device), the message says why, in one sentence."""
+    device), the message says why, in one sentence; `named(...)` puts the caller's name for
+    the setting in front (a node parameter, a command-line flag)."""
 
-    def __init__(self, setting: str, message: str) -> None:
+    def __init__(self, setting: str, message: str, separator: str = ": ") -> None:
         super().__init__(message)
         self.setting = setting
+        self.separator = separator
+
+    def named(self, name: str) -> str:
+        return f"{name}{self.separator}{self}"
 
 
 def load_segmenter(runtime: RuntimeConfig, checkpoint: str = "", model: str = "") -> "Segmenter":
@@ -112,19 +117,21 @@ def load_segmenter(runtime: RuntimeConfig, checkpoint: str = "", model: str = ""
         except ValueError as error:
             raise LoadError("model", str(error)) from None
         if not checkpoint:
-            raise LoadError("model", f"'{model}' is given but no checkpoint: give a checkpoint file of that "
-                                     "model, or no model to use the bundled default model")
+            raise LoadError("model", f"is '{model}' but 'checkpoint' is empty: set 'checkpoint' to a file of "
+                                     "that model, or leave 'model' empty to use the bundled default model", " ")
     try:
-        runtime = runtime.resolve()
+        resolved = runtime.resolve()
+    except DeviceError as error:
+        raise LoadError("device", f"is '{runtime.device}': {error}", " ") from None
+    runtime = resolved
+    try:
         if checkpoint:
             return Segmenter.from_checkpoint(checkpoint, model=model or None, runtime=runtime)
         return Segmenter.default(runtime=runtime)
-    except DeviceError as error:
-        raise LoadError("device", str(error)) from None
-    except (CheckpointError, FileNotFoundError) as error:
+    except (CheckpointError, FileNotFoundError, ValueError) as error:  # CheckpointError: a ValueError
         raise LoadError("checkpoint", str(error)) from None
-    except ValueError as error:
-        raise LoadError("checkpoint", str(error)) from None
+    except RuntimeError as error:  # e.g. CUDA out of memory while placing the weights
+        raise LoadError("device", f"is '{runtime.device}': {error}", " ") from None
 
 
 class Segmenter:

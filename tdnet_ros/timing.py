@@ -6,8 +6,9 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-import numpy as np
 import torch
+
+from .stream_stats import percentiles  # noqa: F401 (one implementation, used from here too)
 
 
 class StageTimes:
@@ -30,11 +31,3 @@ class StageTimes:
             if self._sync:
                 torch.cuda.synchronize()
             self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - start) * 1e3
-
-
-def percentiles(samples_ms: list[float] | np.ndarray, qs=(50, 95, 99)) -> dict[str, float]:
-    """{"p50": ..., "p95": ..., "p99": ...} of a list of milliseconds (NaN when empty)."""
-    values = np.asarray(samples_ms, dtype=np.float64)
-    if values.size == 0:
-        return {f"p{q}": float("nan") for q in qs}
-    return {f"p{q}": float(np.percentile(values, q)) for q in qs}

@@ -60,7 +60,7 @@ def test_launch_file_names_what_exists() -> None:
     assert (REPO / "config" / constants["PARAMS_FILE"]).is_file()
     assert (REPO / "config" / constants["RVIZ_FILE"]).is_file()
     text = LAUNCH_FILE.read_text()
-    for argument in ("camera", "cameras", "params_file", "namespace"):
+    for argument in ("camera", "cameras", "params_file", "namespace", "autostart"):
         assert f'DeclareLaunchArgument("{argument}"' in text, argument
     assert "FASTDDS_BUILTIN_TRANSPORTS" in text
 
@@ -231,6 +231,7 @@ def test_launch_file_runs_with_remap_namespace_and_stops_cleanly(staged: "Staged
             assert time.monotonic() < deadline, client.node.get_node_names_and_namespaces()
             time.sleep(0.2)
         assert client.node.count_subscribers("/launch_cam/image") == 1
+        assert lifecycle_state(client, "/launch_test/segmenter_node") == "active"
         assert "rviz2" not in launch.log()  # rviz:=false starts no rviz2
     finally:
         if client is not None:
@@ -241,6 +242,44 @@ def test_launch_file_runs_with_remap_namespace_and_stops_cleanly(staged: "Staged
     log = launch.log()
     assert re.search(r"\[segmenter_node-1\]: process has finished cleanly", log), log[-4000:]
     assert "Traceback" not in log
+
+
+def lifecycle_state(client, node: str) -> str:
+    from lifecycle_msgs.srv import GetState
+
+    return client.call(GetState, f"{node}/get_state", GetState.Request(), timeout=20).current_state.label
+
+
+@pytest.mark.skipif(importlib.util.find_spec("launch_ros") is None,
+                    reason="launch_ros is not installed (bash ../shared/ros-launch/install.sh .venv)")
+def test_launch_without_autostart_leaves_the_node_to_a_lifecycle_manager(staged: "StagedInstall",
+                                                                         tmp_path: Path) -> None:
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    from tdnet_ros.ros.testing import GraphClient, make_tiny_checkpoint, pick_domain_id
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny.pt")
+    domain = pick_domain_id()
+    launch = Launch(staged, {"checkpoint": str(checkpoint), "device": "cpu", "autostart": "false"}, domain,
+                    tmp_path / "launch.log")
+    client = None
+    try:
+        launch.wait_for_line("waiting for a lifecycle manager")
+        client = GraphClient("launch_lifecycle_client", domain, large_data=False)
+        assert lifecycle_state(client, "/segmenter_node") == "unconfigured"
+        for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+            request = ChangeState.Request(transition=Transition(id=transition))
+            assert client.call(ChangeState, "/segmenter_node/change_state", request, timeout=60).success
+        assert lifecycle_state(client, "/segmenter_node") == "active"
+        assert "ready:" in launch.log()
+    finally:
+        if client is not None:
+            client.close()
+        code = launch.stop()
+        launch.kill()
+    assert code == 0, launch.log()[-4000:]
+    assert "Traceback" not in launch.log()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("launch_ros") is None,

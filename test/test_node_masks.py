@@ -65,15 +65,14 @@ def test_label_image_is_mono16_above_255_classes() -> None:
     pytest.importorskip("rclpy")
     from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import Image
-    from std_msgs.msg import Header
 
-    from tdnet_ros.ros.camera import CameraStream
+    from tdnet_ros.image_encoding import encode_labels
 
     wide = np.arange(12, dtype=np.uint16).reshape(3, 4) * 40  # ids up to 440
-    message = deserialize_message(CameraStream._label_image(Header(frame_id="f"), wide), Image)
+    message = deserialize_message(encode_labels(wide, sec=0, nanosec=0, frame_id="f"), Image)
     assert (message.encoding, message.step, message.height, message.width) == ("mono16", 8, 3, 4)
     assert message.is_bigendian == 0 and message.header.frame_id == "f"
     np.testing.assert_array_equal(np.frombuffer(message.data, "<u2").reshape(3, 4), wide)
-    narrow = deserialize_message(CameraStream._label_image(Header(), (wide % 200).astype(np.uint8)), Image)
+    narrow = deserialize_message(encode_labels((wide % 200).astype(np.uint8), sec=0, nanosec=0, frame_id=""), Image)
     assert (narrow.encoding, narrow.step) == ("mono8", 4)
     np.testing.assert_array_equal(np.frombuffer(narrow.data, np.uint8).reshape(3, 4), wide % 200)

@@ -1,4 +1,4 @@
-"""Zero-copy reading of serialized sensor_msgs/Image (tdnet_ros.ros.serialized_image),
+"""Zero-copy reading of serialized sensor_msgs/Image (tdnet_ros.image_encoding),
 checked against rclpy's own serialization of the same messages."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ pytest.importorskip("rclpy")
 from rclpy.serialization import serialize_message  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
-from tdnet_ros.ros.serialized_image import SerializedImageError, parse_image  # noqa: E402
+from tdnet_ros.image_encoding import SerializedImageError, parse_image  # noqa: E402
 
 
 def image(frame_id: str, encoding: str, height: int, width: int, step: int, bigendian: int, seed: int) -> Image:
@@ -62,7 +62,7 @@ def test_truncated_and_malformed_buffers() -> None:
 def test_serialized_images_deserialize_in_rclpy(frame_id: str, encoding: str) -> None:
     from rclpy.serialization import deserialize_message
 
-    from tdnet_ros.ros.serialized_image import serialize_image
+    from tdnet_ros.image_encoding import serialize_image
 
     pixels = np.random.default_rng(3).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     raw = serialize_image(sec=-7, nanosec=999, frame_id=frame_id, height=7, width=5,

@@ -6,7 +6,7 @@ pytest.importorskip("rclpy")
 
 from rclpy.qos import ReliabilityPolicy  # noqa: E402
 
-from tdnet_ros.ros.camera import silence_message  # noqa: E402
+from tdnet_ros.stream_stats import silence_message  # noqa: E402
 from tdnet_ros.ros.node import matching_reliability  # noqa: E402
 
 RELIABLE, BEST_EFFORT = ReliabilityPolicy.RELIABLE, ReliabilityPolicy.BEST_EFFORT

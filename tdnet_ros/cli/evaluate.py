@@ -119,7 +119,7 @@ def open_segmenter(args: argparse.Namespace, command: str, device: str | None = 
     try:
         segmenter = load_segmenter(runtime, args.checkpoint or "", args.model or "")
     except LoadError as error:
-        raise ValueError(f"--{error.setting}: {error}") from None
+        raise ValueError(error.named(f"--{error.setting}")) from None
     return segmenter, Provenance.of(segmenter, args.checkpoint, args.model, command)
 
 

@@ -1,5 +1,9 @@
 """The segmentation node: camera images in; labels, colours, overlay, masks, timing out.
 
+A lifecycle node: `autostart` (default true) configures and activates it at start, so it
+just runs; with `autostart:=false` a lifecycle manager (or `ros2 lifecycle set`) drives
+configure (load the model), activate (warm up, subscribe), deactivate and cleanup.
+
 One model serves every camera; each camera is its own stream of the segmenter (its own
 feature cache). Subscription callbacks only store the newest message of their camera; a
 single worker thread takes the newest pending frame of every camera and runs them through
@@ -7,13 +11,15 @@ the model together (cameras at the same sub-network step as one batch), so frame
 arrive while the model is busy replace the waiting one and are counted as dropped, never
 queued.
 
-Run it:
+Run it (console script `segmenter_node` = tdnet_ros.ros.entry, which installs the stop
+handlers before importing this module):
     .venv/bin/segmenter_node --ros-args --params-file config/segmenter.yaml \
         -r image:=/camera/image_raw
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -26,10 +32,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import rclpy
+from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.executors import SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (
@@ -41,10 +49,18 @@ from rclpy.qos import (
 )
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
-from tdnet_ros.ros.camera import CameraStream, FrameJob, PreparedFrame, output_namespaces, reliability_name
+from tdnet_ros.image_encoding import ImageLimits, decode_image
+from tdnet_ros.masks import Renderer
+from tdnet_ros.preprocess import check_frame
+from tdnet_ros.reset_rule import ResetSettings
+from tdnet_ros.ros.camera import Camera, camera_status, output_namespaces, reliability_name
 from tdnet_ros.ros.interfaces import load_messages
+from tdnet_ros.ros.outputs import CameraOutputs, FrameJob, OutputPublishers, PreparedFrame, destroy_publishers
+from tdnet_ros.segmenter import LoadError, load_segmenter
+from tdnet_ros.stream_stats import LOST_HINT
 from tdnet_ros.ros.parameters import (
     NodeConfig,
     ParameterError,
@@ -53,7 +69,7 @@ from tdnet_ros.ros.parameters import (
     help_text,
     parameter_file_problem,
     parameter_file_warnings,
-    parse_input_size,
+    runtime_config,
     unknown_parameter_warnings,
 )
 
@@ -156,62 +172,6 @@ def load_class_table(path: str, num_classes: int) -> tuple[list[str], np.ndarray
     return names, colors.astype(np.uint8)
 
 
-def load_segmenter(config: NodeConfig, logger: Any) -> Any:
-    """Builds the core segmenter from the node's parameters.
-
-    Raises:
-        FatalError: missing/incompatible checkpoint, unknown model, unusable device.
-    """
-    import torch
-
-    from tdnet_ros import CheckpointError, ModelConfig, Segmenter
-    from tdnet_ros.segmenter import DeviceError
-
-    if config.model:
-        try:
-            ModelConfig.from_name(config.model)
-        except ValueError as error:
-            raise FatalError(f"parameter 'model': {error}") from error
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            logger.warning("parameter 'device' is auto and CUDA is not available: running on the CPU")
-    on_cuda = device.startswith("cuda")
-    backend = config.backend if config.backend != "auto" else ("cuda-graph" if on_cuda else "eager")
-    options = dict(
-        device=device,
-        precision=config.precision,
-        input_size=parse_input_size(config.input_size),
-        backend=backend,
-        # a missing engine on CUDA: CUDA graphs rather than eager launches
-        backend_options={"engine_dir": config.engine_dir or None, "fallback": "cuda-graph" if on_cuda else "eager"},
-        preprocess=config.preprocess,
-    )
-    try:
-        if config.checkpoint:
-            return Segmenter.from_checkpoint(config.checkpoint, model=config.model or None, **options)
-        if config.model:
-            raise FatalError(
-                f"parameter 'model' is '{config.model}' but 'checkpoint' is empty: set "
-                "'checkpoint' to a file of that model, or leave 'model' empty to use the "
-                "bundled default model"
-            )
-        return Segmenter.default(**options)
-    except FatalError:
-        raise
-    except DeviceError as error:
-        raise FatalError(f"parameter 'device' is '{config.device}': {error}") from error
-    except CheckpointError as error:
-        raise FatalError(f"parameter 'checkpoint': {error}") from error
-    except FileNotFoundError as error:
-        raise FatalError(f"parameter 'checkpoint': {error}") from error
-    except ValueError as error:
-        raise FatalError(f"parameter 'model'/'checkpoint': {error}") from error
-    except RuntimeError as error:
-        raise FatalError(f"parameter 'device' is '{config.device}': {error}") from error
-
-
 class RosLogHandler(logging.Handler):
     """Forwards the core's Python log records (backend fallbacks, graph captures, size
     changes) to the node's ROS logger, so that they reach /rosout and the console."""
@@ -230,11 +190,16 @@ class RosLogHandler(logging.Handler):
             self._logger.info(message)
 
 
-class SegmenterNode(Node):
-    """Runs the TDNet segmenter on one or more camera topics.
+class SegmenterNode(LifecycleNode):
+    """Runs the TDNet segmenter on one or more camera topics, as a managed (lifecycle) node.
+
+    configure: parameters -> runtime configuration, load the model, create the outputs and
+    publish the class map; activate: warm-up, then subscribe; deactivate: unsubscribe, keep
+    the model; cleanup: release the model (and its GPU memory). With `autostart` (default)
+    the node drives itself to active.
 
     Raises (from ``__init__``):
-        FatalError / ParameterError: the configuration cannot work; nothing is left running.
+        ParameterError: a parameter value cannot work; nothing is left running.
     """
 
     def __init__(self, *, node_name: str = NODE_NAME, stop_requested: Optional[threading.Event] = None,
@@ -246,126 +211,237 @@ class SegmenterNode(Node):
         for line in unknown_parameter_warnings(given) + parameter_file_warnings(sys.argv, self.get_fully_qualified_name()):
             self.get_logger().warning(line)
         self.add_pre_set_parameters_callback(_integers_to_doubles)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         core_log = logging.getLogger("tdnet_ros")
         core_log.setLevel(logging.INFO)
         core_log.propagate = False
         core_log.handlers = [RosLogHandler(self.get_logger())]
-        self._check_stop()
-        self.segmenter = load_segmenter(self.config, self.get_logger())
-        self._check_stop()
-        self.class_names = list(self.segmenter.class_names)
-        self.class_colors = np.asarray(self.segmenter.class_colors, dtype=np.uint8)
-        if self.config.class_table:
-            self.class_names, self.class_colors = load_class_table(
-                self.config.class_table, self.segmenter.num_classes
-            )
         self.msgs = load_messages()
-        self.cv_bridge = None
-        if self.config.use_cv_bridge:
-            try:
-                from cv_bridge import CvBridge
-
-                self.cv_bridge = CvBridge()
-            except ImportError:
-                pass
-        self.get_logger().info(
-            "image conversion: "
-            + ("cv_bridge" if self.cv_bridge else "tdnet_ros.image_encoding (zero-copy)")
-        )
-
+        self.segmenter: Any = None
+        self.cameras: list[Camera] = []
+        self.configure_error = ""  # why the last configure failed (autostart: the process exits 1)
+        self._warmed_up = False
+        self._batching = self.config.batch_cameras
         self._wakeup = threading.Condition()
         self._stopping = threading.Event()
-        self._batching = self.config.batch_cameras
+        self._worker: Optional[threading.Thread] = None
+        self._active_timers: list[Any] = []
+        self._own_services: list[Any] = []
+        self._diagnostics_publisher: Any = None
+        self._limits = ImageLimits(self.config.max_image_pixels, self.config.min_image_size)
+        self._convert = None  # cv_bridge's conversion where installed and wanted
 
-        output_qos = QoSProfile(
-            history=HistoryPolicy.KEEP_LAST,
-            depth=self.config.output_depth,
-            reliability=_reliability(self.config.output_reliability),
-            durability=DurabilityPolicy.VOLATILE,
-        )
-        latched_qos = QoSProfile(
-            history=HistoryPolicy.KEEP_LAST,
-            depth=1,
-            reliability=ReliabilityPolicy.RELIABLE,
-            durability=DurabilityPolicy.TRANSIENT_LOCAL,
-        )
+    # --- lifecycle transitions ------------------------------------------------------------
 
-        resolved = resolve_cameras(self, self.config.cameras)
-        namespaces = output_namespaces(resolved, self.config.output_namespace)
-        check_distinct_outputs(self.config.cameras, namespaces)
-        self._warm_up(resolved)
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except ShutdownRequested:
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+        except (FatalError, ParameterError) as error:
+            self._release()
+            self.configure_error = str(error)
+            if not self.config.autostart:
+                self.get_logger().error(f"configure failed: {error}")
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._activate()
+        except ShutdownRequested:
+            self.stop_serving()
+            return TransitionCallbackReturn.FAILURE
+        except Exception as error:  # e.g. out of GPU memory while capturing: stay inactive, say why
+            self.stop_serving()
+            self.configure_error = f"activate failed: {error!r}"
+            if not self.config.autostart:
+                self.get_logger().error(self.configure_error)
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.stop_serving()
+        self.get_logger().info("inactive: subscriptions closed, model kept")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        self.get_logger().info("unconfigured: model released")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.stop_serving()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.stop_serving()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS  # back to unconfigured
+
+    # --- configure: the model and the outputs ---------------------------------------------
+
+    def _configure(self) -> None:
+        config = self.config
+        self.configure_error = ""
         self._check_stop()
-        self.cameras: list[CameraStream] = []
+        resolved = resolve_cameras(self, config.cameras)
+        namespaces = output_namespaces(resolved, config.output_namespace)
+        check_distinct_outputs(config.cameras, namespaces)
+        try:
+            self.segmenter = load_segmenter(runtime_config(config), config.checkpoint, config.model)
+        except LoadError as error:
+            raise FatalError(error.named(f"parameter '{error.setting}'")) from None
+        self._check_stop()
+        names = list(self.segmenter.class_names)
+        colors = np.asarray(self.segmenter.class_colors, dtype=np.uint8)
+        if config.class_table:
+            names, colors = load_class_table(config.class_table, self.segmenter.num_classes)
+        self._convert = self._cv_bridge_conversion() if config.use_cv_bridge else None
+        self.get_logger().info(
+            "image conversion: " + ("cv_bridge" if self._convert else "tdnet_ros.image_encoding (zero-copy)"))
+        output_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=config.output_depth,
+                                reliability=_reliability(config.output_reliability),
+                                durability=DurabilityPolicy.VOLATILE)
+        latched_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self._batching = config.batch_cameras
+        self._warmed_up = False
+        self.cameras = []
         for topic, namespace in zip(resolved, namespaces):
-            camera = CameraStream(topic=topic, output_namespace=namespace, node=self)
-            compressed = topic.endswith("/compressed")
+            camera = Camera(topic, namespace)
+            publishers = OutputPublishers.create(self.create_publisher, namespace, self.msgs, output_qos, latched_qos)
+            camera.outputs = CameraOutputs(publishers, self.msgs, Renderer(colors, config.overlay_alpha), names,
+                                           camera.stats)
+            camera.outputs.publish_class_map(self.get_clock().now().to_msg(), model=self.segmenter.config.name,
+                                             checkpoint=str(self.segmenter.checkpoint or ""))
+            camera.reset_service = self.create_service(
+                Trigger, f"{namespace}/reset", lambda request, response, c=camera: self._on_reset(response, [c]))
+            self.cameras.append(camera)
+        self._own_services.append(self.create_service(
+            Trigger, "~/reset", lambda request, response: self._on_reset(response, self.cameras)))
+        self._diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._apply_settings()
+        self.get_logger().info(
+            f"configured: {self.segmenter.num_classes} classes on {self.segmenter.device} "
+            f"({self.segmenter.precision}, backend {self.segmenter.backend}), {len(self.cameras)} camera(s)")
+
+    def _cv_bridge_conversion(self) -> Optional[Callable[[Any], np.ndarray]]:
+        try:
+            from cv_bridge import CvBridge
+        except ImportError:
+            return None
+        bridge = CvBridge()
+        return lambda msg: bridge.imgmsg_to_cv2(msg, desired_encoding="rgb8")
+
+    def _release(self) -> None:
+        """Everything configure made: outputs, services, the model and its GPU memory."""
+        for camera in self.cameras:
+            if camera.outputs is not None:
+                destroy_publishers(camera.outputs.publishers, self.destroy_publisher)
+            if camera.reset_service is not None:
+                self.destroy_service(camera.reset_service)
+        for service in self._own_services:
+            self.destroy_service(service)
+        if self._diagnostics_publisher is not None:
+            self.destroy_publisher(self._diagnostics_publisher)
+        self._own_services, self._diagnostics_publisher, self.cameras = [], None, []
+        if self.segmenter is not None:
+            on_cuda = self.segmenter.device.type == "cuda"
+            self.segmenter = None
+            gc.collect()
+            if on_cuda:
+                import torch
+
+                torch.cuda.empty_cache()
+
+    # --- activate: warm-up, subscriptions, worker -------------------------------------------
+
+    def _activate(self) -> None:
+        if not self._warmed_up:
+            self._warm_up([camera.topic for camera in self.cameras])
+            self._warmed_up = True
+        self._check_stop()
+        self._stopping.clear()
+        for camera in self.cameras:
+            camera.slot.clear()
             reliability = self.config.qos_reliability
             if reliability == "auto":
-                reliability = matching_reliability(self._publisher_reliabilities(topic))
+                reliability = matching_reliability(self._publisher_reliabilities(camera.topic))
             self._subscribe(camera, reliability)
-            camera.create_outputs(output_qos, latched_qos)
-            camera.reset_service = self.create_service(
-                Trigger,
-                f"{namespace}/reset",
-                lambda request, response, c=camera: self._on_reset(response, [c]),
-            )
-            camera.publish_class_table(
-                self.msgs,
-                self.class_names,
-                self.class_colors,
-                model=self.segmenter.config.name,
-                checkpoint=str(self.segmenter.checkpoint or ""),
-            )
-            self.cameras.append(camera)
             following = " following its publishers" if self.config.qos_reliability == "auto" else ""
             self.get_logger().info(
-                f"camera '{topic}' ({'CompressedImage' if compressed else 'Image'}, "
-                f"{reliability}{following}) -> {namespace}/"
-                "{labels,color,overlay,masks,timing,class_table}"
-            )
-        self.reset_all_service = self.create_service(
-            Trigger, "~/reset", lambda request, response: self._on_reset(response, self.cameras)
-        )
-        self.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.diagnostics_timer = self.create_timer(1.0, self._publish_diagnostics)
+                f"camera '{camera.topic}' ({'CompressedImage' if camera.compressed else 'Image'}, "
+                f"{reliability}{following}) -> {camera.output_namespace}/"
+                "{labels,color,overlay,masks,timing,class_table,label_info}")
+        self._active_timers.append(self.create_timer(1.0, self._publish_diagnostics))
         if self.config.qos_reliability == "auto":
-            self.follow_timer = self.create_timer(FOLLOW_PUBLISHERS_PERIOD_S, self._follow_publishers)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-
+            self._active_timers.append(self.create_timer(FOLLOW_PUBLISHERS_PERIOD_S, self._follow_publishers))
         self._worker = threading.Thread(target=self._work, name="segmenter-worker", daemon=True)
         self._worker.start()
         self.get_logger().info(
             f"ready: segmenting with {self.segmenter.num_classes} classes on {self.segmenter.device} "
             f"({self.segmenter.precision}, backend {self.segmenter.backend}, preprocess "
             f"{self.segmenter.preprocess}, input {self._input_size_text()}, DDS transports "
-            f"{os.environ.get('FASTDDS_BUILTIN_TRANSPORTS') or 'middleware default'})"
-        )
+            f"{os.environ.get('FASTDDS_BUILTIN_TRANSPORTS') or 'middleware default'})")
+
+    def stop_serving(self, timeout: float = 1.0) -> bool:
+        """Closes the subscriptions and timers and stops the worker; True when it ended in time."""
+        for camera in self.cameras:
+            if camera.subscription is not None:
+                self.destroy_subscription(camera.subscription)
+                camera.subscription = None
+        for timer in self._active_timers:
+            self.destroy_timer(timer)
+        self._active_timers = []
+        return self.stop(timeout)
+
+    def _check_stop(self) -> None:
+        """Start-up is abandoned between its steps once a stop is requested."""
+        if self._stop_requested.is_set():
+            raise ShutdownRequested()
+
+    def _warm_up(self, topics: list[str]) -> None:
+        """Captures/compiles/loads every step for every camera (and for all cameras as one
+        batch) before any subscription exists, so that no frame waits for it."""
+        if self.segmenter.input_size == "frame":
+            self.get_logger().info("input_size is frame: each camera's steps are prepared at its first frame")
+            return
+        started = time.monotonic()
+        self.segmenter.warm_up(streams=tuple(topics), batched=self._batching, should_stop=self._stop_requested.is_set)
+        self._check_stop()
+        self.get_logger().info(
+            f"warm-up ({self.segmenter.backend}, {len(topics)} camera(s)) took {time.monotonic() - started:.2f} s")
+
+    def _input_size_text(self) -> str:
+        size = self.segmenter.input_size or self.segmenter.config.input_size
+        return size if isinstance(size, str) else f"{size[0]}x{size[1]}"
 
     def _publisher_reliabilities(self, topic: str) -> list[Any]:
         return [info.qos_profile.reliability for info in self.get_publishers_info_by_topic(topic)]
 
-    def _subscribe(self, camera: CameraStream, reliability: str) -> None:
+    def _subscribe(self, camera: Camera, reliability: str) -> None:
         """(Re)creates the camera's input subscription with ``reliability``."""
         if camera.subscription is not None:
             self.destroy_subscription(camera.subscription)
             camera.subscription = None
-        compressed = camera.topic.endswith("/compressed")
         qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST,
             depth=self.config.qos_depth,
             reliability=_reliability(reliability),
-            # volatile matches volatile and transient-local publishers alike
-            durability=DurabilityPolicy.VOLATILE,
+            durability=DurabilityPolicy.VOLATILE,  # matches volatile and transient-local publishers alike
         )
         events = SubscriptionEventCallbacks(
             incompatible_qos=lambda info, c=camera: self._on_incompatible_qos(c, info),
-            message_lost=lambda info, c=camera: c.count_lost(info.total_count_change),
+            message_lost=lambda info, c=camera: self._on_lost(c, info.total_count_change),
         )
-        message_type = CompressedImage if compressed else Image
+        message_type = CompressedImage if camera.compressed else Image
         callback = lambda msg, c=camera: self._on_image(c, msg)  # noqa: E731
         # Raw images arrive serialized and are read without copying their pixels
         # (rclpy's deserialization copies them twice: most of the node's overhead).
-        options = dict(event_callbacks=events, raw=not compressed and self.cv_bridge is None)
+        options = dict(event_callbacks=events, raw=not camera.compressed and self._convert is None)
         try:
             camera.subscription = self.create_subscription(message_type, camera.topic, callback, qos, **options)
         except UnsupportedEventTypeError:  # an RMW without message-lost events
@@ -383,48 +459,28 @@ class SegmenterNode(Node):
             publishers = self._publisher_reliabilities(camera.topic)
             camera.publisher_reliabilities = publishers
             wanted = matching_reliability(publishers)
-            if not publishers or wanted == camera.reliability:
+            if not publishers or wanted == camera.reliability or camera.subscription is None:
                 continue  # no publisher left: keep what matched the last one
             kinds = sorted({reliability_name(r) for r in publishers})
             self.get_logger().info(
                 f"topic '{camera.topic}': {len(publishers)} publisher(s) ({', '.join(kinds)}): "
-                f"subscribing {wanted} instead of {camera.reliability}"
-            )
+                f"subscribing {wanted} instead of {camera.reliability}")
             camera.incompatible_policy = ""
             self._subscribe(camera, wanted)
 
-    def _check_stop(self) -> None:
-        """Start-up is abandoned between its steps once a stop is requested."""
-        if self._stop_requested.is_set():
-            self.destroy_node()
-            raise ShutdownRequested()
-
-    def _warm_up(self, topics: list[str]) -> None:
-        """Captures/compiles/loads every step for every camera (and for all cameras as one
-        batch) before any subscription exists, so that no frame waits for it."""
-        if self.segmenter.input_size == "frame":
-            self.get_logger().info("input_size is frame: each camera's steps are prepared at its first frame")
-            return
-        started = time.monotonic()
-        self.segmenter.warm_up(streams=tuple(topics), batched=self._batching,
-                               should_stop=self._stop_requested.is_set)
-        self._check_stop()
-        self.get_logger().info(
-            f"warm-up ({self.segmenter.backend}, {len(topics)} camera(s)) took {time.monotonic() - started:.2f} s"
-        )
-
-    def _input_size_text(self) -> str:
-        size = self.segmenter.input_size or self.segmenter.config.input_size
-        return size if isinstance(size, str) else f"{size[0]}x{size[1]}"
-
     # --- callbacks (executor thread): never wait on the model ---------------------------
 
-    def _on_image(self, camera: CameraStream, msg: Any) -> None:
+    def _on_image(self, camera: Camera, msg: Any) -> None:
         camera.offer(FrameJob(msg=msg, received_ns=time.monotonic_ns(), wall_received_ns=time.time_ns()))
         with self._wakeup:
             self._wakeup.notify()
 
-    def _on_incompatible_qos(self, camera: CameraStream, info: Any) -> None:
+    def _on_lost(self, camera: Camera, count: int) -> None:
+        """Messages the middleware reports lost in transport (best effort)."""
+        total = camera.stats.count("frames_lost_in_transport", int(count))
+        self._report(camera, "lost", f"{count} message(s) lost in transport (total {total}): {LOST_HINT}")
+
+    def _on_incompatible_qos(self, camera: Camera, info: Any) -> None:
         policy = qos_policy_name_from_kind(info.last_policy_kind)
         camera.incompatible_policy = policy
         if self.config.qos_reliability == "auto":
@@ -433,12 +489,11 @@ class SegmenterNode(Node):
             f"topic '{camera.topic}': a publisher with incompatible QoS was found (policy "
             f"{policy}); it cannot deliver images to this node, which "
             f"subscribes {self.config.qos_reliability} with depth {self.config.qos_depth}. "
-            "Match the publisher, e.g. set parameter qos_reliability to auto or best_effort."
-        )
+            "Match the publisher, e.g. set parameter qos_reliability to auto or best_effort.")
 
-    def _on_reset(self, response: Any, cameras: list[CameraStream]) -> Any:
+    def _on_reset(self, response: Any, cameras: list[Camera]) -> Any:
         for camera in cameras:
-            camera.request_reset()
+            camera.reset_rule.request()
         response.success = True
         response.message = "cache reset requested for " + ", ".join(c.topic for c in cameras)
         return response
@@ -447,36 +502,83 @@ class SegmenterNode(Node):
         reason = apply_parameters(self.config, parameters)
         if reason:
             self.get_logger().warning(f"parameter change refused: {reason}")
+        else:
+            self._apply_settings()
         return SetParametersResult(successful=reason is None, reason=reason or "")
 
+    def _apply_settings(self) -> None:
+        """The run-time-changeable parameters, handed to the parts that use them."""
+        config = self.config
+        settings = ResetSettings(period_factor=config.reset_period_factor, min_jump_s=config.reset_time_jump_s,
+                                 max_jump_s=max(config.reset_time_jump_max_s, config.reset_time_jump_s))
+        for camera in self.cameras:
+            camera.reset_rule.settings = settings
+            if camera.outputs is not None:
+                camera.outputs.renderer.overlay_alpha = config.overlay_alpha
+
     def _publish_diagnostics(self) -> None:
+        if self.segmenter is None or self._diagnostics_publisher is None:
+            return
         message = DiagnosticArray()
         message.header.stamp = self.get_clock().now().to_msg()
-        message.status = [camera.diagnostic_status(self.segmenter) for camera in self.cameras]
-        self.diagnostics_publisher.publish(message)
+        transports = os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "")
+        message.status = [
+            camera_status(camera, node_name=self.get_name(), segmenter=self.segmenter, config=self.config,
+                          publishers=self.get_publishers_info_by_topic(camera.topic), transports=transports)
+            for camera in self.cameras
+        ]
+        self._diagnostics_publisher.publish(message)
+
+    def _report(self, camera: Camera, kind: str, problem: str, counter: Optional[str] = None) -> None:
+        """Counts a problem and logs it, at most once per error_log_period_s per kind."""
+        text = camera.stats.problem(kind, problem, self.config.error_log_period_s, counter)
+        if text is not None:
+            self.get_logger().error(f"topic '{camera.topic}': {text}")
 
     # --- the worker thread ---------------------------------------------------------------
-
-    def _take_pending(self) -> list[tuple[CameraStream, FrameJob]]:
-        """Every camera's pending frame, in the cameras' order (the order batches keep)."""
-        taken = [(camera, camera.take()) for camera in self.cameras]
-        return [(camera, job) for camera, job in taken if job is not None]
 
     def _work(self) -> None:
         while not self._stopping.is_set():
             with self._wakeup:
-                pending = self._take_pending()
+                pending = [(camera, job) for camera in self.cameras if (job := camera.slot.take()) is not None]
                 if not pending:
                     self._wakeup.wait(timeout=0.1)
                     continue
             self._process(pending)
 
-    def _process(self, pending: list[tuple[CameraStream, FrameJob]]) -> None:
+    def _prepare(self, camera: Camera, job: FrameJob) -> Optional[PreparedFrame]:
+        """Decodes a frame and applies a due cache reset. None, after counting it, for bad
+        input and when nobody subscribes to any output."""
+        start_ns = time.monotonic_ns()
+        try:
+            decoded = decode_image(job.msg, self._limits, self._convert)
+            check_frame(decoded.rgb)  # what the segmenter will demand: refused here, alone
+        except ValueError as error:  # ImageEncodingError, SerializedImageError
+            # Throttled per kind of problem: the message up to its first number or quoted
+            # string (those come from the sender: keying by them would let it flood the log).
+            kind = "input:" + re.match(r"[^0-9'\"]{0,40}", str(error)).group(0)
+            self._report(camera, kind, str(error), counter="frames_invalid")
+            return None
+        decoded_ns = time.monotonic_ns()
+        wanted = camera.outputs.publishers.subscribed()
+        if not any(wanted.values()):
+            camera.stats.count("frames_skipped_no_subscribers")
+            return None
+        stamp_ns = decoded.sec * 1_000_000_000 + decoded.nanosec
+        reason = camera.reset_rule.check(stamp_ns, decoded.rgb.shape[:2], decoded.frame_id)
+        if reason:
+            self.segmenter.reset(stream=camera.topic)
+            camera.stats.count("cache_resets")
+            self.get_logger().info(f"topic '{camera.topic}': feature cache reset ({reason})")
+        header = Header(stamp=Time(sec=decoded.sec, nanosec=decoded.nanosec), frame_id=decoded.frame_id)
+        return PreparedFrame(job, decoded.rgb, header, stamp_ns, wanted, start_ns, decoded_ns)
+
+    def _process(self, pending: list[tuple[Camera, FrameJob]]) -> None:
         """Segments the pending frames, all cameras in one segmenter call when batching,
         and publishes each camera's outputs. No camera's failure stops another's output."""
         prepared = []
         for camera, job in pending:
-            frame = self._guarded(camera, camera.prepare, job, self.segmenter)
+            frame = self._guarded(camera, self._prepare, camera, job)
             if frame is not None:
                 prepared.append((camera, frame))
         if self._batching and len(prepared) > 1:
@@ -488,41 +590,33 @@ class SegmenterNode(Node):
                     return
                 self._batching = False
                 self.get_logger().error(
-                    f"a batch of {len(prepared)} cameras failed ({error!r}): cameras run one by one from now on"
-                )
+                    f"a batch of {len(prepared)} cameras failed ({error!r}): cameras run one by one from now on")
         for item in prepared:
             self._guarded(item[0], self._segment_and_publish, [item])
 
-    def _segment_and_publish(self, prepared: list[tuple[CameraStream, PreparedFrame]]) -> None:
+    def _segment_and_publish(self, prepared: list[tuple[Camera, PreparedFrame]]) -> None:
         results = self.segmenter.segment_batch({camera.topic: frame.rgb for camera, frame in prepared})
         segmented_ns = time.monotonic_ns()
         for camera, frame in prepared:
-            if not results[camera.topic].finite:
+            result = results[camera.topic]
+            if not result.finite:
                 # Poisoned weights or activations: never publish such labels as a valid
                 # segmentation; start the stream afresh so the cache does not carry it on.
                 self.segmenter.reset(stream=camera.topic)
-                camera.report_error("non-finite", "the model's output for a frame holds NaN or infinity: "
-                                    "no labels published for it, feature cache reset", count=False)
-                camera.count_non_finite()
+                camera.stats.count("frames_non_finite_output")
+                self._report(camera, "non-finite", "the model's output for a frame holds NaN or infinity: "
+                             "no labels published for it, feature cache reset")
                 continue
-            self._guarded(
-                camera,
-                camera.publish,
-                frame,
-                results[camera.topic],
-                segmented_ns,
-                self.class_names,
-                self.class_colors,
-                self.msgs,
-            )
+            self._guarded(camera, camera.outputs.publish, frame, result, segmented_ns,
+                          camera.stats.counter("frames_dropped"), camera.stats.counter("cache_resets"))
 
-    def _guarded(self, camera: CameraStream, work: Callable[..., Any], *args: Any) -> Any:
+    def _guarded(self, camera: Camera, work: Callable[..., Any], *args: Any) -> Any:
         """work(*args) for one camera; an unexpected error is counted and logged for that camera only."""
         try:
             return work(*args)
         except Exception as error:  # keep serving the other cameras whatever happens
             if not self._stopping.is_set():
-                camera.report_error("processing", f"unexpected error: {error!r}")
+                self._report(camera, "processing", f"unexpected error: {error!r}", counter="processing_errors")
             return None
 
     def stop(self, timeout: float = 1.0) -> bool:
@@ -530,19 +624,15 @@ class SegmenterNode(Node):
         self._stopping.set()
         with self._wakeup:
             self._wakeup.notify_all()
-        self._worker.join(timeout)
-        return not self._worker.is_alive()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.join(timeout)
+            return not worker.is_alive()
+        return True
 
 
 class ShutdownRequested(Exception):
     """SIGINT/SIGTERM arrived while the node was starting: it stops without serving."""
-
-
-def main(args: Optional[list[str]] = None) -> int:
-    """`python -m tdnet_ros.ros.node`: the same as the `segmenter_node` console script."""
-    from tdnet_ros.ros.entry import main as entry_main
-
-    return entry_main(args)
 
 
 def run(args: Optional[list[str]], stop_requested: threading.Event) -> int:
@@ -574,13 +664,21 @@ def run(args: Optional[list[str]], stop_requested: threading.Event) -> int:
     logger = rclpy.logging.get_logger(NODE_NAME)
     try:
         node = SegmenterNode(stop_requested=stop_requested)
-    except ShutdownRequested:
-        rclpy.try_shutdown()
-        return 0
-    except (FatalError, ParameterError) as error:
+    except ParameterError as error:
         logger.error(f"cannot start: {error}")
         rclpy.try_shutdown()
         return 1
+    if node.config.autostart:
+        started = node.trigger_configure() == TransitionCallbackReturn.SUCCESS and (
+            node.trigger_activate() == TransitionCallbackReturn.SUCCESS)
+        if not started:
+            if node.configure_error and not stop_requested.is_set():
+                logger.error(f"cannot start: {node.configure_error}")
+            node.destroy_node()
+            rclpy.try_shutdown()
+            return 0 if stop_requested.is_set() else 1
+    else:
+        node.get_logger().info("autostart is false: unconfigured, waiting for a lifecycle manager")
 
     if os.environ.get("FASTDDS_BUILTIN_TRANSPORTS") and any(
             os.environ.get(name, "").upper() in ("LOCALHOST", "1")
@@ -601,7 +699,7 @@ def run(args: Optional[list[str]], stop_requested: threading.Event) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        clean = node.stop(timeout=0.5)
+        clean = node.stop_serving(timeout=0.5)
         executor.shutdown(timeout_sec=0.2)
         node.destroy_node()
         rclpy.try_shutdown()
@@ -612,7 +710,3 @@ def run(args: Optional[list[str]], stop_requested: threading.Event) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

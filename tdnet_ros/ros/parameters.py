@@ -19,6 +19,9 @@ from rcl_interfaces.msg import (
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from tdnet_ros import runtime
+from tdnet_ros.runtime import RuntimeConfig
+
 
 @dataclass
 class NodeConfig:
@@ -50,6 +53,16 @@ class NodeConfig:
     expected_rate_hz: float = 0.0  # diagnostics WARN below this output rate (0: off)
     input_timeout_s: float = 2.0  # diagnostics ERROR after this long without input
     error_log_period_s: float = 5.0  # throttle of bad-input errors per camera and kind
+    autostart: bool = True  # configure and activate at start (false: a lifecycle manager does)
+
+
+def runtime_config(config: NodeConfig) -> RuntimeConfig:
+    """The core's runtime configuration of the node's (validated) parameters."""
+    return RuntimeConfig(
+        device=config.device, precision=config.precision, backend=config.backend,
+        preprocess=config.preprocess, input_size=runtime.parse_input_size(config.input_size),
+        engine_dir=config.engine_dir, batch_cameras=config.batch_cameras,
+    )
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,7 @@ _SPECS: dict[str, _Spec] = {
     "precision": _Spec(
         "Numeric precision of the model: float32, float16 (CUDA) or bfloat16.",
         read_only=True,
-        choices=("float32", "float16", "bfloat16"),
+        choices=runtime.PRECISIONS,
     ),
     "backend": _Spec(
         "How each sub-network step runs: auto (cuda-graph on CUDA, eager on the CPU), eager, "
@@ -85,7 +98,7 @@ _SPECS: dict[str, _Spec] = {
         "(onnxruntime) or tensorrt (torch-tensorrt); onnx and tensorrt load prebuilt files from "
         "engine_dir. One that cannot run falls back with one log line.",
         read_only=True,
-        choices=("auto", "eager", "compile", "cuda-graph", "onnx", "tensorrt"),
+        choices=(runtime.AUTO, *runtime.BACKENDS),
     ),
     "engine_dir": _Spec(
         "Folder of prebuilt ONNX files / TensorRT engines (built by tdnet-build-engines for this "
@@ -96,7 +109,7 @@ _SPECS: dict[str, _Spec] = {
         "Where frames are resized and normalized: auto (device on CUDA, cv2 on the CPU), cv2 "
         "(on the host, as the published pipeline) or device (uint8 uploaded once, resized on the GPU).",
         read_only=True,
-        choices=("auto", "cv2", "device"),
+        choices=(runtime.AUTO, *runtime.PREPROCESS),
     ),
     "input_size": _Spec(
         "Size frames are resized to for the network: empty = the model's training size, "
@@ -187,12 +200,14 @@ _SPECS: dict[str, _Spec] = {
         "Bad-input errors are logged at most once per period, per camera and kind of error.",
         float_range=(0.0, 3600.0),
     ),
+    "autostart": _Spec(
+        "Configure and activate the lifecycle node by itself at start (true), or wait in "
+        "'unconfigured' for a lifecycle manager (false: ros2 lifecycle set ... configure/activate).",
+        read_only=True,
+    ),
 }
 
-#: Range of each side of input_size (the model configuration's own limits).
-MIN_INPUT_SIDE, MAX_INPUT_SIDE = 16, 8192
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_SIZE_PATTERN = re.compile(r"^([1-9]\d*)x([1-9]\d*)$")
 _TOPIC_PATTERN = re.compile(r"^[~/]?[A-Za-z_{][A-Za-z0-9_/{}~]*$")
 
 
@@ -235,13 +250,11 @@ def check_value(name: str, value: Any) -> Optional[str]:
         return f"parameter '{name}': {value} is outside [{low}, {high}]"
     if name == "device" and not _DEVICE_PATTERN.match(value):
         return f"parameter 'device': '{value}' is not auto, cpu, cuda or cuda:N"
-    if name == "input_size" and value not in ("", "frame"):
-        match = _SIZE_PATTERN.match(value)
-        if not match:
-            return f"parameter 'input_size': '{value}' is not empty, HEIGHTxWIDTH (e.g. 544x960) or frame"
-        if not all(MIN_INPUT_SIDE <= int(side) <= MAX_INPUT_SIDE for side in match.groups()):
-            return (f"parameter 'input_size': '{value}': each side must be within "
-                    f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE} pixels")
+    if name == "input_size":
+        try:
+            runtime.parse_input_size(value)
+        except ValueError as error:
+            return f"parameter 'input_size': {error}"
     if name == "cameras":
         if not value:
             return "parameter 'cameras': needs at least one topic"
@@ -254,14 +267,6 @@ def check_value(name: str, value: Any) -> Optional[str]:
             not value or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$", value)):
         return f"parameter 'output_namespace': '{value}' is not a valid relative namespace"
     return None
-
-
-def parse_input_size(value: str) -> tuple[int, int] | str | None:
-    """The segmenter's `input_size` for a valid parameter value: None, (height, width) or "frame"."""
-    if value in ("", "frame"):
-        return value or None
-    height, width = _SIZE_PATTERN.match(value).groups()
-    return int(height), int(width)
 
 
 class ParameterError(ValueError):
