@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..data import generate_sequence, write_rosbag
 from ..data.writers import IMAGE_TOPIC, LABEL_TOPIC
-from ..segmenter import DEFAULT_MODEL_PATH
+from ..runtime import RuntimeConfig
+from ..segmenter import DEFAULT_MODEL_PATH, LoadError, load_segmenter
 from . import evaluate as evaluation_cli
 
 # Held out: the default model's training and validation seeds never include it.
@@ -54,16 +55,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def check_model(checkpoint: str, device: str) -> None:
-    """Fails before anything is rendered when the node could not load the model.
+    """Fails before anything is rendered when the node could not load the model: the
+    node's own loading (`load_segmenter`), with the node's runtime configuration.
 
     Raises:
-        ValueError: unusable device (DeviceError) or checkpoint (CheckpointError), named.
+        LoadError: unusable device or checkpoint; `setting` names which.
     """
-    from ..checkpoint import load_model
-    from ..runtime import resolve_device
-
-    resolve_device(device)
-    load_model(checkpoint or DEFAULT_MODEL_PATH)
+    load_segmenter(RuntimeConfig(device=device), checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_model(args.checkpoint, args.device)
-    except ValueError as error:
-        option = "--device" if type(error).__name__ == "DeviceError" else "--checkpoint"
-        print(f"tdnet-demo: error: {option}: {error}", file=sys.stderr)
+    except LoadError as error:
+        print(f"tdnet-demo: error: {error.named('--' + error.setting)}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # DeviceError: not a device name at all
+        print(f"tdnet-demo: error: --device: {error}", file=sys.stderr)
         return 2
     out = args.out or Path("outputs") / time.strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
