@@ -169,6 +169,8 @@ class Launch:
 
     def __init__(self, staged: "StagedInstall", arguments: dict[str, str], domain: int, log: Path) -> None:
         self.log_path = log
+        self.domain = domain
+        self.client = None
         env = staged.environment()
         env.pop("FASTDDS_BUILTIN_TRANSPORTS", None)
         env.update(ROS_DOMAIN_ID=str(domain), PYTHONUNBUFFERED="1", RCUTILS_COLORIZED_OUTPUT="0")
@@ -186,18 +188,26 @@ class Launch:
             assert self.process.poll() is None and time.monotonic() < deadline, self.log()[-4000:]
             time.sleep(0.2)
 
-    def stop(self) -> int | None:
+    def connect(self, name: str, large_data: bool):
+        """A DDS participant in the launch's domain (closed by `close`)."""
+        from tdnet_ros.ros.testing import GraphClient
+
+        self.client = GraphClient(name, self.domain, large_data=large_data)
+        return self.client
+
+    def close(self) -> int | None:
+        """Closes the client, stops the launch with SIGINT; its exit code (None: it hung)."""
+        if self.client is not None:
+            self.client.close()
         self.process.send_signal(signal.SIGINT)
         try:
-            return self.process.wait(20)
+            code = self.process.wait(20)
         except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
+            code = None
             self.process.kill()
             self.process.wait(5)
         self._log.close()
+        return code
 
 
 def _wait_topics(client, topics: set[str], timeout: float = 30.0) -> dict:
@@ -212,18 +222,17 @@ def _wait_topics(client, topics: set[str], timeout: float = 30.0) -> dict:
 @pytest.mark.skipif(importlib.util.find_spec("launch_ros") is None,
                     reason="launch_ros is not installed (bash ../shared/ros-launch/install.sh .venv)")
 def test_launch_file_runs_with_remap_namespace_and_stops_cleanly(staged: "StagedInstall", tmp_path: Path) -> None:
-    from tdnet_ros.ros.testing import GraphClient, make_tiny_checkpoint, pick_domain_id
+    from tdnet_ros.ros.testing import make_tiny_checkpoint, pick_domain_id
 
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny.pt")
     domain = pick_domain_id()
     launch = Launch(staged, {"camera": "/launch_cam/image", "checkpoint": str(checkpoint), "device": "cpu",
                              "namespace": "launch_test", "rviz": "false"}, domain, tmp_path / "launch.log")
-    client = None
     try:
         launch.wait_for_line("ready:")
         assert "DDS transports middleware default" in launch.log()  # nothing set behind the user's back
         # A default-configured participant sees the node, its remapped input and its outputs.
-        client = GraphClient("launch_test_client", domain, large_data=False)
+        client = launch.connect("launch_test_client", large_data=False)
         topics = _wait_topics(client, {"/launch_cam/image", "/launch_cam/segmentation/labels"})
         assert "/launch_cam/image" in topics and "/launch_cam/segmentation/labels" in topics, sorted(topics)
         deadline = time.monotonic() + 30
@@ -234,10 +243,7 @@ def test_launch_file_runs_with_remap_namespace_and_stops_cleanly(staged: "Staged
         assert lifecycle_state(client, "/launch_test/segmenter_node") == "active"
         assert "rviz2" not in launch.log()  # rviz:=false starts no rviz2
     finally:
-        if client is not None:
-            client.close()
-        code = launch.stop()
-        launch.kill()
+        code = launch.close()
     assert code == 0, launch.log()[-4000:]
     log = launch.log()
     assert re.search(r"\[segmenter_node-1\]: process has finished cleanly", log), log[-4000:]
@@ -257,16 +263,15 @@ def test_launch_without_autostart_leaves_the_node_to_a_lifecycle_manager(staged:
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState
 
-    from tdnet_ros.ros.testing import GraphClient, make_tiny_checkpoint, pick_domain_id
+    from tdnet_ros.ros.testing import make_tiny_checkpoint, pick_domain_id
 
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny.pt")
     domain = pick_domain_id()
     launch = Launch(staged, {"checkpoint": str(checkpoint), "device": "cpu", "autostart": "false"}, domain,
                     tmp_path / "launch.log")
-    client = None
     try:
         launch.wait_for_line("waiting for a lifecycle manager")
-        client = GraphClient("launch_lifecycle_client", domain, large_data=False)
+        client = launch.connect("launch_lifecycle_client", large_data=False)
         assert lifecycle_state(client, "/segmenter_node") == "unconfigured"
         for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
             request = ChangeState.Request(transition=Transition(id=transition))
@@ -274,10 +279,7 @@ def test_launch_without_autostart_leaves_the_node_to_a_lifecycle_manager(staged:
         assert lifecycle_state(client, "/segmenter_node") == "active"
         assert "ready:" in launch.log()
     finally:
-        if client is not None:
-            client.close()
-        code = launch.stop()
-        launch.kill()
+        code = launch.close()
     assert code == 0, launch.log()[-4000:]
     assert "Traceback" not in launch.log()
 
@@ -289,7 +291,7 @@ def test_launch_keeps_the_parameter_files_values_unless_arguments_are_given(
     from rclpy.qos import DurabilityPolicy, QoSProfile
 
     from tdnet_ros.ros.interfaces import load_messages
-    from tdnet_ros.ros.testing import GraphClient, make_tiny_checkpoint, pick_domain_id
+    from tdnet_ros.ros.testing import make_tiny_checkpoint, pick_domain_id
 
     checkpoint = make_tiny_checkpoint(tmp_path / "mine.pt", seed=3)
     user_file = tmp_path / "my_robot.yaml"
@@ -297,11 +299,10 @@ def test_launch_keeps_the_parameter_files_values_unless_arguments_are_given(
         "checkpoint": str(checkpoint), "device": "cpu", "cameras": ["/yaml_a/image", "/yaml_b/image"]}}}))
     domain = pick_domain_id()
     launch = Launch(staged, {"params_file": str(user_file), "large_data": "true"}, domain, tmp_path / "launch.log")
-    client = None
     try:
         launch.wait_for_line("ready:")
         assert "DDS transports LARGE_DATA" in launch.log()  # large_data:=true reached the node
-        client = GraphClient("launch_yaml_client", domain, large_data=True)
+        client = launch.connect("launch_yaml_client", large_data=True)
         wanted = {"/yaml_a/segmentation/labels", "/yaml_b/segmentation/labels"}
         topics = _wait_topics(client, wanted)
         assert wanted <= set(topics), sorted(topics)
@@ -311,10 +312,7 @@ def test_launch_keeps_the_parameter_files_values_unless_arguments_are_given(
         message = table.wait_for(lambda m: True, 30)
         assert message is not None and message.checkpoint == str(checkpoint)  # the file's, not the bundled model
     finally:
-        if client is not None:
-            client.close()
-        code = launch.stop()
-        launch.kill()
+        code = launch.close()
     assert code == 0, launch.log()[-4000:]
 
 

@@ -196,8 +196,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     segmenter, provenance = open_segmenter(args, command, device="cpu" if args.live else None)
     if args.live:
         # The node runs the model; this process only read its classes.
-        provenance = dataclasses.replace(provenance, device=args.device,
-                                         precision=args.precision)
+        provenance = dataclasses.replace(provenance, device=args.device, precision=args.precision,
+                                         backend=args.backend)
         results = run_live_mode(args, segmenter, provenance, out_dir)
     else:
         settings = OfflineSettings(
@@ -251,8 +251,8 @@ def run_live_mode(args: argparse.Namespace, segmenter: Any, provenance: Provenan
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = LiveSettings(
         image_topic=args.image_topic, label_topic=args.label_topic, rate=args.rate,
-        checkpoint=args.checkpoint or "", model=args.model or "", device=args.device,
-        precision=args.precision, startup_timeout_s=args.startup_timeout,
+        checkpoint=args.checkpoint or "", model=args.model or "", runtime=runtime_from_arguments(args),
+        startup_timeout_s=args.startup_timeout,
         max_frames=args.max_frames, log_path=out_dir / "node.log",
         label_tolerance_ms=args.label_tolerance_ms, warmup_frames=args.live_warmup,
         flow_max_side=args.flow_max_side or None,

@@ -43,6 +43,7 @@ from tdnet_ros.evaluation.bag import (
 from tdnet_ros.evaluation.output_bag import prediction_topic
 from tdnet_ros.evaluation.recorder import EvaluationRecorder, latency_summary
 from tdnet_ros.evaluation.video import EvaluationVideoWriter, video_caption
+from tdnet_ros.runtime import RuntimeConfig, input_size_text
 
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 
@@ -61,8 +62,8 @@ class LiveSettings:
         rate: playback speed as a multiple of the recorded rate.
         checkpoint: checkpoint for the node ("" = its bundled default model).
         model: model name for the node ("" = from the checkpoint).
-        device: the node's device.
-        precision: the node's precision.
+        runtime: the node's runtime configuration (device, precision, backend, preprocess,
+            input size, engine folder), passed as its parameters of the same names.
         startup_timeout_s: how long the node may take to load and subscribe.
         drain_timeout_s: after the last frame, how long to wait for outstanding outputs.
         max_frames: play at most this many camera frames.
@@ -78,8 +79,7 @@ class LiveSettings:
     rate: float = 1.0
     checkpoint: str = ""
     model: str = ""
-    device: str = "cpu"
-    precision: str = "float32"
+    runtime: RuntimeConfig = RuntimeConfig(device="cpu")
     startup_timeout_s: float = 120.0
     drain_timeout_s: float = 3.0
     warmup_frames: int = 2
@@ -385,9 +385,14 @@ class LiveEvaluator:
 
 
 def node_arguments(settings: LiveSettings, live_topic: str) -> list[str]:
-    """``--ros-args`` for segmenter_node: the camera topic, model and device."""
-    arguments = ["-r", f"image:={live_topic}", "-p", f"device:={settings.device}",
-                 "-p", f"precision:={settings.precision}"]
+    """``--ros-args`` for segmenter_node: the camera topic, model and runtime configuration."""
+    runtime = settings.runtime
+    arguments = ["-r", f"image:={live_topic}"]
+    for name, value in (("device", runtime.device), ("precision", runtime.precision), ("backend", runtime.backend),
+                        ("preprocess", runtime.preprocess), ("input_size", input_size_text(runtime.input_size)),
+                        ("engine_dir", runtime.engine_dir)):
+        if value != "":
+            arguments += ["-p", f"{name}:={value}"]
     if settings.checkpoint:
         arguments += ["-p", f"checkpoint:={settings.checkpoint}"]
     if settings.model:

@@ -219,7 +219,7 @@ class SegmenterNode(LifecycleNode):
         self.msgs = load_messages()
         self.segmenter: Any = None
         self.cameras: list[Camera] = []
-        self.configure_error = ""  # why the last configure failed (autostart: the process exits 1)
+        self.transition_error = ""  # why the last configure or activate failed (autostart: exit 1)
         self._warmed_up = False
         self._batching = self.config.batch_cameras
         self._wakeup = threading.Condition()
@@ -234,32 +234,28 @@ class SegmenterNode(LifecycleNode):
     # --- lifecycle transitions ------------------------------------------------------------
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        try:
-            self._configure()
-        except ShutdownRequested:
-            self._release()
-            return TransitionCallbackReturn.FAILURE
-        except (FatalError, ParameterError) as error:
-            self._release()
-            self.configure_error = str(error)
-            if not self.config.autostart:
-                self.get_logger().error(f"configure failed: {error}")
-            return TransitionCallbackReturn.FAILURE
-        return TransitionCallbackReturn.SUCCESS
+        return self._attempt(self._configure, self._release, "configure failed")
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._attempt(self._activate, self.stop_serving, "activate failed")
+
+    def _attempt(self, work: Callable[[], None], undo: Callable[[], Any], failure: str) -> TransitionCallbackReturn:
+        """Runs a transition's work; on failure undoes it and keeps the reason in
+        `transition_error` (logged here without autostart; with it, run() says `cannot start`)."""
+        self.transition_error = ""
         try:
-            self._activate()
-        except ShutdownRequested:
-            self.stop_serving()
+            work()
+            return TransitionCallbackReturn.SUCCESS
+        except ShutdownRequested:  # a stop request during start-up: no error to report
+            undo()
             return TransitionCallbackReturn.FAILURE
-        except Exception as error:  # e.g. out of GPU memory while capturing: stay inactive, say why
-            self.stop_serving()
-            self.configure_error = f"activate failed: {error!r}"
+        except Exception as error:  # rclpy would turn it into ERROR and drop the reason
+            undo()
+            known = isinstance(error, (FatalError, ParameterError))
+            self.transition_error = str(error) if known else f"{failure}: {error!r}"
             if not self.config.autostart:
-                self.get_logger().error(self.configure_error)
+                self.get_logger().error(f"{failure}: {error}" if known else self.transition_error)
             return TransitionCallbackReturn.FAILURE
-        return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.stop_serving()
@@ -285,7 +281,6 @@ class SegmenterNode(LifecycleNode):
 
     def _configure(self) -> None:
         config = self.config
-        self.configure_error = ""
         self._check_stop()
         resolved = resolve_cameras(self, config.cameras)
         namespaces = output_namespaces(resolved, config.output_namespace)
@@ -511,6 +506,7 @@ class SegmenterNode(LifecycleNode):
         config = self.config
         settings = ResetSettings(period_factor=config.reset_period_factor, min_jump_s=config.reset_time_jump_s,
                                  max_jump_s=max(config.reset_time_jump_max_s, config.reset_time_jump_s))
+        self._limits = ImageLimits(config.max_image_pixels, config.min_image_size)
         for camera in self.cameras:
             camera.reset_rule.settings = settings
             if camera.outputs is not None:
@@ -672,8 +668,8 @@ def run(args: Optional[list[str]], stop_requested: threading.Event) -> int:
         started = node.trigger_configure() == TransitionCallbackReturn.SUCCESS and (
             node.trigger_activate() == TransitionCallbackReturn.SUCCESS)
         if not started:
-            if node.configure_error and not stop_requested.is_set():
-                logger.error(f"cannot start: {node.configure_error}")
+            if node.transition_error and not stop_requested.is_set():
+                logger.error(f"cannot start: {node.transition_error}")
             node.destroy_node()
             rclpy.try_shutdown()
             return 0 if stop_requested.is_set() else 1
