@@ -150,9 +150,14 @@ def test_params_file_loads_into_the_node(tmp_path: Path) -> None:
 
 
 # The driver runs launch.LaunchService on its own main thread (launch demands it), in its
-# own process, until SIGINT; the test probes the graph over DDS meanwhile.
+# own process, until SIGINT; the test probes the graph over DDS meanwhile. A process
+# started from a background job inherits SIGINT ignored (POSIX shells do that), and launch
+# then never sees the test's SIGINT: the driver restores Python's default first, as an
+# interactive `ros2 launch` has it.
 LAUNCH_DRIVER = """
+import signal
 import sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from launch import LaunchDescription, LaunchService
 from launch.actions import IncludeLaunchDescription
 from launch.launch_description_sources import PythonLaunchDescriptionSource
