@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,28 @@ def test_student_loss_combines_and_switches_terms():
     assert set(terms) == {"ohem"}
     with pytest.raises(ValueError, match="switched off"):
         student_loss(final, target, LossWeights(ohem=0.0, auxiliary=0.0, kd_full=0.0, kd_group=0.0))
+
+
+def test_balanced_class_weights_follow_inverse_frequency_and_stay_bounded() -> None:
+    from tdnet_ros.training.losses import balanced_class_weights
+
+    counts = np.array([1_000_000, 10_000, 100, 0, 10_000])
+    weights = balanced_class_weights(counts, 0.5)
+    # median frequency is class 1's (and 4's): weight 1; 100x rarer: 10x (clipped at 10); absent: 1
+    assert weights[1] == pytest.approx(1.0) and weights[4] == pytest.approx(1.0)
+    assert weights[0] == pytest.approx(0.1) and weights[2] == pytest.approx(10.0) and weights[3] == 1.0
+    assert torch.equal(balanced_class_weights(counts, 0.0), torch.ones(5))
+
+
+def test_class_weights_make_a_rare_class_count_more_in_ohem() -> None:
+    from tdnet_ros.training.losses import ohem_cross_entropy
+
+    logits = torch.zeros(1, 3, 4, 4)  # every pixel equally unsure
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 0, 0] = 2  # one pixel of a rare class
+    plain = ohem_cross_entropy(logits, target, min_kept=16)
+    weights = torch.tensor([1.0, 1.0, 10.0])
+    weighted = ohem_cross_entropy(logits, target, min_kept=16, class_weights=weights)
+    # pixel losses are scaled by their class weight: mean of 15 x log3 and 1 x 10 log3
+    assert float(plain) == pytest.approx(np.log(3))
+    assert float(weighted) == pytest.approx(np.log(3) * (15 + 10) / 16)

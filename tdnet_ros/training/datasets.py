@@ -92,6 +92,15 @@ class ClipDataset:
         """Clip ending on sample `index`; gaps drawn from `rng`, or the smallest gap if None."""
         raise NotImplementedError
 
+    def class_pixel_counts(self, max_samples: int = 256) -> np.ndarray:
+        """(num_classes,) pixel counts of the labelled frames of up to `max_samples` samples,
+        evenly spread over the dataset (ignored pixels are not counted)."""
+        counts = np.zeros(self.num_classes, np.int64)
+        for index in np.linspace(0, len(self) - 1, min(max_samples, len(self))).astype(int):
+            labels = np.asarray(self.load_clip(int(index), None)[1][-1])
+            counts += np.bincount(labels[labels < self.num_classes].ravel(), minlength=self.num_classes)
+        return counts
+
     def _gap_list(self, rng: np.random.Generator | None) -> list[int]:
         if rng is None:
             return [self.gaps[0]] * (self.clip_length - 1)

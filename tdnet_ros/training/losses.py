@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +30,7 @@ def ohem_cross_entropy(
     threshold: float = 0.7,
     min_kept: int = 10_000,
     ignore_index: int = IGNORE_INDEX,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Online hard example mining cross-entropy.
 
@@ -40,15 +42,39 @@ def ohem_cross_entropy(
     Args:
         logits: (B, K, h, w) class scores.
         target: (B, H, W) integer class ids.
+        class_weights: (K,) weight of each pixel's loss by its true class (None: all 1), so
+            that rare classes count more, and are hard more often.
     """
     logits = upsample_to(logits.float(), tuple(target.shape[-2:]))
-    losses = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="none")
+    losses = F.cross_entropy(logits, target.long(), weight=class_weights, ignore_index=ignore_index,
+                             reduction="none")
     losses = losses[target != ignore_index]  # (valid pixels,)
     if losses.numel() == 0:
         return logits.sum() * 0.0  # keeps the graph; no labelled pixel in the batch
     hard = losses > -math.log(threshold)
     keep = max(int(hard.sum()), min(min_kept, losses.numel()))
     return torch.topk(losses, keep, sorted=False).values.mean()
+
+
+def balanced_class_weights(pixel_counts: np.ndarray | torch.Tensor, exponent: float,
+                           limits: tuple[float, float] = (0.1, 10.0)) -> torch.Tensor:
+    """Per-class loss weights from class pixel frequencies: (f_k / median f)^-exponent.
+
+    exponent 0.5 is the inverse square root of the frequency; the median is over the
+    classes present, so a typical class keeps weight ~1. Absent classes get 1 (they have no
+    pixels to weigh); weights are clipped to `limits`, so that a class seen in a handful of
+    pixels does not dominate.
+
+    Returns:
+        (K,) float32 weights.
+    """
+    counts = torch.as_tensor(np.asarray(pixel_counts), dtype=torch.float64)
+    present = counts > 0
+    weights = torch.ones_like(counts)
+    if bool(present.any()):
+        frequency = counts[present] / counts[present].sum()
+        weights[present] = (frequency / frequency.median()).pow(-exponent).clamp(*limits)
+    return weights.float()
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -86,6 +112,13 @@ class LossWeights:
     temperature: float = 1.0
     ohem_threshold: float = 0.7
     ohem_min_kept: int = 10_000
+    # Class-frequency weighting of the OHEM term: weight (f_k / median f)^-class_balance,
+    # from the training labels' pixel counts (0: off; 0.5: inverse square root).
+    class_balance: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.class_balance <= 2.0:
+            raise ValueError(f"loss.class_balance must be within 0..2, got {self.class_balance}")
 
 
 def student_loss(
@@ -98,6 +131,7 @@ def student_loss(
     teacher_full: torch.Tensor | None = None,
     sub_logits: list[torch.Tensor] | None = None,
     teacher_groups: list[torch.Tensor] | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total student loss and its terms (as floats, for logging).
 
@@ -108,11 +142,13 @@ def student_loss(
         teacher_full: (B, K, h', w') teacher's full output on the last frame.
         sub_logits: each frame's sub-network output (the last frame's is `final_logits`).
         teacher_groups: the teacher's group head output matching each entry of `sub_logits`.
+        class_weights: (K,) per-class weights of the OHEM term (see balanced_class_weights).
     """
     terms: dict[str, torch.Tensor] = {}
     if weights.ohem:
         terms["ohem"] = weights.ohem * ohem_cross_entropy(
-            final_logits, target, threshold=weights.ohem_threshold, min_kept=weights.ohem_min_kept
+            final_logits, target, threshold=weights.ohem_threshold, min_kept=weights.ohem_min_kept,
+            class_weights=class_weights,
         )
     if weights.auxiliary and auxiliary_logits:
         assert auxiliary_targets is not None and len(auxiliary_targets) == len(auxiliary_logits)

@@ -26,7 +26,7 @@ from tdnet_ros.model import TDNet, build_model
 from .augment import augment_clip, prepare_eval_clip, to_tensor
 from .config import TrainConfig
 from .datasets import CAMVID_CLASSES, CAMVID_COLORS, CamVidClips, CityscapesClips, ClipDataset, GeneratedClips
-from .losses import cross_entropy, ohem_cross_entropy, student_loss
+from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy, student_loss
 from .teacher import TeacherConfig, TeacherNet, load_teacher, save_teacher
 
 LAST_CHECKPOINT = "last.pt"
@@ -389,6 +389,12 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
     )
 
     train_set, val_set = build_datasets(config, clip_length)
+    class_weights = None
+    if config.loss.class_balance and not teacher_stage:
+        class_weights = balanced_class_weights(train_set.class_pixel_counts(), config.loss.class_balance).to(device)
+        if main_process:
+            print("class weights of the OHEM term: " + ", ".join(f"{w:.2f}" for w in class_weights.tolist()),
+                  flush=True)
     batches = _batches(_TrainView(train_set, config), config, rank, world, start)
     log = TrainingLog(out_dir, resume)
     progress = None
@@ -417,7 +423,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
                 frames = x[:, -1].contiguous(memory_format=memory_format)
                 total, terms = _teacher_loss(wrapped, frames, y[:, -1], config)
             else:
-                total, terms = _student_step_loss(wrapped, teacher_kd, x, y, first_path, config, memory_format)
+                total, terms = _student_step_loss(wrapped, teacher_kd, x, y, first_path, config, memory_format,
+                                                  class_weights)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
@@ -507,7 +514,8 @@ def _teacher_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Trai
 
 
 def _student_step_loss(net, teacher: TeacherNet | None, x, y, first_path: int, config: TrainConfig,
-                       memory_format: torch.memory_format = torch.contiguous_format):
+                       memory_format: torch.memory_format = torch.contiguous_format,
+                       class_weights: torch.Tensor | None = None):
     """Student loss on one batch of clips (B, N, 3, h, w) with labels (B, N, h, w)."""
     n = x.shape[1]
     clip = [x[:, j].contiguous(memory_format=memory_format) for j in range(n)]
@@ -528,4 +536,5 @@ def _student_step_loss(net, teacher: TeacherNet | None, x, y, first_path: int, c
         logits[-1], y[:, -1], config.loss,
         auxiliary_logits=aux, auxiliary_targets=[y[:, j] for j in range(n)],
         teacher_full=teacher_full, sub_logits=sub_logits, teacher_groups=teacher_groups,
+        class_weights=class_weights,
     )
