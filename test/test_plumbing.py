@@ -214,3 +214,12 @@ def test_renderer_colours_overlay_and_masks() -> None:
     car = regions[13]
     assert (car.x, car.y, car.width, car.height, car.pixel_count) == (2, 1, 3, 2, 6)
     assert car.mask.min() == 255
+
+
+def test_label_stats_run_widths() -> None:
+    from tdnet_ros.data.label_stats import run_widths
+
+    mask = np.zeros((8, 10), bool)
+    mask[:, 2:4] = True  # a 2-px pole
+    mask[0, 6:9] = True  # and a 3-px run on row 0 only
+    assert run_widths(mask, row_step=4) == [2, 3, 2]
