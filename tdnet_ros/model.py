@@ -156,17 +156,41 @@ class LayerNorm2d(nn.LayerNorm):
     def __init__(self, feature_size: tuple[int, int]) -> None:
         super().__init__(list(feature_size))
 
+    @staticmethod
+    def resize_affine(weight: torch.Tensor, bias: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The (h0, w0) weight and bias bilinearly resized to `size`: (2, h, w)."""
+        params = torch.stack([weight, bias])[None]  # (1, 2, h0, w0)
+        return F.interpolate(params, size, mode="bilinear", align_corners=True)[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[-2:])
         weight, bias = self.weight, self.bias
         if size != tuple(self.normalized_shape):
-            params = torch.stack([self.weight, self.bias])[None]  # (1, 2, h0, w0)
-            weight, bias = F.interpolate(params, size, mode="bilinear", align_corners=True)[0]  # (h, w) each
+            weight, bias = self.resize_affine(self.weight, self.bias, size)
         if x.is_contiguous():
             return F.layer_norm(x, size, weight, bias, eps=self.eps)
         # Channels-last input: normalize in place of layout instead of copying to NCHW.
         var, mean = torch.var_mean(x, dim=(-2, -1), keepdim=True, correction=0)  # (B, C, 1, 1)
         return (x - mean).mul_(torch.rsqrt(var + self.eps)).mul_(weight).add_(bias)
+
+
+def fit_layer_norms(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` with every LayerNorm2d's affine parameters resized to `model`'s feature size.
+
+    A checkpoint trained at another input size then starts from exactly what it computes
+    when run at this size (its forward resizes the parameters the same way). Used to
+    continue training at a new size; every other tensor must still match.
+    """
+    fitted = dict(state)
+    for name, module in model.named_modules():
+        if not isinstance(module, LayerNorm2d):
+            continue
+        weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+        size = tuple(module.normalized_shape)
+        if weight is None or bias is None or tuple(weight.shape) == size:
+            continue
+        fitted[f"{name}.weight"], fitted[f"{name}.bias"] = LayerNorm2d.resize_affine(weight, bias, size)
+    return fitted
 
 
 class Head(nn.Sequential):

@@ -1,6 +1,7 @@
 """Training datasets on tiny trees in the official Cityscapes and CamVid layouts, the clip
 augmentation, and the errors bad input gives."""
 
+import dataclasses
 from pathlib import Path
 
 import cv2
@@ -125,3 +126,56 @@ def test_augmentation_is_the_same_for_every_frame():
         assert all(np.array_equal(f, frames[0]) for f in frames)
         assert np.array_equal(out_labels[0], out_labels[2]) and np.array_equal(out_labels[0], out_labels[3])
         assert (out_labels[1] == 255).all()  # the frame without labels is ignored
+
+
+def test_focused_crops_contain_the_focus_class():
+    # One 3x3 pole (train id 5) in a corner of a 128x256 frame: a uniform 32x64 crop holds it
+    # about 1 time in 20; a crop focused on it must hold it every time, the pixel at a
+    # different place inside the crop from draw to draw.
+    labels = np.zeros((128, 256), np.uint8)
+    labels[4:7, 240:243] = 5
+    frame = np.zeros((128, 256, 3), np.uint8)
+    uniform = AugmentConfig(base_size=(128, 256), crop=(32, 64), scale=(1.0, 1.0), flip=False, color_jitter=0.0)
+    focused = AugmentConfig(base_size=(128, 256), crop=(32, 64), scale=(1.0, 1.0), flip=False, color_jitter=0.0,
+                            focus_classes=(5, 6), focus_probability=1.0)
+
+    def pole_places(config):
+        places = []
+        for seed in range(40):
+            _, out = augment_clip([frame] * 2, [None, labels], config, np.random.default_rng(seed))
+            rows, cols = np.nonzero(out[1] == 5)
+            places.append((int(rows.min()), int(cols.min())) if rows.size else None)
+        return places
+
+    focused_places = pole_places(focused)
+    assert all(p is not None for p in focused_places)
+    assert len(set(focused_places)) > 5
+    assert sum(p is not None for p in pole_places(uniform)) < 10
+    # A clip without any focus class falls back to a uniform crop rather than failing.
+    _, out = augment_clip([frame], [np.zeros_like(labels)], focused, np.random.default_rng(0))
+    assert out[0].shape == (32, 64)
+
+
+def test_focus_settings_are_checked():
+    with pytest.raises(ValueError, match="focus_probability"):
+        AugmentConfig(focus_classes=(5,), focus_probability=1.5)
+    with pytest.raises(ValueError, match="focus_classes"):
+        AugmentConfig(focus_probability=0.5)
+
+
+def test_low_resolution_clips_keep_their_labels():
+    # Every other row and column point-sampled, then enlarged back: the image loses its finest
+    # detail (a one-pixel checkerboard becomes flat), the labels stay the full-resolution ones.
+    frame = np.zeros((64, 128, 3), np.uint8)
+    frame[::2, ::2] = 200
+    frame[1::2, 1::2] = 200
+    labels = np.random.default_rng(0).integers(0, 19, (64, 128), dtype=np.uint8)
+    config = AugmentConfig(base_size=(64, 128), crop=(64, 128), scale=(1.0, 1.0), flip=False, color_jitter=0.0,
+                           low_resolution=1.0)
+    frames, out = augment_clip([frame] * 2, [labels, labels], config, np.random.default_rng(0))
+    assert frames[0].shape == (64, 128, 3) and (frames[0] == 200).all()
+    assert np.array_equal(out[1], labels)
+    plain, _ = augment_clip([frame], [labels], dataclasses.replace(config, low_resolution=0.0), np.random.default_rng(0))
+    assert np.array_equal(plain[0], frame)
+    with pytest.raises(ValueError, match="low_resolution"):
+        AugmentConfig(low_resolution=2.0)

@@ -145,3 +145,26 @@ def test_the_training_curve_is_drawn_from_the_log(tmp_path):
     assert read_validation(log) == [(20, 10.0, 25.0), (40, 20.0, 40.0)]
     assert curve([str(log), "--out", str(tmp_path / "curve.png")]) == 0
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_weights_continue_at_another_input_size():
+    # The spatial LayerNorm's parameters are resized when a checkpoint continues at a new
+    # input size; the model then computes exactly what the old one computes at that size.
+    import dataclasses
+
+    from tdnet_ros.config import ModelConfig
+    from tdnet_ros.model import build_model, fit_layer_norms
+    from tdnet_ros.segmenter import Segmenter
+
+    torch.manual_seed(0)
+    small = build_model(ModelConfig.from_name("td4-tiny")).eval()
+    size = (small.config.input_size[0] * 2, small.config.input_size[1] * 2)
+    large = build_model(dataclasses.replace(small.config, input_size=size)).eval()
+    with pytest.raises(RuntimeError, match="layer_norm"):
+        large.load_state_dict(small.state_dict())
+    large.load_state_dict(fit_layer_norms(small.state_dict(), large))
+    frames = np.random.default_rng(1).integers(0, 256, (5, *size, 3), dtype=np.uint8)
+    run_small, run_large = Segmenter(small, input_size=size), Segmenter(large)
+    for frame in frames:  # every path once, then with a full cache
+        a, b = run_small.segment(frame), run_large.segment(frame)
+        torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-5)

@@ -22,6 +22,23 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.75, 1.5)  # random scale range applied after the base resize
     flip: bool = True
     color_jitter: float = 0.2  # brightness/contrast/saturation factors drawn in [1-j, 1+j]
+    # Class-focused crops: with probability `focus_probability` the crop is placed over a
+    # random pixel of one of `focus_classes` (train ids) present in the clip's last labelled
+    # frame, at a random position inside the crop. Rare, small classes are then seen more
+    # often without reweighting the loss of the others.
+    focus_classes: tuple[int, ...] = ()
+    focus_probability: float = 0.0
+    # Probability that a clip's frames are point-sampled at half resolution before the resize,
+    # as a frame rendered (or filmed) at half the size and enlarged to the model input is.
+    low_resolution: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.focus_probability <= 1.0:
+            raise ValueError(f"augment.focus_probability must be in [0, 1], got {self.focus_probability}")
+        if not 0.0 <= self.low_resolution <= 1.0:
+            raise ValueError(f"augment.low_resolution must be in [0, 1], got {self.low_resolution}")
+        if self.focus_probability and not self.focus_classes:
+            raise ValueError("augment.focus_probability is set but augment.focus_classes is empty")
 
 
 def to_tensor(frame: np.ndarray) -> torch.Tensor:
@@ -54,6 +71,24 @@ def _crop_or_pad(image: np.ndarray, top: int, left: int, crop: tuple[int, int], 
     return image[top : top + h, left : left + w]
 
 
+def _crop_origin(
+    size: tuple[int, int], crop: tuple[int, int], focus_labels: np.ndarray | None,
+    config: AugmentConfig, rng: np.random.Generator,
+) -> tuple[int, int]:
+    """Top-left corner of the crop in a frame of `size`: uniform, or over a focus-class pixel."""
+    max_top, max_left = max(size[0] - crop[0], 0), max(size[1] - crop[1], 0)
+    if focus_labels is not None and rng.random() < config.focus_probability:
+        present = [c for c in config.focus_classes if np.any(focus_labels == c)]
+        if present:
+            rows, cols = np.nonzero(focus_labels == present[int(rng.integers(len(present)))])
+            pick = int(rng.integers(len(rows)))
+            # The crop's corner is drawn so that the chosen pixel lands anywhere inside it.
+            top = int(rows[pick]) - int(rng.integers(0, crop[0]))
+            left = int(cols[pick]) - int(rng.integers(0, crop[1]))
+            return min(max(top, 0), max_top), min(max(left, 0), max_left)
+    return int(rng.integers(0, max_top + 1)), int(rng.integers(0, max_left + 1))
+
+
 def augment_clip(
     frames: list[np.ndarray], labels: list[np.ndarray | None], config: AugmentConfig, rng: np.random.Generator
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -64,13 +99,19 @@ def augment_clip(
     """
     s = rng.uniform(*config.scale)
     size = (round(config.base_size[0] * s), round(config.base_size[1] * s))
-    top = int(rng.integers(0, max(size[0] - config.crop[0], 0) + 1))
-    left = int(rng.integers(0, max(size[1] - config.crop[1], 0) + 1))
+    focus_labels = None
+    if config.focus_probability:
+        labelled = [label for label in labels if label is not None]
+        focus_labels = _resize(labelled[-1], size, True) if labelled else None
+    top, left = _crop_origin(size, config.crop, focus_labels, config, rng)
     flip = config.flip and rng.random() < 0.5
+    half = config.low_resolution > 0 and rng.random() < config.low_resolution
     j = config.color_jitter
     factors = rng.uniform(1 - j, 1 + j, size=3) if j else None
     out_frames, out_labels = [], []
     for frame, label in zip(frames, labels):
+        if half:
+            frame = frame[::2, ::2]  # (H/2, W/2, 3); the resize below enlarges it back
         frame = _crop_or_pad(_resize(frame, size, False), top, left, config.crop, 0)
         if label is None:
             label = np.full(config.crop, IGNORE_ID, dtype=np.uint8)

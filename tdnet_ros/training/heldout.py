@@ -1,6 +1,7 @@
 """Held-out accuracy on generated street videos: mIoU, per-class IoU and CPU latency.
 
     python -m tdnet_ros.training.heldout --checkpoint tdnet_ros/models/default.pt --seeds 2001 2002 2003
+    python -m tdnet_ros.training.heldout --checkpoint tdnet_ros/models/default.pt --seeds 2001 --width 1024 --height 512
     python -m tdnet_ros.training.heldout --teacher outputs/train_teacher/model.pt --seeds 2001 2002 2003
 
 A student runs through `Segmenter` (the inference path of the node), frame by frame with its
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from tdnet_ros.classes import CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
+from tdnet_ros.runtime import InputSize, parse_input_size
 
 from .augment import to_tensor
 from .teacher import load_teacher
@@ -30,16 +32,20 @@ from .teacher import load_teacher
 
 def evaluate(
     seeds: Sequence[int], frames: int, *, checkpoint: str | None = None, teacher: str | None = None,
-    width: int = 512, height: int = 256,
+    width: int = 512, height: int = 256, input_size: InputSize = None,
 ) -> dict:
-    """Scores a student checkpoint (or a teacher) on the generated sequences of `seeds`."""
+    """Scores a student checkpoint (or a teacher) on the generated sequences of `seeds`.
+
+    `width` x `height` is the render size; a student runs at `input_size` (None: its
+    checkpoint's training size, as the node does) and is scored at the render size.
+    """
     from tdnet_ros.data import generate_sequence
     from tdnet_ros.segmenter import Segmenter
 
     if (checkpoint is None) == (teacher is None):
         raise ValueError("give exactly one of checkpoint and teacher")
     if checkpoint is not None:
-        segmenter = Segmenter.from_checkpoint(checkpoint)
+        segmenter = Segmenter.from_checkpoint(checkpoint, input_size=input_size)
         num_classes = segmenter.num_classes
 
         def run(rgb: np.ndarray) -> np.ndarray:
@@ -68,6 +74,8 @@ def evaluate(
     return {
         "model": checkpoint or teacher,
         "seeds": list(seeds),
+        "render_size": [height, width],
+        "input_size": list(segmenter.model_input_size((height, width))) if checkpoint is not None else [height, width],
         "frames": scores.frames,
         "miou": scores.mean_iou,
         "pixel_accuracy": scores.pixel_accuracy,
@@ -78,14 +86,14 @@ def evaluate(
 
 
 def precision_agreement(checkpoint: str, precision: str, seed: int, frames: int,
-                        width: int = 512, height: int = 256) -> dict:
+                        width: int = 512, height: int = 256, input_size: InputSize = None) -> dict:
     """Labels of `precision` against float32 on one generated sequence, frame by frame, and
     both median latencies (the frames run interleaved, so both see the same machine load)."""
     from tdnet_ros.data import generate_sequence
     from tdnet_ros.segmenter import Segmenter
 
-    reference = Segmenter.from_checkpoint(checkpoint)
-    reduced = Segmenter.from_checkpoint(checkpoint, precision=precision)
+    reference = Segmenter.from_checkpoint(checkpoint, input_size=input_size)
+    reduced = Segmenter.from_checkpoint(checkpoint, precision=precision, input_size=input_size)
     agreement, seconds = [], {"float32": [], precision: []}
     for frame in generate_sequence(seed, frames, width=width, height=height):
         began = time.perf_counter()
@@ -99,6 +107,13 @@ def precision_agreement(checkpoint: str, precision: str, seed: int, frames: int,
             **{f"{name}_ms_median": 1000 * float(np.median(v[1:] or v)) for name, v in seconds.items()}}
 
 
+def _input_size(text: str) -> InputSize:
+    try:
+        return parse_input_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="held-out mIoU on generated street videos")
     which = parser.add_mutually_exclusive_group(required=True)
@@ -106,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--teacher", help="teacher checkpoint written by tdnet-train (stage: teacher)")
     parser.add_argument("--seeds", type=int, nargs="+", required=True, help="held-out sequence seeds")
     parser.add_argument("--frames", type=int, default=60, help="frames per sequence")
+    parser.add_argument("--width", type=int, default=512, help="render width of the held-out frames (default 512)")
+    parser.add_argument("--height", type=int, default=256, help="render height (default 256)")
+    parser.add_argument("--input-size", type=_input_size, default=None, metavar="HxW|frame",
+                        help="student's input size (default: its checkpoint's training size, as in the node)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--compare-precision", choices=("bfloat16", "float16"),
@@ -115,12 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compare_precision:
         if not args.checkpoint:
             parser.error("--compare-precision needs --checkpoint")
-        result = precision_agreement(args.checkpoint, args.compare_precision, args.seeds[0], args.frames)
+        result = precision_agreement(args.checkpoint, args.compare_precision, args.seeds[0], args.frames,
+                                     args.width, args.height, args.input_size)
         print(json.dumps(result))
         return 0
-    result = evaluate(args.seeds, args.frames, checkpoint=args.checkpoint, teacher=args.teacher)
+    result = evaluate(args.seeds, args.frames, checkpoint=args.checkpoint, teacher=args.teacher,
+                      width=args.width, height=args.height, input_size=args.input_size)
+    input_height, input_width = result["input_size"]
     print(f"{result['model']}: mIoU {100 * result['miou']:.1f} over {result['frames']} frames "
-          f"(seeds {result['seeds']}), pixel accuracy {100 * result['pixel_accuracy']:.1f}, "
+          f"(seeds {result['seeds']}, {args.width}x{args.height} renders, input {input_height}x{input_width}), "
+          f"pixel accuracy {100 * result['pixel_accuracy']:.1f}, "
           f"median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)")
     for name, value in result["iou"].items():
         print(f"  {name:14s} {'-' if value is None else f'{100 * value:.1f}'}")

@@ -21,7 +21,7 @@ from tdnet_ros.checkpoint import load_file, read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
 from tdnet_ros.classes import CLASS_COLORS, CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
-from tdnet_ros.model import TDNet, build_model
+from tdnet_ros.model import TDNet, build_model, fit_layer_norms
 
 from .augment import augment_clip, prepare_eval_clip, to_tensor
 from .config import TrainConfig
@@ -339,7 +339,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
     else:
         student = build_model(student_config)
         if config.run.init_checkpoint:
-            student.load_state_dict(read_checkpoint(config.run.init_checkpoint)["state_dict"])
+            # Continuing at another input size: the spatial LayerNorm parameters are resized.
+            student.load_state_dict(fit_layer_norms(read_checkpoint(config.run.init_checkpoint)["state_dict"], student))
         net = StudentForTraining(student, with_auxiliary=bool(config.loss.auxiliary))
         clip_length = student_config.num_paths
         input_size = student_config.input_size
