@@ -123,4 +123,4 @@ def test_bundled_default_model_matches_its_hash():
     assert path.stat().st_size <= 20 * 1024 * 1024
     assert (models / "default.pt.sha256").read_text().split()[0] == file_sha256(path)
     segmenter = Segmenter.default()
-    assert segmenter.config.name == "td4-r18-narrow" and segmenter.config.input_size == (256, 512)
+    assert segmenter.config.name == "td4-r18-narrow" and segmenter.config.input_size == (512, 1024)
