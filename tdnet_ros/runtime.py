@@ -164,12 +164,17 @@ def resolve_device(device: Any) -> "torch.device":  # noqa: F821 (torch is impor
 # -- command-line flags ----------------------------------------------------------------------
 
 
-def fixed_size_argument(text: str) -> tuple[int, int]:
-    """argparse type of a fixed HEIGHTxWIDTH size (e.g. --size 769x1537)."""
+def input_size_argument(text: str) -> InputSize:
+    """argparse type of an input size: HEIGHTxWIDTH, frame, or empty for the model's own."""
     try:
-        size = parse_input_size(text.lower())
+        return parse_input_size(text.lower())
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def fixed_size_argument(text: str) -> tuple[int, int]:
+    """argparse type of a fixed HEIGHTxWIDTH size (e.g. --size 769x1537)."""
+    size = input_size_argument(text)
     if not isinstance(size, tuple):
         raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH, got {text!r}")
     return size

@@ -124,3 +124,13 @@ def test_bundled_default_model_matches_its_hash():
     assert (models / "default.pt.sha256").read_text().split()[0] == file_sha256(path)
     segmenter = Segmenter.default()
     assert segmenter.config.name == "td4-r18-narrow" and segmenter.config.input_size == (512, 1024)
+
+
+def test_held_out_scoring_refuses_a_bad_input_size(capsys):
+    from tdnet_ros.training.heldout import main as heldout_main
+
+    with pytest.raises(SystemExit) as stopped:
+        heldout_main(["--checkpoint", "x.pt", "--seeds", "2001", "--input-size", "wide"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "--input-size" in err and "'wide'" in err and "Traceback" not in err

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from tdnet_ros.classes import CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
-from tdnet_ros.runtime import InputSize, parse_input_size
+from tdnet_ros.runtime import InputSize, input_size_argument
 
 from .augment import to_tensor
 from .teacher import load_teacher
@@ -107,13 +107,6 @@ def precision_agreement(checkpoint: str, precision: str, seed: int, frames: int,
             **{f"{name}_ms_median": 1000 * float(np.median(v[1:] or v)) for name, v in seconds.items()}}
 
 
-def _input_size(text: str) -> InputSize:
-    try:
-        return parse_input_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="held-out mIoU on generated street videos")
     which = parser.add_mutually_exclusive_group(required=True)
@@ -123,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=60, help="frames per sequence")
     parser.add_argument("--width", type=int, default=512, help="render width of the held-out frames (default 512)")
     parser.add_argument("--height", type=int, default=256, help="render height (default 256)")
-    parser.add_argument("--input-size", type=_input_size, default=None, metavar="HxW|frame",
+    parser.add_argument("--input-size", type=input_size_argument, default=None, metavar="HxW|frame",
                         help="student's input size (default: its checkpoint's training size, as in the node)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", help="also write the result to this file")
