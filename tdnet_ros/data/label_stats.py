@@ -1,7 +1,7 @@
 """Class pixel shares and thin-object widths in generated labels (is a class wide enough
 to learn at a render size?).
 
-    python -m tdnet_ros.data.label_stats --size 512x256 --seeds 2001 2002
+    python -m tdnet_ros.data.label_stats --width 512 --height 256 --seeds 2001 2002
 
 Widths are the lengths of horizontal runs of a class along every 4th row, on every 5th of
 the first 20 frames of each seed.
@@ -32,12 +32,13 @@ def run_widths(mask: np.ndarray, row_step: int = 4) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--size", default="512x256", help="render WIDTHxHEIGHT")
+    parser.add_argument("--width", type=int, default=512, help="render width (as tdnet-generate's)")
+    parser.add_argument("--height", type=int, default=256, help="render height")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2001, 2002])
     args = parser.parse_args(argv)
     from tdnet_ros.data import generate_sequence  # pybullet
 
-    width, height = (int(side) for side in args.size.split("x"))
+    width, height = args.width, args.height
     counts = np.zeros(256, np.int64)
     widths: dict[int, list[int]] = {int(c): [] for c in THIN}
     for seed in args.seeds:

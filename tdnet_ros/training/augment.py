@@ -99,10 +99,9 @@ def augment_clip(
     """
     s = rng.uniform(*config.scale)
     size = (round(config.base_size[0] * s), round(config.base_size[1] * s))
-    focus_labels = None
-    if config.focus_probability:
-        labelled = [label for label in labels if label is not None]
-        focus_labels = _resize(labelled[-1], size, True) if labelled else None
+    labels = [None if label is None else _resize(label, size, True) for label in labels]
+    labelled = [label for label in labels if label is not None]
+    focus_labels = labelled[-1] if config.focus_probability and labelled else None
     top, left = _crop_origin(size, config.crop, focus_labels, config, rng)
     flip = config.flip and rng.random() < 0.5
     half = config.low_resolution > 0 and rng.random() < config.low_resolution
@@ -116,7 +115,7 @@ def augment_clip(
         if label is None:
             label = np.full(config.crop, IGNORE_ID, dtype=np.uint8)
         else:
-            label = _crop_or_pad(_resize(label, size, True), top, left, config.crop, IGNORE_ID)
+            label = _crop_or_pad(label, top, left, config.crop, IGNORE_ID)
         if flip:
             frame, label = frame[:, ::-1], label[:, ::-1]
         if factors is not None:
