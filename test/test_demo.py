@@ -11,12 +11,13 @@ from tdnet_ros import ModelConfig, build_model, save_checkpoint
 
 
 def test_demo_writes_report_plots_and_video(tmp_path):
+    """Also: --input-size reaches the node's evaluation (the tiny model's own size is 256x512)."""
     checkpoint = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny", input_size=(256, 512))), tmp_path / "tiny.pt")
     out = tmp_path / "demo"
     env = dict(os.environ, ROS_DOMAIN_ID=str(100 + os.getpid() % 100))
     completed = subprocess.run(
         [sys.executable, "-m", "tdnet_ros.cli.demo", "--frames", "12", "--checkpoint", str(checkpoint),
-         "--out", str(out), "--no-progress"],
+         "--out", str(out), "--no-progress", "--input-size", "128X256"],
         capture_output=True, text=True, timeout=240, env=env,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -26,6 +27,7 @@ def test_demo_writes_report_plots_and_video(tmp_path):
     results = json.loads((report / "results.json").read_text())
     assert results["frames"] + results["dropped_frames"] == 12
     assert results["frames"] > 0 and 0.0 <= results["miou"] <= 100.0
+    assert "--input-size 128x256" in results["command"]
     assert "output folder" in completed.stdout and str(out.resolve()) in completed.stdout
 
 

@@ -99,6 +99,16 @@ def test_tdnet_demo_bad_checkpoint_fails_before_rendering(tmp_path, capsys):
     assert not (tmp_path / "demo" / "street").exists()
 
 
+def test_tdnet_demo_bad_input_size_names_the_flag(tmp_path, capsys):
+    from tdnet_ros.cli.demo import main as demo
+
+    with pytest.raises(SystemExit) as caught:  # argparse: usage line, then the error
+        demo(["--input-size", "8x8", "--out", str(tmp_path / "demo")])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and "argument --input-size: '8x8'" in err and "16..8192" in err
+    assert "Traceback" not in err and not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize("command", ["tdnet-demo", "tdnet-eval", "tdnet-bench"])
 def test_help_texts_show_every_default(command):
     result = subprocess.run([str(Path(sys.executable).parent / command), "--help"], capture_output=True, text=True)

@@ -1,6 +1,6 @@
 """The one-command demo: a generated street sequence played live into the node.
 
-    tdnet-demo [--out DIR] [--frames N] [--seed S] [--rate R] [--checkpoint P]
+    tdnet-demo [--out DIR] [--frames N] [--seed S] [--rate R] [--checkpoint P] [--input-size HxW]
 
 1. generates a short street video with ground truth (fixed seed, never used in training)
    and writes it as an MCAP rosbag2;
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..data import generate_sequence, write_rosbag
 from ..data.writers import IMAGE_TOPIC, LABEL_TOPIC
-from ..runtime import RuntimeConfig
+from ..runtime import RuntimeConfig, input_size_argument, input_size_text
 from ..segmenter import DEFAULT_MODEL_PATH, LoadError, load_segmenter
 from . import evaluate as evaluation_cli
 
@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed, a multiple of the recorded rate")
     parser.add_argument("--checkpoint", default="", help="checkpoint for the node (empty: the bundled model)")
     parser.add_argument("--device", default="cpu", help="the node's device: cpu, cuda, cuda:N or auto")
+    parser.add_argument("--input-size", type=input_size_argument, default=None, metavar="HxW|frame",
+                        help="the node's network input size (default: the model's training size; "
+                             "'frame' or a smaller HxW drops fewer frames on a CPU, at some accuracy)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.frames < 2:
@@ -54,14 +57,14 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """The description as written, every option with its default."""
 
 
-def check_model(checkpoint: str, device: str) -> None:
+def check_model(checkpoint: str, runtime: RuntimeConfig) -> None:
     """Fails before anything is rendered when the node could not load the model: the
     node's own loading (`load_segmenter`), with the node's runtime configuration.
 
     Raises:
         LoadError: unusable device or checkpoint; `setting` names which.
     """
-    load_segmenter(RuntimeConfig(device=device), checkpoint)
+    load_segmenter(runtime, checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tdnet-demo: error: no bundled default model at {DEFAULT_MODEL_PATH}; pass --checkpoint", file=sys.stderr)
         return 2
     try:
-        check_model(args.checkpoint, args.device)
+        check_model(args.checkpoint, RuntimeConfig(device=args.device, input_size=args.input_size))
     except LoadError as error:
         print(f"tdnet-demo: error: {error.named('--' + error.setting)}", file=sys.stderr)
         return 2
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.checkpoint:
         evaluation_args += ["--checkpoint", args.checkpoint]
+    if args.input_size:
+        evaluation_args += ["--input-size", input_size_text(args.input_size)]
     if args.no_progress:
         evaluation_args.append("--no-progress")
     status = evaluation_cli.main(evaluation_args)
