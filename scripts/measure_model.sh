@@ -17,10 +17,14 @@ mkdir -p "$out"
 git rev-parse --short HEAD > "$out/commit.txt"
 sha256sum "$checkpoint" > "$out/checkpoint.sha256"
 
-heldout="$bin/python -m tdnet_ros.training.heldout --checkpoint $checkpoint --seeds 2001 2002 2003 --frames 60 --threads 1"
-$heldout --json "$out/heldout_512x256.json" | tee "$out/heldout_512x256.txt"
-$heldout --width 1024 --height 512 --json "$out/heldout_1024x512.json" | tee "$out/heldout_1024x512.txt"
-$heldout --input-size 256x512 --json "$out/heldout_input256x512.json" | tee "$out/heldout_input256x512.txt"
+# an array, so that a checkpoint path with spaces stays one argument
+heldout=("$bin/python" -m tdnet_ros.training.heldout --checkpoint "$checkpoint" --threads 1)
+three_seeds=(--seeds 2001 2002 2003 --frames 60)
+"${heldout[@]}" "${three_seeds[@]}" --json "$out/heldout_512x256.json" | tee "$out/heldout_512x256.txt"
+"${heldout[@]}" "${three_seeds[@]}" --width 1024 --height 512 --json "$out/heldout_1024x512.json" \
+    | tee "$out/heldout_1024x512.txt"
+"${heldout[@]}" "${three_seeds[@]}" --input-size 256x512 --json "$out/heldout_input256x512.json" \
+    | tee "$out/heldout_input256x512.txt"
 
 for seed in 4711 31337; do
     rm -rf "$out/indep/s$seed"
@@ -29,8 +33,7 @@ for seed in 4711 31337; do
         --device cpu --checkpoint "$checkpoint" --no-video --no-progress --out "$out/eval_s$seed" | tee "$out/indep_s$seed.txt"
 done
 
-$bin/python -m tdnet_ros.training.heldout --checkpoint "$checkpoint" --seeds 2001 --frames 40 \
-    --compare-precision bfloat16 --threads 1 | tee "$out/bfloat16.txt"
+"${heldout[@]}" --seeds 2001 --frames 40 --compare-precision bfloat16 | tee "$out/bfloat16.txt"
 
 $bin/tdnet-demo --checkpoint "$checkpoint" --out "$out/demo" --no-progress | tee "$out/demo.txt"
 $bin/tdnet-demo --checkpoint "$checkpoint" --out "$out/demo_256x512" --no-progress \
