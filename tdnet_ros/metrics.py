@@ -86,6 +86,22 @@ def mean_iou(matrix: np.ndarray) -> float:
     return float(ious[present].mean()) if present.any() else float("nan")
 
 
+def top_confusions(matrix: np.ndarray, count: int = 2) -> list[list[tuple[int, float]]]:
+    """For each ground-truth class, the `count` other classes its pixels are most often
+    predicted as, with the fraction of that class's pixels: ``[[(class, fraction), ...], ...]``.
+
+    Classes that are never confused (or absent from the ground truth) get fewer entries.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    result = []
+    for true_class, row in enumerate(matrix):
+        total = row.sum()
+        others = [(int(k), float(row[k] / total)) for k in np.argsort(-row, kind="stable")
+                  if k != true_class and row[k] > 0] if total else []
+        result.append(others[:count])
+    return result
+
+
 def pixel_accuracy(matrix: np.ndarray) -> float:
     """Fraction of counted pixels whose predicted class is right (NaN if none counted)."""
     matrix = np.asarray(matrix)

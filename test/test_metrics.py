@@ -22,6 +22,7 @@ from tdnet_ros.metrics import (
     mean_iou,
     pixel_accuracy,
     temporal_consistency,
+    top_confusions,
 )
 
 # 3 classes; ground truth has an ignored pixel (255).
@@ -51,6 +52,17 @@ def test_iou_accuracy_by_hand():
     np.testing.assert_allclose(iou_per_class(matrix), [0.6, 0.6, 0.5])
     assert mean_iou(matrix) == pytest.approx((0.6 + 0.6 + 0.5) / 3)
     assert pixel_accuracy(matrix) == pytest.approx(8 / 11)
+
+
+def test_top_confusions_by_hand():
+    matrix = confusion_matrix(PREDICTION, TARGET, num_classes=3)
+    # class 0: 1 of its 4 pixels predicted 1; class 1: 1 of 4 predicted 2; class 2: 1 of 3 predicted 0
+    confusions = top_confusions(matrix)
+    assert [[k for k, _ in row] for row in confusions] == [[1], [2], [0]]
+    assert [round(f, 4) for row in confusions for _, f in row] == [0.25, 0.25, round(1 / 3, 4)]
+    # a class absent from the ground truth has no entry; count caps the list, largest first
+    matrix = np.array([[5, 3, 1], [0, 0, 0], [2, 0, 0]])
+    assert top_confusions(matrix, count=1) == [[(1, 1 / 3)], [], [(0, 1.0)]]
 
 
 def test_absent_classes_are_nan_and_left_out_of_the_mean():

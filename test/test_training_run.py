@@ -113,6 +113,8 @@ def test_export_and_held_out_scoring(tmp_path, cache_dir):
     assert "optimizer" not in torch.load(tmp_path / "shipped.pt", weights_only=True)
     scores = evaluate([5], 3, checkpoint=str(tmp_path / "shipped.pt"), width=128, height=64)
     assert scores["frames"] == 3 and 0.0 <= scores["miou"] <= 1.0 and "car" in scores["iou"]
+    assert abs(sum(scores["pixel_share"].values()) - 1.0) < 1e-9
+    assert all(0.0 < f <= 1.0 for others in scores["confused_with"].values() for f in others.values())
 
 
 def test_bundled_default_model_matches_its_hash():

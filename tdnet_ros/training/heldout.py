@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tdnet_ros.classes import CLASS_NAMES
-from tdnet_ros.metrics import SegmentationScores
+from tdnet_ros.metrics import SegmentationScores, top_confusions
 from tdnet_ros.runtime import InputSize, input_size_argument
 
 from .augment import to_tensor
@@ -71,6 +71,7 @@ def evaluate(
             seconds.append(time.perf_counter() - began)
             scores.update(labels.astype(np.int64), frame.labels.astype(np.int64))
     names = list(CLASS_NAMES)[:num_classes]
+    labelled = int(scores.matrix.sum())
     return {
         "model": checkpoint or teacher,
         "seeds": list(seeds),
@@ -80,6 +81,11 @@ def evaluate(
         "miou": scores.mean_iou,
         "pixel_accuracy": scores.pixel_accuracy,
         "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(names, scores.iou)},
+        # per ground-truth class: its share of the labelled pixels, and what its pixels are
+        # mistaken for (where a weak class's pixels go)
+        "pixel_share": {name: float(n / max(labelled, 1)) for name, n in zip(names, scores.matrix.sum(axis=1))},
+        "confused_with": {name: {names[k]: fraction for k, fraction in pairs}
+                          for name, pairs in zip(names, top_confusions(scores.matrix))},
         "latency_ms_median": 1000 * float(np.median(seconds[1:] or seconds)),
         "threads": torch.get_num_threads(),
     }
@@ -138,8 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(seeds {result['seeds']}, {args.width}x{args.height} renders, input {input_height}x{input_width}), "
           f"pixel accuracy {100 * result['pixel_accuracy']:.1f}, "
           f"median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)")
+    print(f"  {'class':14s} {'IoU':>5s} {'pixels':>7s}  ground-truth pixels mostly predicted as")
     for name, value in result["iou"].items():
-        print(f"  {name:14s} {'-' if value is None else f'{100 * value:.1f}'}")
+        confused = ", ".join(f"{other} {100 * fraction:.0f} %"
+                             for other, fraction in result["confused_with"][name].items())
+        print(f"  {name:14s} {'    -' if value is None else f'{100 * value:5.1f}'} "
+              f"{100 * result['pixel_share'][name]:6.2f}%  {confused}".rstrip())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
