@@ -27,8 +27,14 @@ LOCALHOST_ONLY_VARIABLES = ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOCALHOST_ONLY
 
 
 def pick_domain_id() -> int:
-    """A ROS domain id for one test run (1..200), unlikely to collide with a parallel run."""
-    return random.Random(os.getpid() ^ time.time_ns()).randint(1, 200)
+    """A ROS domain id for one test run (1..101), unlikely to collide with a parallel run.
+
+    Fast DDS listens on port 7400 + 250 * domain + offset; from domain 102 on, those ports
+    fall in Linux's ephemeral range (32768-60999), where any socket on the machine may
+    already hold them, and discovery can then fail. ROS 2 advises 0..101 on Linux for this
+    reason.
+    """
+    return random.Random(os.getpid() ^ time.time_ns()).randint(1, 101)
 
 
 def ros_environment(domain_id: int, large_data: bool = True) -> dict[str, str]:
