@@ -93,12 +93,12 @@ def top_confusions(matrix: np.ndarray, count: int = 2) -> list[list[tuple[int, f
     Classes that are never confused (or absent from the ground truth) get fewer entries.
     """
     matrix = np.asarray(matrix, dtype=np.float64)
+    mistaken = matrix.copy()
+    np.fill_diagonal(mistaken, 0)  # only the pixels predicted as another class
     result = []
-    for true_class, row in enumerate(matrix):
-        total = row.sum()
-        others = [(int(k), float(row[k] / total)) for k in np.argsort(-row, kind="stable")
-                  if k != true_class and row[k] > 0] if total else []
-        result.append(others[:count])
+    for row, total in zip(mistaken, matrix.sum(axis=1)):
+        largest = np.argsort(-row, kind="stable")[:count]
+        result.append([(int(k), float(row[k] / total)) for k in largest if row[k] > 0])
     return result
 
 
