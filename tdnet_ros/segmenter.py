@@ -32,7 +32,7 @@ from .preprocess import (
     resize_frame,
 )
 from . import runtime
-from .runtime import DeviceError, RuntimeConfig, resolve_device  # noqa: F401 (resolve_device: re-exported)
+from .runtime import DeviceError, RuntimeConfig, cpu_computes_bfloat16, resolve_device  # noqa: F401 (resolve_device: re-exported)
 from .timing import StageTimes
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,9 @@ class Segmenter:
         self.dtype = PRECISIONS[self.precision]
         if self.device.type == "cpu" and self.dtype == torch.float16:
             log.warning("float16 on the CPU is slow; bfloat16 is the CPU's reduced precision")
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_computes_bfloat16():
+            log.warning("bfloat16 on this CPU is emulated (no AVX-512 or Arm BF16) and slower than float32; "
+                        "use precision float32")
         channels_last = self.runtime.channels_last
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if self.runtime.fold_batch_norm:

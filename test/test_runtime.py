@@ -18,6 +18,7 @@ from tdnet_ros.runtime import (
     DeviceError,
     RuntimeConfig,
     add_runtime_arguments,
+    cpu_computes_bfloat16,
     parse_input_size,
     runtime_from_arguments,
 )
@@ -58,6 +59,28 @@ def test_cuda_without_cuda_and_bad_values_are_refused_naming_the_setting() -> No
                                   ("input_size", (8, 8), "input_size")):
         with pytest.raises(ValueError, match=message):
             RuntimeConfig(**{field: value})
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    lines = [line for line in text.splitlines() if line.startswith("flags")]
+    return set(lines[0].split(":", 1)[1].split()) if lines else set()
+
+
+def test_native_bfloat16_agrees_with_the_cpu_flags() -> None:
+    """oneDNN computes bfloat16 natively with AVX-512 (BW, VL, DQ); an AVX2-only x86 CPU emulates it."""
+    flags = _cpu_flags()
+    if not flags or "avx2" not in flags:
+        pytest.skip("not an x86 CPU whose /proc/cpuinfo flags can be read")
+    if {"avx512bw", "avx512vl", "avx512dq"} <= flags:
+        assert cpu_computes_bfloat16()
+    elif not any(flag.startswith(("avx512", "amx", "avx_ne_convert")) for flag in flags):
+        assert not cpu_computes_bfloat16()
+    else:
+        pytest.skip("a partial AVX-512 or AVX-NE-CONVERT CPU: oneDNN's choice is not predicted here")
 
 
 def test_input_size_text() -> None:

@@ -10,6 +10,7 @@ import torch
 
 from tdnet_ros import CheckpointError, ModelConfig, Segmenter, build_model, load_model, save_checkpoint
 from tdnet_ros.checkpoint import published_to_internal, read_checkpoint
+from tdnet_ros.runtime import cpu_computes_bfloat16
 from tdnet_ros.segmenter import DeviceError
 
 
@@ -202,6 +203,14 @@ def test_bfloat16_agrees_with_float32():
         a = full.segment(frame, stream="s").labels
         b = reduced.segment(frame, stream="s").labels
         assert (a == b).mean() >= 0.9  # random tiny weights: near-flat logits, so a loose bound
+
+
+def test_emulated_bfloat16_on_the_cpu_gets_one_warning(caplog):
+    with caplog.at_level("WARNING", logger="tdnet_ros.segmenter"):
+        tiny_segmenter(precision="bfloat16")
+        tiny_segmenter(precision="float32")
+    warnings = [r.getMessage() for r in caplog.records if "bfloat16 on this CPU is emulated" in r.getMessage()]
+    assert len(warnings) == (0 if cpu_computes_bfloat16() else 1)
 
 
 # --- several streams at once ------------------------------------------------------------------

@@ -11,7 +11,8 @@ import yaml
 
 from tdnet_ros.checkpoint import read_checkpoint
 from tdnet_ros.cli.train import main as train_cli
-from tdnet_ros.training.config import from_dict
+from tdnet_ros.runtime import cpu_computes_bfloat16
+from tdnet_ros.training.config import ConfigError, from_dict
 from tdnet_ros.cli.recipe import main as recipe_cli
 from tdnet_ros.training.trainer import train
 
@@ -57,6 +58,25 @@ def test_the_bf16_step_follows_the_float32_step(tmp_path, cache_dir):
     for key in a:
         if a[key].is_floating_point() and key.endswith("weight"):
             torch.testing.assert_close(b[key], a[key], rtol=0.05, atol=2e-3, msg=key)
+
+
+def test_amp_auto_trains_in_bfloat16_only_where_the_cpu_computes_it(tmp_path, cache_dir, capsys):
+    """run.amp auto takes the exact step of amp true on a CPU with native bfloat16, and of
+    amp false (with one line saying so) on a CPU that would emulate it."""
+    common = {"optim": {"iterations": 1, "warmup_iterations": 0, "lr": 0.01}}
+    native = cpu_computes_bfloat16()
+    auto = train(tiny(tmp_path / "auto", cache_dir, run={"amp": "auto"}, **common)).model.state_dict()
+    printed = capsys.readouterr().out
+    same = train(tiny(tmp_path / "same", cache_dir, run={"amp": native}, **common)).model.state_dict()
+    for key in auto:
+        torch.testing.assert_close(auto[key], same[key], rtol=0, atol=0, msg=key)
+    line = "run.amp auto: this CPU has no native bfloat16"
+    assert (line in printed) is (not native)
+
+
+def test_amp_takes_only_true_false_or_auto():
+    with pytest.raises(ConfigError, match="run.amp must be true, false or auto, got 'yes'"):
+        from_dict({"run": {"amp": "yes"}})
 
 
 def test_init_checkpoint_keeps_the_weights(tmp_path, cache_dir):

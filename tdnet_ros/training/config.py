@@ -57,7 +57,9 @@ class RunConfig:
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
     # Mixed precision with float32 master weights and float32 losses: float16 autocast + grad
     # scaling on CUDA, bfloat16 autocast on the CPU (no scaling needed: bf16 has fp32's range).
-    amp: bool = True
+    # "auto": on CUDA, and on CPUs that compute bfloat16 natively (AVX-512, Arm BF16); float32
+    # on the others, where bfloat16 is emulated and far slower. true forces it everywhere.
+    amp: bool | str = "auto"
     channels_last: bool = True  # NHWC activations and weights (faster convolutions on CPU and GPU)
     val_interval: int = 200  # iterations between validations (0: only at the end)
     val_max_clips: int = 40  # validation clips (evenly spread over the val set)
@@ -65,6 +67,10 @@ class RunConfig:
     progress: bool = True  # tqdm progress bar
     log_interval: int = 10  # iterations between CSV rows
     init_checkpoint: str = ""  # start from these weights (a project checkpoint, or a teacher's)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.amp, bool) or self.amp == "auto"):
+            raise ValueError(f"run.amp must be true, false or auto, got {self.amp!r}")
 
 
 @dataclass(frozen=True)

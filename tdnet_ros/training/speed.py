@@ -7,8 +7,8 @@ alternating rounds in one process so that both see the same machine load:
 
 - before: float32, contiguous (NCHW) tensors, 1 thread, data prepared in the training loop
   (the settings of the bundled model's first training);
-- now: the file's own run settings (bfloat16 autocast on the CPU, channels-last, its
-  threads) and its prefetching data workers.
+- now: the file's own run settings (bfloat16 autocast on a CPU that computes it natively,
+  channels-last, its threads) and its prefetching data workers.
 
 Prints the training images (clip frames) per second of each and the ratio.
 """
@@ -22,8 +22,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tdnet_ros.runtime import resolve_device
+
 from .config import load_config
-from .trainer import train
+from .trainer import autocast_enabled, train
 
 BEFORE = {"run": {"amp": False, "channels_last": False, "threads": 1}, "data": {"num_workers": 0}}
 
@@ -53,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     before, now = (float(np.median(rates[n])) for n in ("before", "now"))
     r = settings["now"].run
     print(f"before (float32, NCHW, 1 thread, no prefetch): {before:.2f} images/s")
-    print(f"now (amp={r.amp}, channels_last={r.channels_last}, threads={r.threads}, "
+    autocast = autocast_enabled(r.amp, resolve_device(r.device), report=False)
+    print(f"now (amp={r.amp}: {'on' if autocast else 'off'}, channels_last={r.channels_last}, threads={r.threads}, "
           f"workers={settings['now'].data.num_workers}): {now:.2f} images/s")
     print(f"speed-up: {now / before:.2f}x")
     return 0

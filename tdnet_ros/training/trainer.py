@@ -22,6 +22,7 @@ from tdnet_ros.config import ModelConfig
 from tdnet_ros.classes import CLASS_COLORS, CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
 from tdnet_ros.model import TDNet, build_model, fit_layer_norms
+from tdnet_ros.runtime import cpu_computes_bfloat16
 
 from .augment import augment_clip, prepare_eval_clip, to_tensor
 from .config import TrainConfig
@@ -359,7 +360,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
     )
     # float16 needs loss scaling (CUDA); bfloat16 keeps float32's exponent range (CPU).
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=config.run.amp and device.type == "cuda")
+    use_amp = autocast_enabled(config.run.amp, device, report=main_process)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
     memory_format = torch.channels_last if config.run.channels_last else torch.contiguous_format
     net.to(memory_format=memory_format)
     if teacher_kd is not None:
@@ -419,7 +421,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
         x, y = next(batches)  # (B, N, 3, h, w), (B, N, h, w)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         first_path = int(path_rng.integers(0, clip_length))
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=config.run.amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             if teacher_stage:
                 frames = x[:, -1].contiguous(memory_format=memory_format)
                 total, terms = _teacher_loss(wrapped, frames, y[:, -1], config)
@@ -512,6 +514,22 @@ def _teacher_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Trai
         terms["auxiliary"] = w.auxiliary * cross_entropy(out["aux"], y)
     total = torch.stack(list(terms.values())).sum()
     return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def autocast_enabled(amp: bool | str, device: torch.device, report: bool = True) -> bool:
+    """run.amp resolved for `device`: "auto" is on except on a CPU that emulates bfloat16.
+
+    With `report`, a CPU without native bfloat16 gets one line saying what was chosen.
+    """
+    if device.type != "cpu" or cpu_computes_bfloat16():
+        return amp is True or amp == "auto"
+    if amp == "auto" and report:
+        print("run.amp auto: this CPU has no native bfloat16 (AVX-512 or Arm BF16), where bfloat16 "
+              "runs far slower than float32; training in float32", flush=True)
+    elif amp is True and report:
+        print("run.amp true: this CPU emulates bfloat16 (no AVX-512 or Arm BF16); expect training far "
+              "slower than in float32 (run.amp auto would choose float32 here)", flush=True)
+    return amp is True
 
 
 def _student_step_loss(net, teacher: TeacherNet | None, x, y, first_path: int, config: TrainConfig,
