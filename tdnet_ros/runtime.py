@@ -165,8 +165,8 @@ def cpu_computes_bfloat16() -> bool:
     """Whether PyTorch's CPU kernels compute bfloat16 natively here.
 
     This is oneDNN's own test (AVX-512 on x86, the BF16 extension on Arm). Without it,
-    bfloat16 convolutions take a reference path: on an AVX2-only AMD EPYC their backward
-    ran 10-60x slower than float32's (`dilated 3x3, 64 channels`, 2026-12-04).
+    bfloat16 convolutions take a slow reference path (on an AVX2-only AMD EPYC, training
+    ran about 7x and inference about 6x slower than in float32: README, `run.amp`).
     """
     import torch
 
