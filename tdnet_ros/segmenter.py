@@ -32,7 +32,8 @@ from .preprocess import (
     resize_frame,
 )
 from . import runtime
-from .runtime import DeviceError, RuntimeConfig, cpu_computes_bfloat16, resolve_device  # noqa: F401 (resolve_device: re-exported)
+from .runtime import DeviceError, RuntimeConfig, resolve_device  # noqa: F401 (resolve_device: re-exported)
+from .runtime import cpu_computes_bfloat16
 from .timing import StageTimes
 
 log = logging.getLogger(__name__)

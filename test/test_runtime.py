@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def test_cuda_without_cuda_and_bad_values_are_refused_naming_the_setting() -> No
 
 def _cpu_flags() -> set[str]:
     try:
-        text = open("/proc/cpuinfo").read()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
     lines = [line for line in text.splitlines() if line.startswith("flags")]
