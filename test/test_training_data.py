@@ -179,3 +179,23 @@ def test_low_resolution_clips_keep_their_labels():
     assert np.array_equal(plain[0], frame)
     with pytest.raises(ValueError, match="low_resolution"):
         AugmentConfig(low_resolution=2.0)
+
+
+def test_whole_frame_clips_keep_the_whole_frame():
+    # A whole-frame clip at scale 1 is the frame itself (no crop, no padding); at a larger
+    # scale it is a base_size window of the enlarged frame. A plain clip keeps `crop`.
+    frame = np.random.default_rng(1).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    labels = np.random.default_rng(2).integers(0, 19, (64, 128), dtype=np.uint8)
+    config = AugmentConfig(base_size=(64, 128), crop=(32, 64), scale=(0.5, 1.0), flip=False, color_jitter=0.0,
+                           whole_frame=0.5, whole_frame_scale=(1.0, 1.0))
+    frames, out = augment_clip([frame] * 2, [labels, labels], config, np.random.default_rng(0), whole_frame=True)
+    assert np.array_equal(frames[0], frame) and np.array_equal(out[1], labels)
+    plain, _ = augment_clip([frame], [labels], config, np.random.default_rng(0))
+    assert plain[0].shape == (32, 64, 3)
+    enlarged = dataclasses.replace(config, whole_frame_scale=(1.5, 1.5))
+    frames, out = augment_clip([frame], [labels], enlarged, np.random.default_rng(0), whole_frame=True)
+    assert frames[0].shape == (64, 128, 3) and (out[0] != 255).all()
+    with pytest.raises(ValueError, match="whole_frame must"):
+        AugmentConfig(whole_frame=1.5)
+    with pytest.raises(ValueError, match="whole_frame_scale"):
+        AugmentConfig(whole_frame=0.5, whole_frame_scale=(0.8, 1.2))

@@ -12,7 +12,7 @@ from tdnet_ros.checkpoint import read_checkpoint
 from tdnet_ros.segmenter import Segmenter
 from tdnet_ros.cli.train import main as train_cli
 from tdnet_ros.training.config import ConfigError, TrainConfig, from_dict, load_config
-from tdnet_ros.training.trainer import learning_rate, train
+from tdnet_ros.training.trainer import _batches, _TrainView, build_datasets, learning_rate, train
 
 TINY = {
     "model": "td4-tiny",
@@ -69,6 +69,23 @@ def test_resume_continues_the_schedule(tmp_path, cache_dir):
     b = read_checkpoint(tmp_path / "broken/model.pt")["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_whole_frame_batches_mix_with_crops_and_resume_alike(cache_dir):
+    # augment.whole_frame decides per batch: every batch has one shape, both shapes occur,
+    # and a stream resumed at iteration k yields the batches the uninterrupted one does.
+    config = tiny_config(Path("unused"), cache_dir, augment={"whole_frame": 0.5}, data={"num_workers": 0})
+    train_set, _ = build_datasets(config, 4)
+    view = _TrainView(train_set, config)
+    stream = _batches(view, config, 0, 1, 0)
+    straight = [next(stream) for _ in range(12)]  # spans three epochs of the 10-frame sequence
+    shapes = [tuple(x.shape) for x, _ in straight]
+    assert set(shapes) == {(2, 4, 3, 48, 96), (2, 4, 3, 64, 128)}
+    assert all(tuple(y.shape) == s[:2] + s[3:] for (_, y), s in zip(straight, shapes))
+    resumed = _batches(_TrainView(train_set, config), config, 0, 1, 5)
+    for x, y in straight[5:]:
+        rx, ry = next(resumed)
+        assert torch.equal(rx, x) and torch.equal(ry, y)
 
 
 def test_teacher_then_distilled_student(tmp_path, cache_dir):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -31,12 +31,25 @@ class AugmentConfig:
     # Probability that a clip's frames are point-sampled at half resolution before the resize,
     # as a frame rendered (or filmed) at half the size and enlarged to the model input is.
     low_resolution: float = 0.0
+    # Probability that a whole batch trains on whole frames (the crop is `base_size`, the scale
+    # drawn from `whole_frame_scale`) instead of `crop`: pyramid pooling, attention and the
+    # spatial LayerNorm then also see the extent they see at inference. Decided per batch,
+    # because the clips of one batch must share a shape.
+    whole_frame: float = 0.0
+    whole_frame_scale: tuple[float, float] = (1.0, 1.5)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.focus_probability <= 1.0:
             raise ValueError(f"augment.focus_probability must be in [0, 1], got {self.focus_probability}")
         if not 0.0 <= self.low_resolution <= 1.0:
             raise ValueError(f"augment.low_resolution must be in [0, 1], got {self.low_resolution}")
+        if not 0.0 <= self.whole_frame <= 1.0:
+            raise ValueError(f"augment.whole_frame must be in [0, 1], got {self.whole_frame}")
+        if self.whole_frame and min(self.whole_frame_scale) < 1.0:
+            raise ValueError(
+                f"augment.whole_frame_scale must not go below 1.0 (a whole-frame crop would be padded), "
+                f"got {list(self.whole_frame_scale)}"
+            )
         if self.focus_probability and not self.focus_classes:
             raise ValueError("augment.focus_probability is set but augment.focus_classes is empty")
 
@@ -90,13 +103,16 @@ def _crop_origin(
 
 
 def augment_clip(
-    frames: list[np.ndarray], labels: list[np.ndarray | None], config: AugmentConfig, rng: np.random.Generator
+    frames: list[np.ndarray], labels: list[np.ndarray | None], config: AugmentConfig, rng: np.random.Generator,
+    whole_frame: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Applies the same random scale, crop, flip and colour jitter to every frame of a clip.
 
     Returns uint8 frames (crop size) and labels (crop size; 255 where a frame had none and in
-    the padding).
+    the padding). With `whole_frame` the crop is `base_size` and the scale `whole_frame_scale`.
     """
+    if whole_frame:
+        config = replace(config, crop=config.base_size, scale=config.whole_frame_scale)
     s = rng.uniform(*config.scale)
     size = (round(config.base_size[0] * s), round(config.base_size[1] * s))
     labels = [None if label is None else _resize(label, size, True) for label in labels]

@@ -112,7 +112,11 @@ def build_datasets(config: TrainConfig, clip_length: int) -> tuple[ClipDataset, 
 
 
 class _TrainView(torch.utils.data.Dataset):
-    """Augmented training clips; the random draw depends on (seed, epoch, index) only."""
+    """Augmented training clips; the random draw depends on (seed, epoch, index) only.
+
+    Keys are (index, whole_frame): `_batches` decides per batch whether its clips are whole
+    frames (augment.whole_frame), since the clips of one batch must share a shape.
+    """
 
     def __init__(self, clips: ClipDataset, config: TrainConfig) -> None:
         self.clips, self.config, self.epoch = clips, config, 0
@@ -120,35 +124,46 @@ class _TrainView(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, whole_frame = key
         rng = np.random.default_rng([self.config.run.seed, self.epoch, index])
         frames, labels = self.clips.load_clip(index, rng)
-        frames, labels = augment_clip(frames, labels, self.config.augment, rng)
+        frames, labels = augment_clip(frames, labels, self.config.augment, rng, whole_frame)
         x = torch.stack([to_tensor(f) for f in frames])  # (N, 3, h, w)
         y = torch.from_numpy(np.stack(labels)).long()  # (N, h, w)
         return x, y
 
 
+def _epoch_keys(
+    view: _TrainView, config: TrainConfig, rank: int, world: int, epoch: int, per_epoch: int
+) -> list[list[tuple[int, bool]]]:
+    """This process's batches of epoch `epoch`: shuffled with seed (run.seed, epoch), sharded.
+
+    Whether batch b is whole frames is drawn from (run.seed, epoch, b), the same on every
+    process, so the replicas of one distributed step share a shape too.
+    """
+    sampler = torch.utils.data.DistributedSampler(
+        view, num_replicas=world, rank=rank, shuffle=True, seed=config.run.seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    size = config.optim.batch_size
+    whole = np.random.default_rng([config.run.seed, epoch, 11]).random(per_epoch) < config.augment.whole_frame
+    return [[(i, bool(whole[b])) for i in indices[b * size : (b + 1) * size]] for b in range(per_epoch)]
+
+
 def _batches(view: _TrainView, config: TrainConfig, rank: int, world: int, start_iteration: int):
-    """Endless batches; epoch e shuffles with seed (run.seed, e), sharded over the processes."""
+    """Endless batches, epoch after epoch, resuming at `start_iteration`."""
     per_epoch = max(len(view) // (config.optim.batch_size * world), 1)
     epoch, skip = divmod(start_iteration, per_epoch)
     while True:
         view.epoch = epoch
-        sampler = torch.utils.data.DistributedSampler(
-            view, num_replicas=world, rank=rank, shuffle=True, seed=config.run.seed, drop_last=True
-        )
-        sampler.set_epoch(epoch)
         workers = config.data.num_workers
         loader = torch.utils.data.DataLoader(
-            view, batch_size=config.optim.batch_size, sampler=sampler, drop_last=True,
+            view, batch_sampler=_epoch_keys(view, config, rank, world, epoch, per_epoch)[skip:],
             num_workers=workers, prefetch_factor=config.data.prefetch if workers else None,
         )
-        for index, batch in enumerate(loader):
-            if index >= per_epoch:
-                break
-            if index >= skip:
-                yield batch
+        yield from loader
         skip, epoch = 0, epoch + 1
 
 
