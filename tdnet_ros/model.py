@@ -162,8 +162,33 @@ class LayerNorm2d(nn.LayerNorm):
         params = torch.stack([weight, bias])[None]  # (1, 2, h0, w0)
         return F.interpolate(params, size, mode="bilinear", align_corners=True)[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def window_affine(self, window: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The weight and bias under each sample's window of the frame, sampled at `size`.
+
+        window: (B, 4) (top, left, bottom, right) in grid_sample's align_corners=True
+        coordinates of the whole frame (training.augment.crop_window); (-1, -1, 1, 1) gives
+        exactly `resize_affine`. Returns (B, 2, h, w).
+        """
+        h, w = size
+        steps_y = torch.linspace(0, 1, h, device=window.device, dtype=window.dtype)
+        steps_x = torch.linspace(0, 1, w, device=window.device, dtype=window.dtype)
+        top, left, bottom, right = window.unbind(1)  # (B,) each
+        ys = top[:, None] + (bottom - top)[:, None] * steps_y  # (B, h)
+        xs = left[:, None] + (right - left)[:, None] * steps_x  # (B, w)
+        b = len(window)
+        grid = torch.stack([xs[:, None, :].expand(b, h, w), ys[:, :, None].expand(b, h, w)], -1)  # (B, h, w, 2): x, y
+        params = torch.stack([self.weight, self.bias])[None].expand(b, -1, -1, -1)  # (B, 2, h0, w0)
+        return F.grid_sample(params, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+    def forward(self, x: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, h, w). window: (B, 4), where each sample lies in its frame (training on
+        crops, see `window_affine`); None for whole frames."""
         size = tuple(x.shape[-2:])
+        if window is not None:
+            affine = self.window_affine(window.to(self.weight.dtype), size)  # (B, 2, h, w)
+            weight, bias = affine[:, :1], affine[:, 1:]  # (B, 1, h, w) each, broadcast over C
+            var, mean = torch.var_mean(x, dim=(-2, -1), keepdim=True, correction=0)  # (B, C, 1, 1)
+            return (x - mean) * torch.rsqrt(var + self.eps) * weight + bias
         weight, bias = self.weight, self.bias
         if size != tuple(self.normalized_shape):
             weight, bias = self.resize_affine(self.weight, self.bias, size)
@@ -273,6 +298,7 @@ class TDNet(nn.Module):
         *,
         timer: StageTimer = _no_timer,
         with_layer3: bool = False,
+        window: torch.Tensor | None = None,
     ) -> StepOutput:
         """Runs one frame through sub-network `path`.
 
@@ -283,6 +309,8 @@ class TDNet(nn.Module):
                 is not yet full (then the attention term is left out, as in the published model).
             timer: called with a stage name, returns a context manager timing that stage.
             with_layer3: also return layer3's features, for training's auxiliary head.
+            window: (B, 4) where each frame, a training crop, lies in its whole frame
+                (LayerNorm2d.window_affine); None for whole frames.
         """
         net = self.paths[path]
         with timer("backbone"):
@@ -295,7 +323,7 @@ class TDNet(nn.Module):
             combined = value
             if cached is not None and len(cached) == self.num_paths - 1:
                 combined = value + self.propagate(path, cached, query, value.shape)
-            head_input = net.layer_norm(combined)
+            head_input = net.layer_norm(combined, window)
         with timer("head"):
             logits = net.head(head_input.to(self.conv_dtype))
         return StepOutput(logits, cache_entry, layer3)
@@ -319,12 +347,16 @@ class TDNet(nn.Module):
         b, d_v, h, w = value_shape
         return carried.view(b, h, w, d_v).permute(0, 3, 1, 2)  # (B, h*w, d_v) -> (B, d_v, h, w), channels-last
 
-    def forward_clip(self, clip: Sequence[torch.Tensor], first_path: int, *, with_layer3: bool = False):
+    def forward_clip(
+        self, clip: Sequence[torch.Tensor], first_path: int, *, with_layer3: bool = False,
+        window: torch.Tensor | None = None,
+    ):
         """Training forward over a clip of N frames: frame j runs path (first_path + j) mod N.
 
         Returns the StepOutput of every frame; the last one carries the attention-composed
         logits, the others their single-frame logits. A one-path model (N = 1) takes a clip
-        of one frame, which runs without attention.
+        of one frame, which runs without attention. `window`: (B, 4), where the clip's crop
+        lies in its frames (the same for every frame of a clip), or None.
         """
         if len(clip) != self.num_paths:
             raise ValueError(f"a clip must have {self.num_paths} frames, got {len(clip)}")
@@ -332,7 +364,7 @@ class TDNet(nn.Module):
         for j, frame in enumerate(clip):
             path = (first_path + j) % self.num_paths
             cached = [o.cache_entry for o in outputs] if 0 < j == len(clip) - 1 else None
-            outputs.append(self.step(frame, path, cached, with_layer3=with_layer3))
+            outputs.append(self.step(frame, path, cached, with_layer3=with_layer3, window=window))
         return outputs
 
 

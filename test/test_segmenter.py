@@ -119,6 +119,35 @@ def test_resized_layer_norm_matches_at_trained_size():
     assert torch.allclose(norm(x), torch.nn.functional.layer_norm(x, (16, 32), norm.weight, norm.bias), atol=1e-6)
 
 
+def test_layer_norm_on_a_crop_takes_the_parameters_under_its_window():
+    # Training on crops (augment.align_layer_norm): each sample's parameters are the part of
+    # the whole frame's resized parameters that lies under its crop, flipped with it; the
+    # whole frame's window gives exactly the resize used at inference.
+    norm = tiny_segmenter().model.paths[0].layer_norm
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    frame_size, crop, corner = (40, 72), (16, 32), (10, 30)  # feature sizes; crop's top-left
+    whole = norm.resize_affine(norm.weight, norm.bias, frame_size)  # (2, 40, 72), F.interpolate
+
+    def grid(first: int, count: int, extent: int) -> list[float]:
+        return [2 * first / (extent - 1) - 1, 2 * (first + count - 1) / (extent - 1) - 1]
+
+    (top, bottom), (left, right) = grid(corner[0], crop[0], frame_size[0]), grid(corner[1], crop[1], frame_size[1])
+    windows = torch.tensor([[top, left, bottom, right], [top, right, bottom, left], [-1.0, -1.0, 1.0, 1.0]])
+    rows, cols = slice(corner[0], corner[0] + crop[0]), slice(corner[1], corner[1] + crop[1])
+    under = whole[:, rows, cols]
+    expected = torch.stack([under, under.flip(-1), norm.resize_affine(norm.weight, norm.bias, crop)])
+    with torch.no_grad():
+        torch.testing.assert_close(norm.window_affine(windows, crop), expected, rtol=0, atol=1e-5)
+        x = torch.randn(3, 32, *crop)
+        reference = torch.stack([
+            torch.nn.functional.layer_norm(x[i], crop, expected[i, 0], expected[i, 1], eps=norm.eps) for i in range(3)
+        ])
+        torch.testing.assert_close(norm(x, windows), reference, rtol=0, atol=1e-4)
+        torch.testing.assert_close(norm(x, windows[2:].expand(3, 4)), norm(x), rtol=0, atol=1e-4)
+
+
 def test_project_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_name("td4-tiny"))

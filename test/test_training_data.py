@@ -121,7 +121,7 @@ def test_augmentation_is_the_same_for_every_frame():
     labels = rng.integers(0, 19, (64, 128), dtype=np.uint8)
     config = AugmentConfig(base_size=(64, 128), crop=(48, 96), scale=(0.5, 1.5), flip=True, color_jitter=0.3)
     for seed in range(6):
-        frames, out_labels = augment_clip([frame] * 4, [labels, None, labels, labels], config, np.random.default_rng(seed))
+        frames, out_labels, _ = augment_clip([frame] * 4, [labels, None, labels, labels], config, np.random.default_rng(seed))
         assert all(f.shape == (48, 96, 3) for f in frames)
         assert all(np.array_equal(f, frames[0]) for f in frames)
         assert np.array_equal(out_labels[0], out_labels[2]) and np.array_equal(out_labels[0], out_labels[3])
@@ -142,7 +142,7 @@ def test_focused_crops_contain_the_focus_class():
     def pole_places(config):
         places = []
         for seed in range(40):
-            _, out = augment_clip([frame] * 2, [None, labels], config, np.random.default_rng(seed))
+            _, out, _ = augment_clip([frame] * 2, [None, labels], config, np.random.default_rng(seed))
             rows, cols = np.nonzero(out[1] == 5)
             places.append((int(rows.min()), int(cols.min())) if rows.size else None)
         return places
@@ -152,7 +152,7 @@ def test_focused_crops_contain_the_focus_class():
     assert len(set(focused_places)) > 5
     assert sum(p is not None for p in pole_places(uniform)) < 10
     # A clip without any focus class falls back to a uniform crop rather than failing.
-    _, out = augment_clip([frame], [np.zeros_like(labels)], focused, np.random.default_rng(0))
+    _, out, _ = augment_clip([frame], [np.zeros_like(labels)], focused, np.random.default_rng(0))
     assert out[0].shape == (32, 64)
 
 
@@ -172,10 +172,10 @@ def test_low_resolution_clips_keep_their_labels():
     labels = np.random.default_rng(0).integers(0, 19, (64, 128), dtype=np.uint8)
     config = AugmentConfig(base_size=(64, 128), crop=(64, 128), scale=(1.0, 1.0), flip=False, color_jitter=0.0,
                            low_resolution=1.0)
-    frames, out = augment_clip([frame] * 2, [labels, labels], config, np.random.default_rng(0))
+    frames, out, _ = augment_clip([frame] * 2, [labels, labels], config, np.random.default_rng(0))
     assert frames[0].shape == (64, 128, 3) and (frames[0] == 200).all()
     assert np.array_equal(out[1], labels)
-    plain, _ = augment_clip([frame], [labels], dataclasses.replace(config, low_resolution=0.0), np.random.default_rng(0))
+    plain, _, _ = augment_clip([frame], [labels], dataclasses.replace(config, low_resolution=0.0), np.random.default_rng(0))
     assert np.array_equal(plain[0], frame)
     with pytest.raises(ValueError, match="low_resolution"):
         AugmentConfig(low_resolution=2.0)
@@ -188,14 +188,41 @@ def test_whole_frame_clips_keep_the_whole_frame():
     labels = np.random.default_rng(2).integers(0, 19, (64, 128), dtype=np.uint8)
     config = AugmentConfig(base_size=(64, 128), crop=(32, 64), scale=(0.5, 1.0), flip=False, color_jitter=0.0,
                            whole_frame=0.5, whole_frame_scale=(1.0, 1.0))
-    frames, out = augment_clip([frame] * 2, [labels, labels], config, np.random.default_rng(0), whole_frame=True)
+    frames, out, _ = augment_clip([frame] * 2, [labels, labels], config, np.random.default_rng(0), whole_frame=True)
     assert np.array_equal(frames[0], frame) and np.array_equal(out[1], labels)
-    plain, _ = augment_clip([frame], [labels], config, np.random.default_rng(0))
+    plain, _, _ = augment_clip([frame], [labels], config, np.random.default_rng(0))
     assert plain[0].shape == (32, 64, 3)
     enlarged = dataclasses.replace(config, whole_frame_scale=(1.5, 1.5))
-    frames, out = augment_clip([frame], [labels], enlarged, np.random.default_rng(0), whole_frame=True)
+    frames, out, _ = augment_clip([frame], [labels], enlarged, np.random.default_rng(0), whole_frame=True)
     assert frames[0].shape == (64, 128, 3) and (out[0] != 255).all()
     with pytest.raises(ValueError, match="whole_frame must"):
         AugmentConfig(whole_frame=1.5)
     with pytest.raises(ValueError, match="whole_frame_scale"):
         AugmentConfig(whole_frame=0.5, whole_frame_scale=(0.8, 1.2))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_crop_window_locates_the_crop_in_the_scaled_frame(flip):
+    # Each pixel of the frame carries its own row (channel 0) and column (channel 1); the
+    # window, mapped back to pixels of the scaled frame, must name the rows and columns the
+    # crop actually holds, also where the crop is flipped.
+    height, width = 60, 120
+    rows, cols = np.mgrid[0:height, 0:width]
+    frame = np.stack([rows * 2, cols * 2, np.zeros_like(rows)], -1).astype(np.uint8)
+    labels = np.zeros((height, width), np.uint8)
+    config = AugmentConfig(base_size=(height, width), crop=(24, 40), scale=(2.0, 2.0), flip=flip, color_jitter=0.0)
+    size = (2 * height, 2 * width)  # the frame at scale 2, where the crop is taken
+    windows = []
+    for seed in range(8):
+        clip = augment_clip([frame], [labels], config, np.random.default_rng(seed))
+        top, left, bottom, right = clip.window.tolist()
+        ys = (np.linspace(top, bottom, 24) + 1) / 2 * (size[0] - 1)  # scaled-frame rows of the crop's rows
+        xs = (np.linspace(left, right, 40) + 1) / 2 * (size[1] - 1)
+        # channel 0 holds 2 * the source row, which is (scaled row) / 2 up to the linear resize
+        np.testing.assert_allclose(clip.frames[0][:, 0, 0], ys, atol=1.01)
+        np.testing.assert_allclose(clip.frames[0][0, :, 1], xs, atol=1.01)
+        windows.append((top, left))
+    assert len(set(windows)) > 4
+    whole = augment_clip([frame], [labels], dataclasses.replace(config, crop=size), np.random.default_rng(0))
+    expected = [-1.0, 1.0, 1.0, -1.0] if flip else [-1.0, -1.0, 1.0, 1.0]
+    assert whole.window.tolist() == expected

@@ -79,13 +79,26 @@ def test_whole_frame_batches_mix_with_crops_and_resume_alike(cache_dir):
     view = _TrainView(train_set, config)
     stream = _batches(view, config, 0, 1, 0)
     straight = [next(stream) for _ in range(12)]  # spans three epochs of the 10-frame sequence
-    shapes = [tuple(x.shape) for x, _ in straight]
+    shapes = [tuple(x.shape) for x, _, _ in straight]
     assert set(shapes) == {(2, 4, 3, 48, 96), (2, 4, 3, 64, 128)}
-    assert all(tuple(y.shape) == s[:2] + s[3:] for (_, y), s in zip(straight, shapes))
+    assert all(tuple(y.shape) == s[:2] + s[3:] for (_, y, _), s in zip(straight, shapes))
     resumed = _batches(_TrainView(train_set, config), config, 0, 1, 5)
-    for x, y in straight[5:]:
-        rx, ry = next(resumed)
-        assert torch.equal(rx, x) and torch.equal(ry, y)
+    for x, y, window in straight[5:]:
+        rx, ry, rwindow = next(resumed)
+        assert torch.equal(rx, x) and torch.equal(ry, y) and torch.equal(rwindow, window)
+
+
+def test_aligned_layer_norm_trains_the_parameters_under_each_crop(tmp_path, cache_dir):
+    # augment.align_layer_norm reaches the model: from the same start and the same batches, the
+    # LayerNorm parameters learn differently, and nothing else about the run changes.
+    runs = {}
+    for align in (False, True):
+        config = tiny_config(tmp_path / str(align), cache_dir, augment={"align_layer_norm": align},
+                             loss={"auxiliary": 0.0})
+        runs[align] = read_checkpoint(train(config).checkpoint)["state_dict"]
+    norm_keys = [k for k in runs[True] if ".layer_norm." in k]
+    assert norm_keys and any(not torch.equal(runs[True][k], runs[False][k]) for k in norm_keys)
+    assert all(torch.isfinite(v).all() for v in runs[True].values() if v.is_floating_point())
 
 
 def test_teacher_then_distilled_student(tmp_path, cache_dir):

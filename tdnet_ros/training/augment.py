@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -37,6 +38,10 @@ class AugmentConfig:
     # because the clips of one batch must share a shape.
     whole_frame: float = 0.0
     whole_frame_scale: tuple[float, float] = (1.0, 1.5)
+    # Give the spatial LayerNorm the part of its per-position parameters that lies under the
+    # crop (its window in the frame), instead of the whole frame's parameters squeezed onto
+    # the crop: each position then trains the parameters inference applies there.
+    align_layer_norm: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.focus_probability <= 1.0:
@@ -102,14 +107,39 @@ def _crop_origin(
     return int(rng.integers(0, max_top + 1)), int(rng.integers(0, max_left + 1))
 
 
+class AugmentedClip(NamedTuple):
+    frames: list[np.ndarray]  # uint8 (crop_h, crop_w, 3) each
+    labels: list[np.ndarray]  # uint8 (crop_h, crop_w); 255 where a frame had none and in the padding
+    window: np.ndarray  # float32 (4,): the crop in the frame, see `crop_window`
+
+
+def crop_window(size: tuple[int, int], top: int, left: int, crop: tuple[int, int], flip: bool) -> np.ndarray:
+    """Where a crop lies in its frame: (top, left, bottom, right) in grid_sample's coordinates.
+
+    -1 and 1 are the centres of the frame's first and last pixels (align_corners=True, as the
+    LayerNorm's resize uses); bottom/right are the crop's last row/column, beyond 1 where the
+    crop was padded. A flipped crop has left > right, since its first column is the frame's
+    right edge. The whole frame, unflipped, is (-1, -1, 1, 1).
+    """
+    def to_grid(first: int, count: int, extent: int) -> tuple[float, float]:
+        scale = 2.0 / max(extent - 1, 1)
+        return first * scale - 1.0, (first + count - 1) * scale - 1.0
+
+    y0, y1 = to_grid(top, crop[0], size[0])
+    x0, x1 = to_grid(left, crop[1], size[1])
+    if flip:
+        x0, x1 = x1, x0
+    return np.array([y0, x0, y1, x1], dtype=np.float32)
+
+
 def augment_clip(
     frames: list[np.ndarray], labels: list[np.ndarray | None], config: AugmentConfig, rng: np.random.Generator,
     whole_frame: bool = False,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+) -> AugmentedClip:
     """Applies the same random scale, crop, flip and colour jitter to every frame of a clip.
 
-    Returns uint8 frames (crop size) and labels (crop size; 255 where a frame had none and in
-    the padding). With `whole_frame` the crop is `base_size` and the scale `whole_frame_scale`.
+    Returns the frames and labels at crop size and the crop's window in the frame. With
+    `whole_frame` the crop is `base_size` and the scale `whole_frame_scale`.
     """
     if whole_frame:
         config = replace(config, crop=config.base_size, scale=config.whole_frame_scale)
@@ -138,7 +168,7 @@ def augment_clip(
             frame = _jitter(frame, *factors)
         out_frames.append(np.ascontiguousarray(frame))
         out_labels.append(np.ascontiguousarray(label))
-    return out_frames, out_labels
+    return AugmentedClip(out_frames, out_labels, crop_window(size, top, left, config.crop, flip))
 
 
 def prepare_eval_clip(

@@ -76,8 +76,10 @@ class StudentForTraining(nn.Module):
         self.model = model
         self.auxiliary = AuxiliaryHeads(model.config) if with_auxiliary else None
 
-    def forward(self, clip: list[torch.Tensor], first_path: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        outputs = self.model.forward_clip(clip, first_path, with_layer3=self.auxiliary is not None)
+    def forward(
+        self, clip: list[torch.Tensor], first_path: int, window: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        outputs = self.model.forward_clip(clip, first_path, with_layer3=self.auxiliary is not None, window=window)
         logits = [o.logits for o in outputs]  # N x (B, K, h, w); the last is attention-composed
         aux = []
         if self.auxiliary is not None:
@@ -124,14 +126,14 @@ class _TrainView(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index, whole_frame = key
         rng = np.random.default_rng([self.config.run.seed, self.epoch, index])
         frames, labels = self.clips.load_clip(index, rng)
-        frames, labels = augment_clip(frames, labels, self.config.augment, rng, whole_frame)
-        x = torch.stack([to_tensor(f) for f in frames])  # (N, 3, h, w)
-        y = torch.from_numpy(np.stack(labels)).long()  # (N, h, w)
-        return x, y
+        clip = augment_clip(frames, labels, self.config.augment, rng, whole_frame)
+        x = torch.stack([to_tensor(f) for f in clip.frames])  # (N, 3, h, w)
+        y = torch.from_numpy(np.stack(clip.labels)).long()  # (N, h, w)
+        return x, y, torch.from_numpy(clip.window)  # window: (4,)
 
 
 def _epoch_keys(
@@ -433,8 +435,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
         lr = learning_rate(iteration, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = next(batches)  # (B, N, 3, h, w), (B, N, h, w)
+        x, y, window = next(batches)  # (B, N, 3, h, w), (B, N, h, w), (B, 4)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        window = window.to(device) if config.augment.align_layer_norm else None
         first_path = int(path_rng.integers(0, clip_length))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             if teacher_stage:
@@ -442,7 +445,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
                 total, terms = _teacher_loss(wrapped, frames, y[:, -1], config)
             else:
                 total, terms = _student_step_loss(wrapped, teacher_kd, x, y, first_path, config, memory_format,
-                                                  class_weights)
+                                                  class_weights, window)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
@@ -549,11 +552,12 @@ def autocast_enabled(amp: bool | str, device: torch.device, report: bool = True)
 
 def _student_step_loss(net, teacher: TeacherNet | None, x, y, first_path: int, config: TrainConfig,
                        memory_format: torch.memory_format = torch.contiguous_format,
-                       class_weights: torch.Tensor | None = None):
-    """Student loss on one batch of clips (B, N, 3, h, w) with labels (B, N, h, w)."""
+                       class_weights: torch.Tensor | None = None, window: torch.Tensor | None = None):
+    """Student loss on one batch of clips (B, N, 3, h, w) with labels (B, N, h, w); `window`
+    (B, 4) places each clip's crop in its frame for the LayerNorm (augment.align_layer_norm)."""
     n = x.shape[1]
     clip = [x[:, j].contiguous(memory_format=memory_format) for j in range(n)]
-    logits, aux = net(clip, first_path)
+    logits, aux = net(clip, first_path, window)
     teacher_full, sub_logits, teacher_groups = None, None, None
     if teacher is not None:
         with torch.no_grad():
