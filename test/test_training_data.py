@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tdnet_ros.training.augment import AugmentConfig, augment_clip
-from tdnet_ros.training.datasets import CamVidClips, CityscapesClips, DatasetError, clip_offsets
+from tdnet_ros.training.datasets import CamVidClips, CityscapesClips, DatasetError, GeneratedClips, clip_offsets
 
 H, W = 24, 48
 
@@ -226,3 +226,18 @@ def test_crop_window_locates_the_crop_in_the_scaled_frame(flip):
     whole = augment_clip([frame], [labels], dataclasses.replace(config, crop=size), np.random.default_rng(0))
     expected = [-1.0, 1.0, 1.0, -1.0] if flip else [-1.0, -1.0, 1.0, 1.0]
     assert whole.window.tolist() == expected
+
+
+def test_missing_sequences_render_in_parallel_as_they_do_one_by_one(tmp_path):
+    # Two processes fill the cache with exactly the sequences one process renders; a second
+    # dataset on the same cache renders nothing (its files are not rewritten).
+    seeds, frames, size = [3, 4], 3, (32, 64)
+    apart = GeneratedClips(seeds, frames, size, 2, (1, 1), tmp_path / "parallel", render_workers=2)
+    alone = GeneratedClips(seeds, frames, size, 2, (1, 1), tmp_path / "serial", render_workers=1)
+    for a, b in zip(apart.images + apart.labels, alone.images + alone.labels):
+        assert np.array_equal(a, b)
+    files = sorted((tmp_path / "parallel").iterdir())
+    assert [f.name for f in files] == ["street_s3_n3_64x32.npz", "street_s4_n3_64x32.npz"]
+    written = [f.stat().st_mtime_ns for f in files]
+    again = GeneratedClips(seeds, frames, size, 2, (1, 1), tmp_path / "parallel")
+    assert [f.stat().st_mtime_ns for f in files] == written and len(again) == len(apart)

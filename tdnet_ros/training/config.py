@@ -33,6 +33,7 @@ class DataConfig:
     size: tuple[int, int] = (256, 512)  # generated: rendered (height, width)
     gaps: tuple[int, int] = (1, 2)  # range of frame gaps inside a clip
     cache_dir: str = "outputs/cache"  # generated: rendered sequences are kept here ("" = no cache)
+    render_workers: int = 0  # generated: processes rendering missing cached sequences (0: one per core)
     num_workers: int = 1  # DataLoader workers preparing (augmenting) batches ahead of the step
     prefetch: int = 4  # batches each worker keeps ready
 

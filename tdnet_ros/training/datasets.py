@@ -7,8 +7,12 @@ and a label map per frame (train ids, 255 = ignore; None where a frame has no la
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
 import cv2
@@ -110,11 +114,30 @@ class ClipDataset:
 # -- generated street videos ---------------------------------------------------------------
 
 
+def render_sequence(seed: int, frames: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One generated street video: images (T, H, W, 3) and labels (T, H, W), uint8."""
+    from tdnet_ros.data import generate_sequence  # pybullet is only needed here
+
+    height, width = size
+    rendered = list(generate_sequence(seed, frames, width=width, height=height))
+    return np.stack([f.rgb for f in rendered]), np.stack([f.labels for f in rendered])
+
+
+def _render_into(path: Path, seed: int, frames: int, size: tuple[int, int]) -> None:
+    """Renders one sequence into the cache file `path` (whole or not at all)."""
+    images, labels = render_sequence(seed, frames, size)
+    partial = path.with_name(path.stem + ".partial.npz")
+    np.savez(partial, images=images, labels=labels)
+    partial.replace(path)
+
+
 class GeneratedClips(ClipDataset):
     """Street videos rendered by `tdnet_ros.data.generate_sequence` (every frame labelled).
 
     Sequences are rendered once and kept in memory; with `cache_dir` they are also stored as
-    `.npz` files and reused by later runs.
+    `.npz` files and reused by later runs. Missing cache files are rendered by
+    `render_workers` processes at once (0: one per CPU core), since rendering is
+    single-threaded and a fresh cache of dozens of sequences otherwise takes an hour.
     """
 
     def __init__(
@@ -126,25 +149,35 @@ class GeneratedClips(ClipDataset):
         gaps: tuple[int, int],
         cache_dir: str | Path | None = None,
         num_classes: int = 19,
+        render_workers: int = 0,
     ) -> None:
-        from tdnet_ros.data import generate_sequence  # pybullet is only needed here
-
         self.num_classes, self.clip_length, self.gaps = num_classes, clip_length, gaps
         self.images: list[np.ndarray] = []  # per seed: (T, H, W, 3) uint8
         self.labels: list[np.ndarray] = []  # per seed: (T, H, W) uint8
         height, width = size
-        for seed in seeds:
-            cached = Path(cache_dir) / f"street_s{seed}_n{frames}_{width}x{height}.npz" if cache_dir else None
-            if cached is not None and cached.is_file():
-                data = np.load(cached)
-                images, labels = data["images"], data["labels"]
+        cached = {
+            seed: Path(cache_dir) / f"street_s{seed}_n{frames}_{width}x{height}.npz" if cache_dir else None
+            for seed in seeds
+        }
+        missing = [seed for seed, path in cached.items() if path is not None and not path.is_file()]
+        if missing:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            workers = min(len(missing), render_workers or cores)
+            if workers > 1:
+                # spawn: a forked pybullet or torch state is not safe to reuse
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    list(pool.map(_render_into, [cached[s] for s in missing], missing, repeat(frames), repeat(size)))
             else:
-                rendered = list(generate_sequence(seed, frames, width=width, height=height))
-                images = np.stack([f.rgb for f in rendered])
-                labels = np.stack([f.labels for f in rendered])
-                if cached is not None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    np.savez(cached, images=images, labels=labels)
+                for seed in missing:
+                    _render_into(cached[seed], seed, frames, size)
+        for seed in seeds:
+            path = cached[seed]
+            if path is None:
+                images, labels = render_sequence(seed, frames, size)
+            else:
+                data = np.load(path)
+                images, labels = data["images"], data["labels"]
             self.images.append(images)
             self.labels.append(labels)
         first = (clip_length - 1) * gaps[1]  # earliest frame whose every clip fits in the video

@@ -102,8 +102,10 @@ def build_datasets(config: TrainConfig, clip_length: int) -> tuple[ClipDataset, 
     num_classes = len(class_table(config)[0])
     if d.kind == "generated":
         cache = d.cache_dir or None
-        train = GeneratedClips(d.train_seeds, d.frames, d.size, clip_length, d.gaps, cache, num_classes)
-        val = GeneratedClips(d.val_seeds, d.val_frames, d.size, clip_length, (1, 1), cache, num_classes)
+        train = GeneratedClips(d.train_seeds, d.frames, d.size, clip_length, d.gaps, cache, num_classes,
+                               d.render_workers)
+        val = GeneratedClips(d.val_seeds, d.val_frames, d.size, clip_length, (1, 1), cache, num_classes,
+                             d.render_workers)
     elif d.kind == "cityscapes":
         train = CityscapesClips(d.root, d.train_split, clip_length, d.gaps, num_classes)
         val = CityscapesClips(d.root, d.val_split, clip_length, (1, 1), num_classes)
