@@ -64,6 +64,8 @@ def test_resume_continues_the_schedule(tmp_path, cache_dir):
     train(broken, resume=True)
     lrs = [float(r["lr"]) for r in _log(tmp_path / "broken")]
     assert lrs == pytest.approx([learning_rate(i, broken) for i in range(4)], rel=1e-4)
+    seconds = [float(r["seconds"]) for r in _log(tmp_path / "broken")]
+    assert seconds[2] > seconds[1] > 0  # the resumed run counts on from the interrupted one's time
     assert lrs == pytest.approx([float(r["lr"]) for r in _log(tmp_path / "straight")], rel=1e-6)
     a = read_checkpoint(tmp_path / "straight/model.pt")["state_dict"]
     b = read_checkpoint(tmp_path / "broken/model.pt")["state_dict"]

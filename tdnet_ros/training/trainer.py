@@ -211,6 +211,11 @@ class TrainingLog:
             with open(self.csv_path, newline="") as f:
                 self.rows = list(csv.DictReader(f))
 
+    def last_seconds(self) -> float:
+        """Training time logged so far (0 for a new log)."""
+        times = [float(r["seconds"]) for r in self.rows if r.get("seconds")]
+        return times[-1] if times else 0.0
+
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
@@ -426,6 +431,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
         progress = tqdm(total=config.optim.iterations, initial=start, desc=f"train {config.stage}", dynamic_ncols=True)
 
     began = time.time()
+    # a resumed run's log goes on counting from where the interrupted one stopped
+    earlier_seconds = log.last_seconds()
     images_per_step = config.optim.batch_size * world * clip_length
     speed = ImageRate()
     val_miou = math.nan
@@ -462,7 +469,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
         if done % config.run.log_interval == 0 or done == config.optim.iterations:
             row = {"iteration": done, "lr": f"{lr:.6g}", "loss": f"{float(total):.5f}"}
             row.update({f"loss_{k}": f"{v:.5f}" for k, v in terms.items()})
-            row["seconds"] = f"{time.time() - began:.1f}"
+            row["seconds"] = f"{earlier_seconds + time.time() - began:.1f}"
             row["images_per_s"] = f"{speed.recent():.2f}"
         validate_now = done == config.optim.iterations or (config.run.val_interval and done % config.run.val_interval == 0)
         if validate_now and main_process:
