@@ -61,7 +61,10 @@ def test_resume_continues_the_schedule(tmp_path, cache_dir):
     first = train(broken, stop_at=2)
     assert first.iterations == 2 and not (tmp_path / "broken/model.pt").exists()
     assert read_checkpoint(tmp_path / "broken/last.pt")["iteration"] == 2
+    with open(tmp_path / "broken/log.csv", "a") as log:  # a row a killed run wrote after its checkpoint
+        log.write("3,0.5,9.0,9.0,0.0,1000.0,1.0\n")
     train(broken, resume=True)
+    assert [int(r["iteration"]) for r in _log(tmp_path / "broken")] == [1, 2, 3, 4]
     lrs = [float(r["lr"]) for r in _log(tmp_path / "broken")]
     assert lrs == pytest.approx([learning_rate(i, broken) for i in range(4)], rel=1e-4)
     seconds = [float(r["seconds"]) for r in _log(tmp_path / "broken")]

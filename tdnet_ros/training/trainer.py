@@ -204,12 +204,14 @@ def validate(
 class TrainingLog:
     """CSV rows (iteration, lr, loss terms, mIoU) and a PNG plot of them."""
 
-    def __init__(self, out_dir: Path, resume: bool) -> None:
+    def __init__(self, out_dir: Path, resume_at: int | None) -> None:
+        """A new log, or with `resume_at` the existing one up to that iteration: the rows a
+        killed run wrote after its last checkpoint are dropped, since they are trained again."""
         self.csv_path, self.png_path = out_dir / "log.csv", out_dir / "log.png"
         self.rows: list[dict[str, Any]] = []
-        if resume and self.csv_path.is_file():
+        if resume_at is not None and self.csv_path.is_file():
             with open(self.csv_path, newline="") as f:
-                self.rows = list(csv.DictReader(f))
+                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_at]
 
     def last_seconds(self) -> float:
         """Training time logged so far (0 for a new log)."""
@@ -423,7 +425,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
             print("class weights of the OHEM term: " + ", ".join(f"{w:.2f}" for w in class_weights.tolist()),
                   flush=True)
     batches = _batches(_TrainView(train_set, config), config, rank, world, start)
-    log = TrainingLog(out_dir, resume)
+    log = TrainingLog(out_dir, start if resume else None)
     progress = None
     if main_process and config.run.progress:
         from tqdm import tqdm
