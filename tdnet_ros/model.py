@@ -187,14 +187,13 @@ class LayerNorm2d(nn.LayerNorm):
         if window is not None:
             affine = self.window_affine(window.to(self.weight.dtype), size)  # (B, 2, h, w)
             weight, bias = affine[:, :1], affine[:, 1:]  # (B, 1, h, w) each, broadcast over C
-            var, mean = torch.var_mean(x, dim=(-2, -1), keepdim=True, correction=0)  # (B, C, 1, 1)
-            return (x - mean) * torch.rsqrt(var + self.eps) * weight + bias
-        weight, bias = self.weight, self.bias
-        if size != tuple(self.normalized_shape):
+        elif size != tuple(self.normalized_shape):
             weight, bias = self.resize_affine(self.weight, self.bias, size)
-        if x.is_contiguous():
+        else:
+            weight, bias = self.weight, self.bias
+        if x.is_contiguous() and window is None:
             return F.layer_norm(x, size, weight, bias, eps=self.eps)
-        # Channels-last input: normalize in place of layout instead of copying to NCHW.
+        # Channels-last input (normalized without a copy to NCHW) or per-sample parameters.
         var, mean = torch.var_mean(x, dim=(-2, -1), keepdim=True, correction=0)  # (B, C, 1, 1)
         return (x - mean).mul_(torch.rsqrt(var + self.eps)).mul_(weight).add_(bias)
 
