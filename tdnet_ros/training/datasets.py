@@ -137,7 +137,7 @@ class GeneratedClips(ClipDataset):
     Sequences are rendered once and kept in memory; with `cache_dir` they are also stored as
     `.npz` files and reused by later runs. Missing cache files are rendered by
     `render_workers` processes at once (0: one per CPU core), since rendering is
-    single-threaded (minutes per sequence at 1024x512 on a slow CPU).
+    single-threaded.
     """
 
     def __init__(
