@@ -188,3 +188,34 @@ def test_weights_continue_at_another_input_size():
     for frame in frames:  # every path once, then with a full cache
         a, b = run_small.segment(frame), run_large.segment(frame)
         torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-5)
+
+
+def test_init_checkpoint_of_a_narrower_student_is_widened_to_the_configured_width(tmp_path, cache_dir, capsys):
+    """A run at a larger base_width starts from the narrower checkpoint, widened (that the
+    widened model computes the same is test_training_widen's)."""
+    narrow = train(tiny(tmp_path / "narrow", cache_dir))
+    wide_model = {"model_overrides": {"base_width": 12, "name": "td4-tiny-wide"}}
+    wide = train(tiny(tmp_path / "wide", cache_dir, optim={"iterations": 1, "lr": 0.0, "weight_decay": 0.0},
+                      run={"init_checkpoint": str(narrow.checkpoint)}, **wide_model))
+    assert "widened from base_width 8 to 12" in capsys.readouterr().out
+    assert wide.model.config.base_width == 12 and wide.model.config.name == "td4-tiny-wide"
+    narrow_stem = read_checkpoint(narrow.checkpoint)["state_dict"]["paths.0.backbone.conv1.weight"]  # (8, 3, 7, 7)
+    wide_stem = wide.model.state_dict()["paths.0.backbone.conv1.weight"]  # (12, 3, 7, 7)
+    torch.testing.assert_close(wide_stem[:4], narrow_stem[:4], rtol=0, atol=0)  # group 0's old channels in place
+    assert wide_stem.shape[0] == 12
+
+
+def test_init_checkpoint_that_does_not_fit_is_one_line(tmp_path, cache_dir, capsys):
+    narrow = train(tiny(tmp_path / "narrow", cache_dir))
+    path = tmp_path / "other.yaml"
+    other = tiny(tmp_path / "other", cache_dir, run={"init_checkpoint": str(narrow.checkpoint)},
+                 model_overrides={"base_width": 12, "key_channels": 8})
+    path.write_text(yaml.safe_dump(other.to_dict()))
+    assert train_cli([str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tdnet-train: run.init_checkpoint {narrow.checkpoint} cannot be widened")
+    assert "changes only base_width" in err and "Traceback" not in err
+    path.write_text(yaml.safe_dump(tiny(tmp_path / "other", cache_dir,
+                                        run={"init_checkpoint": str(tmp_path / "missing.pt")}).to_dict()))
+    assert train_cli([str(path)]) == 1
+    assert capsys.readouterr().err.strip() == f"tdnet-train: checkpoint file not found: {tmp_path / 'missing.pt'}"

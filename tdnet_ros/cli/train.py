@@ -44,11 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"tdnet-train: {error}", file=sys.stderr)
         return 2
-    from ..training.trainer import train  # torch import after the configuration is known to be valid
+    from ..checkpoint import CheckpointError  # torch imports after the configuration is known to be valid
+    from ..training.trainer import train
 
     try:
         result = train(config, resume=args.resume)
-    except (DatasetError, FileNotFoundError, FloatingPointError) as error:
+    except (DatasetError, CheckpointError, FileNotFoundError, FloatingPointError) as error:
         print(f"tdnet-train: {error}", file=sys.stderr)
         return 1
     print(f"checkpoint: {result.checkpoint}  iterations: {result.iterations}  "

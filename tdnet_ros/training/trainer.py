@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tdnet_ros.checkpoint import load_file, read_checkpoint, save_checkpoint
+from tdnet_ros.checkpoint import CheckpointError, load_file, load_into, read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
 from tdnet_ros.classes import CLASS_COLORS, CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .datasets import CAMVID_CLASSES, CAMVID_COLORS, CamVidClips, CityscapesClips, ClipDataset, GeneratedClips
 from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy, student_loss
 from .teacher import TeacherConfig, TeacherNet, load_teacher, save_teacher
+from .widen import widen_state
 
 LAST_CHECKPOINT = "last.pt"
 FINAL_CHECKPOINT = "model.pt"
@@ -326,6 +327,23 @@ def _student_config(config: TrainConfig) -> ModelConfig:
     return dataclasses.replace(ModelConfig.from_name(config.model, **overrides), name=name)
 
 
+def _load_initial_student(student: TDNet, path: str, seed: int) -> None:
+    """Loads run.init_checkpoint into the student. A checkpoint of the same model at a smaller
+    base_width is widened to it (training.widen), one at another input size gets its spatial
+    LayerNorm parameters resized: either way the run starts from what the checkpoint computes."""
+    content = read_checkpoint(path)
+    state = content["state_dict"]
+    stored = ModelConfig.from_dict(dict(content["config"])) if "config" in content else None
+    target = student.config
+    if stored is not None and stored.base_width < target.base_width:
+        try:
+            state = widen_state(state, stored, target, generator=torch.Generator().manual_seed(seed))
+        except ValueError as error:
+            raise CheckpointError(f"run.init_checkpoint {path} cannot be widened to {target.name!r}: {error}") from None
+        print(f"run.init_checkpoint: {path} widened from base_width {stored.base_width} to {target.base_width}")
+    load_into(student, fit_layer_norms(state, student), path)
+
+
 def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None) -> TrainResult:
     """Trains the teacher or the student as `config` says; returns the final checkpoint.
 
@@ -366,8 +384,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
     else:
         student = build_model(student_config)
         if config.run.init_checkpoint:
-            # Continuing at another input size: the spatial LayerNorm parameters are resized.
-            student.load_state_dict(fit_layer_norms(read_checkpoint(config.run.init_checkpoint)["state_dict"], student))
+            _load_initial_student(student, config.run.init_checkpoint, config.run.seed)
         net = StudentForTraining(student, with_auxiliary=bool(config.loss.auxiliary))
         clip_length = student_config.num_paths
         input_size = student_config.input_size
