@@ -237,14 +237,17 @@ def load_model(path: str | Path, model_name: str | None = None, **config_overrid
     return model
 
 
-def save_checkpoint(model: TDNet, path: str | Path, **extra: Any) -> Path:
+def save_checkpoint(model: TDNet, path: str | Path, *, state_dict: Mapping[str, torch.Tensor] | None = None,
+                    **extra: Any) -> Path:
     """Saves a project checkpoint that carries its own configuration.
 
-    Extra entries (training iteration, optimizer state, ...) must be plain data or tensors,
-    so that the file loads with `weights_only=True`.
+    `state_dict`: the weights to store, if not the model's own (e.g. stored in another
+    precision). Extra entries (training iteration, optimizer state, ...) must be plain data
+    or tensors, so that the file loads with `weights_only=True`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    content = {"format": FORMAT, "config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}
+    weights = model.state_dict() if state_dict is None else dict(state_dict)
+    content = {"format": FORMAT, "config": model.config.to_dict(), "state_dict": weights, **extra}
     torch.save(content, path)
     return path

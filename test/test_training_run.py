@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tdnet_ros.checkpoint import read_checkpoint
+from tdnet_ros.data import generate_sequence
 from tdnet_ros.segmenter import Segmenter
 from tdnet_ros.cli.train import main as train_cli
 from tdnet_ros.training.config import ConfigError, TrainConfig, from_dict, load_config
@@ -150,6 +151,28 @@ def test_export_and_held_out_scoring(tmp_path, cache_dir):
     assert scores["frames"] == 3 and 0.0 <= scores["miou"] <= 1.0 and "car" in scores["iou"]
     assert abs(sum(scores["pixel_share"].values()) - 1.0) < 1e-9
     assert all(0.0 < f <= 1.0 for others in scores["confused_with"].values() for f in others.values())
+
+
+def test_export_with_float16_kernels_halves_the_file_and_segments_alike(tmp_path, cache_dir):
+    from tdnet_ros.training.export import main as export_main
+
+    result = train(tiny_config(tmp_path / "run", cache_dir))
+    assert export_main([str(result.checkpoint), str(tmp_path / "full.pt")]) == 0
+    assert export_main([str(result.checkpoint), str(tmp_path / "half.pt"), "--float16-kernels"]) == 0
+    stored = torch.load(tmp_path / "half.pt", weights_only=True)["state_dict"]
+    assert all(v.dtype == (torch.float16 if v.dim() == 4 else torch.float32)
+               for v in stored.values() if v.is_floating_point())
+    assert (tmp_path / "half.pt").stat().st_size < 0.7 * (tmp_path / "full.pt").stat().st_size
+    full, half = Segmenter.from_checkpoint(tmp_path / "full.pt"), Segmenter.from_checkpoint(tmp_path / "half.pt")
+    assert all(p.dtype == torch.float32 for p in half.model.parameters())
+    full_weights = full.model.state_dict()
+    for key, value in half.model.state_dict().items():  # float16's rounding, no more
+        torch.testing.assert_close(value, full_weights[key], rtol=1e-3, atol=1e-5, msg=key)
+    agreement = []
+    for frame in generate_sequence(5, 4, width=256, height=128):
+        a, b = full.segment(frame.rgb), half.segment(frame.rgb)
+        agreement.append(float((a.labels == b.labels).mean()))
+    assert min(agreement) > 0.99
 
 
 def test_bundled_default_model_matches_its_hash():

@@ -2,6 +2,7 @@
 configuration only (no optimizer), written atomically, with its SHA-256 next to it.
 
     python -m tdnet_ros.training.export outputs/train_default/model.pt tdnet_ros/models/default.pt
+    python -m tdnet_ros.training.export outputs/train_wide/model.pt tdnet_ros/models/default.pt --float16-kernels
 """
 
 from __future__ import annotations
@@ -16,14 +17,22 @@ from tdnet_ros.checkpoint import file_sha256, load_model, read_checkpoint, save_
 KEEP = ("train_config", "val_miou", "iteration")
 
 
-def export(source: str | Path, target: str | Path, **extra) -> str:
-    """Writes `target` (loadable by Segmenter.from_checkpoint) and `<target>.sha256`; returns the hash."""
+def export(source: str | Path, target: str | Path, *, float16_kernels: bool = False, **extra) -> str:
+    """Writes `target` (loadable by Segmenter.from_checkpoint) and `<target>.sha256`; returns the hash.
+
+    float16_kernels: store the convolution kernels (nearly all of the weights) in float16,
+    which halves the file; loading casts them back to the model's float32. BatchNorm,
+    LayerNorm and bias tensors stay float32 (running variances can be too small for float16).
+    """
     content = read_checkpoint(source)
     model = load_model(source)
     kept = {k: content[k] for k in KEEP if k in content}
+    state = model.state_dict()
+    if float16_kernels:
+        state = {k: v.half() if v.is_floating_point() and v.dim() == 4 else v for k, v in state.items()}
     target = Path(target)
     tmp = target.with_suffix(".tmp")
-    save_checkpoint(model, tmp, **kept, **extra)
+    save_checkpoint(model, tmp, state_dict=state, **kept, **extra)
     tmp.replace(target)
     digest = file_sha256(target)
     target.with_name(target.name + ".sha256").write_text(f"{digest}  {target.name}\n")
@@ -34,8 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="checkpoint written by tdnet-train (model.pt)")
     parser.add_argument("target", help="file to write, e.g. tdnet_ros/models/default.pt")
+    parser.add_argument("--float16-kernels", action="store_true",
+                        help="store the convolution kernels in float16 (half the size; loaded back as float32)")
     args = parser.parse_args(argv)
-    digest = export(args.source, args.target)
+    digest = export(args.source, args.target, float16_kernels=args.float16_kernels)
     size = Path(args.target).stat().st_size
     print(f"{args.target}: {size / 1e6:.2f} MB, sha256 {digest}")
     return 0
