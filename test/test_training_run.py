@@ -186,6 +186,25 @@ def test_bundled_default_model_matches_its_hash():
     assert segmenter.config.name == "td4-r18-narrow" and segmenter.config.input_size == (512, 1024)
 
 
+def test_the_stride_8_ceiling_loses_objects_narrower_than_a_cell_and_keeps_wide_ones():
+    from tdnet_ros.metrics import SegmentationScores
+    from tdnet_ros.preprocess import labels_from_logits
+    from tdnet_ros.training.heldout import ideal_logits
+
+    labels = np.full((64, 128), 2, np.uint8)  # building
+    labels[:, 40] = 5  # a pole one pixel wide
+    labels[:, 80:96] = 13  # a car 16 pixels wide
+    labels[:8] = 255  # ignored rows count for no class
+    for input_size, pole_found in (((64, 128), False), ((512, 1024), True)):  # cells of 8 and 1 frame pixels
+        logits = ideal_logits(labels, input_size, 19)  # (1, 19, h/8, w/8)
+        assert logits.shape[-2:] == (input_size[0] // 8, input_size[1] // 8)
+        scores = SegmentationScores(19)
+        scores.update(labels_from_logits(logits, input_size, labels.shape).numpy().astype(np.int64),
+                      labels.astype(np.int64))
+        assert scores.iou[13] > 0.8
+        assert bool(scores.iou[5] > 0.5) == pole_found, (input_size, scores.iou[5])
+
+
 def test_held_out_scoring_refuses_a_bad_input_size(capsys):
     from tdnet_ros.training.heldout import main as heldout_main
 

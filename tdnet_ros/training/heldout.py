@@ -3,10 +3,16 @@
     python -m tdnet_ros.training.heldout --checkpoint tdnet_ros/models/default.pt --seeds 2001 2002 2003
     python -m tdnet_ros.training.heldout --checkpoint tdnet_ros/models/default.pt --seeds 2001 --width 1024 --height 512
     python -m tdnet_ros.training.heldout --teacher outputs/train_teacher/model.pt --seeds 2001 2002 2003
+    python -m tdnet_ros.training.heldout --ceiling 512x1024 --seeds 2001 2002 2003
 
 A student runs through `Segmenter` (the inference path of the node), frame by frame with its
 feature cache, reset at the start of each sequence; every frame is scored with
 `tdnet_ros.metrics`. A teacher checkpoint runs single-frame. Use seeds never used in training.
+
+`--ceiling HxW` scores no model but the best that any stride-8 output at input size HxW can
+do: each feature cell's logits are the true shares of the classes in the part of the input
+it covers, and go through the segmenter's own post-processing (bilinear upsampling, argmax,
+resize to the frame). Thin objects narrower than a cell are lost there whatever the weights.
 """
 
 from __future__ import annotations
@@ -23,18 +29,32 @@ import torch
 import torch.nn.functional as F
 
 from tdnet_ros.classes import CLASS_NAMES
+from tdnet_ros.config import feature_size_for
 from tdnet_ros.metrics import SegmentationScores, top_confusions
-from tdnet_ros.runtime import InputSize, input_size_argument
+from tdnet_ros.preprocess import labels_from_logits
+from tdnet_ros.runtime import InputSize, fixed_size_argument, input_size_argument
 
 from .augment import to_tensor
 from .teacher import load_teacher
 
 
+def ideal_logits(labels: np.ndarray, input_size: tuple[int, int], num_classes: int) -> torch.Tensor:
+    """(1, K, h, w) stride-8 logits that hold, per feature cell, the share of each class in the
+    part of the input the cell covers (`labels`, (H, W) train ids at the frame's size, enlarged
+    to `input_size` as the segmenter enlarges the frame; ignored pixels count for no class)."""
+    target = torch.from_numpy(labels.astype(np.int64))[None, None].float()  # (1, 1, H, W)
+    target = F.interpolate(target, input_size, mode="nearest").long()[0, 0]  # (h_in, w_in)
+    one_hot = F.one_hot(target.clamp(max=num_classes), num_classes + 1)[..., :num_classes]  # ignore -> none
+    one_hot = one_hot.permute(2, 0, 1)[None].float()  # (1, K, h_in, w_in)
+    return F.adaptive_avg_pool2d(one_hot, feature_size_for(input_size))
+
+
 def evaluate(
     seeds: Sequence[int], frames: int, *, checkpoint: str | None = None, teacher: str | None = None,
-    width: int = 512, height: int = 256, input_size: InputSize = None,
+    ceiling: tuple[int, int] | None = None, width: int = 512, height: int = 256, input_size: InputSize = None,
 ) -> dict:
-    """Scores a student checkpoint (or a teacher) on the generated sequences of `seeds`.
+    """Scores a student checkpoint (or a teacher, or the ideal stride-8 output at input size
+    `ceiling`) on the generated sequences of `seeds`.
 
     `width` x `height` is the render size; a student runs at `input_size` (None: its
     checkpoint's training size, as the node does) and is scored at the render size.
@@ -42,23 +62,29 @@ def evaluate(
     from tdnet_ros.data import generate_sequence
     from tdnet_ros.segmenter import Segmenter
 
-    if (checkpoint is None) == (teacher is None):
-        raise ValueError("give exactly one of checkpoint and teacher")
+    if sum(x is not None for x in (checkpoint, teacher, ceiling)) != 1:
+        raise ValueError("give exactly one of checkpoint, teacher and ceiling")
     if checkpoint is not None:
         segmenter = Segmenter.from_checkpoint(checkpoint, input_size=input_size)
         num_classes = segmenter.num_classes
 
-        def run(rgb: np.ndarray) -> np.ndarray:
-            return segmenter.segment(rgb).labels
-    else:
+        def run(frame) -> np.ndarray:
+            return segmenter.segment(frame.rgb).labels
+    elif teacher is not None:
         net = load_teacher(teacher)
         num_classes = net.config.num_classes
 
         @torch.no_grad()
-        def run(rgb: np.ndarray) -> np.ndarray:
-            logits = net(to_tensor(cv2.resize(rgb, (width, height)))[None])["out"]
-            logits = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear", align_corners=False)
+        def run(frame) -> np.ndarray:
+            logits = net(to_tensor(cv2.resize(frame.rgb, (width, height)))[None])["out"]
+            logits = F.interpolate(logits, size=frame.rgb.shape[:2], mode="bilinear", align_corners=False)
             return logits.argmax(1)[0].numpy()
+    else:
+        num_classes = len(CLASS_NAMES)
+
+        def run(frame) -> np.ndarray:
+            logits = ideal_logits(frame.labels, ceiling, num_classes)
+            return labels_from_logits(logits, ceiling, frame.labels.shape).numpy()
 
     scores = SegmentationScores(num_classes)
     seconds = []
@@ -67,16 +93,17 @@ def evaluate(
             segmenter.reset()
         for frame in generate_sequence(seed, frames, width=width, height=height):
             began = time.perf_counter()
-            labels = run(frame.rgb)
+            labels = run(frame)
             seconds.append(time.perf_counter() - began)
             scores.update(labels.astype(np.int64), frame.labels.astype(np.int64))
     names = list(CLASS_NAMES)[:num_classes]
     labelled = int(scores.matrix.sum())
     return {
-        "model": checkpoint or teacher,
+        "model": checkpoint or teacher or f"ideal stride-8 output at input {ceiling[0]}x{ceiling[1]}",
         "seeds": list(seeds),
         "render_size": [height, width],
-        "input_size": list(segmenter.model_input_size((height, width))) if checkpoint is not None else [height, width],
+        "input_size": (list(segmenter.model_input_size((height, width))) if checkpoint is not None
+                       else list(ceiling or (height, width))),
         "frames": scores.frames,
         "miou": scores.mean_iou,
         "pixel_accuracy": scores.pixel_accuracy,
@@ -118,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="student checkpoint (project format)")
     which.add_argument("--teacher", help="teacher checkpoint written by tdnet-train (stage: teacher)")
+    which.add_argument("--ceiling", type=fixed_size_argument, metavar="HxW",
+                       help="no model: the ideal stride-8 output at this input size (what any model can reach)")
     parser.add_argument("--seeds", type=int, nargs="+", required=True, help="held-out sequence seeds")
     parser.add_argument("--frames", type=int, default=60, help="frames per sequence")
     parser.add_argument("--width", type=int, default=512, help="render width of the held-out frames (default 512)")
@@ -138,12 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     result = evaluate(args.seeds, args.frames, checkpoint=args.checkpoint, teacher=args.teacher,
-                      width=args.width, height=args.height, input_size=args.input_size)
+                      ceiling=args.ceiling, width=args.width, height=args.height, input_size=args.input_size)
     input_height, input_width = result["input_size"]
     print(f"{result['model']}: mIoU {100 * result['miou']:.1f} over {result['frames']} frames "
           f"(seeds {result['seeds']}, {args.width}x{args.height} renders, input {input_height}x{input_width}), "
-          f"pixel accuracy {100 * result['pixel_accuracy']:.1f}, "
-          f"median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)")
+          f"pixel accuracy {100 * result['pixel_accuracy']:.1f}"
+          + ("" if args.ceiling else
+             f", median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)"))
     print(f"  {'class':14s} {'IoU':>5s} {'pixels':>7s}  ground-truth pixels mostly predicted as")
     for name, value in result["iou"].items():
         confused = ", ".join(f"{other} {100 * fraction:.0f} %"
