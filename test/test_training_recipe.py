@@ -219,3 +219,7 @@ def test_init_checkpoint_that_does_not_fit_is_one_line(tmp_path, cache_dir, caps
                                         run={"init_checkpoint": str(tmp_path / "missing.pt")}).to_dict()))
     assert train_cli([str(path)]) == 1
     assert capsys.readouterr().err.strip() == f"tdnet-train: checkpoint file not found: {tmp_path / 'missing.pt'}"
+    # The recipe's student stage says it the same way.
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"student": str(path), "out_dir": str(tmp_path / "r")}))
+    assert recipe_cli([str(tmp_path / "recipe.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"tdnet-recipe: checkpoint file not found: {tmp_path / 'missing.pt'}"

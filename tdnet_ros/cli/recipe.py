@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..checkpoint import CheckpointError
 from ..training.config import ConfigError
 from ..training.datasets import DatasetError
 from ..training.recipe import load_recipe, run_recipe, stage_configs
@@ -28,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, parse_set(args.set))
         stage_configs(recipe)  # every configuration checked before anything trains
         run_recipe(recipe, log=lambda line: print(f"tdnet-recipe: {line}", flush=True))
-    except (ConfigError, DatasetError, FileNotFoundError, FloatingPointError) as error:
+    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, FloatingPointError) as error:
         print(f"tdnet-recipe: {error}", file=sys.stderr)
         return 2
     return 0
