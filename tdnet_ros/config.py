@@ -28,6 +28,11 @@ class ModelConfig:
     cache_stride: int = 4  # cached q, k, v are taken every cache_stride-th feature row and column
     num_classes: int = 19
     input_size: tuple[int, int] = (769, 1537)  # (height, width) the model was trained at
+    # How the stride-8 logits are upsampled to the input size: as the model was trained.
+    # The published checkpoints use align_corners=True; this project's trainer trains with
+    # False (the feature cells' own geometry), which a checkpoint stored without the field
+    # (every one it wrote before the field existed) therefore means.
+    upsample_align_corners: bool = False
     class_names: tuple[str, ...] = field(default=(), compare=False)  # empty: Cityscapes
     class_colors: tuple[tuple[int, int, int], ...] = field(default=(), compare=False)
 
@@ -132,9 +137,10 @@ def feature_size_for(input_size: tuple[int, int]) -> tuple[int, int]:
 
 
 VARIANTS: dict[str, ModelConfig] = {
-    "td4-psp18": ModelConfig(),
+    "td4-psp18": ModelConfig(upsample_align_corners=True),
     "td2-psp50": ModelConfig(
         name="td2-psp50",
+        upsample_align_corners=True,
         num_paths=2,
         block="bottleneck",
         layers=(3, 4, 6, 3),

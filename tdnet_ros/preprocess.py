@@ -121,19 +121,21 @@ class DevicePreprocessor:
 
 
 def labels_from_logits(
-    logits: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int] | None = None
+    logits: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int] | None = None, *,
+    align_corners: bool,
 ) -> torch.Tensor:
     """Class ids of (1, K, h, w) logits, on the logits' device.
 
-    The logits are upsampled bilinearly (align_corners=True) to `size` (the model input)
-    and their argmax is resized nearest to `out_size` (the frame's; cv2 INTER_NEAREST's
-    geometry): the published pipeline's order, with K maps interpolated at the model's
-    size rather than the camera's.
+    The logits are upsampled bilinearly to `size` (the model input), with `align_corners`
+    as the model was trained (ModelConfig.upsample_align_corners), and their argmax is
+    resized nearest to `out_size` (the frame's; cv2 INTER_NEAREST's geometry): the
+    published pipeline's order, with K maps interpolated at the model's size rather than
+    the camera's.
 
     Returns:
         (H, W) uint8 labels (int32 above 255 classes) at `out_size` (default `size`).
     """
-    upsampled = F.interpolate(logits, size, mode="bilinear", align_corners=True)  # (1, K, H, W)
+    upsampled = F.interpolate(logits, size, mode="bilinear", align_corners=align_corners)  # (1, K, H, W)
     labels = upsampled.argmax(dim=1, keepdim=True)  # (1, 1, H, W)
     small_ids = logits.shape[1] <= 255
     # nearest resampling takes uint8 or floats (exact for ids below 2**24), not int64

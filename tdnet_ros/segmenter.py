@@ -387,7 +387,9 @@ class Segmenter:
                 for row, (stream, state) in enumerate(zip(members, states)):
                     self._hand_over(logits, compute, state.cuda_stream)
                     with self._on_stream(state):
-                        labels[stream] = labels_from_logits(logits[row : row + 1], size, out_sizes[stream])
+                        labels[stream] = labels_from_logits(
+                            logits[row : row + 1], size, out_sizes[stream],
+                            align_corners=self.config.upsample_align_corners)
                     outputs[stream] = (logits[row], path, warm, resets[row], len(members))
                     finite[stream] = finite_rows[row]
         on_host = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -312,8 +313,33 @@ def test_labels_resize_on_device_matches_cv2_nearest(size, out_size, num_classes
     from tdnet_ros.preprocess import labels_from_logits, labels_to_numpy
 
     logits = torch.randn(1, num_classes, size[0] // 8 + 1, size[1] // 8 + 1, generator=torch.Generator().manual_seed(0))
-    at_model_size = labels_to_numpy(labels_from_logits(logits, size))
-    resized = labels_to_numpy(labels_from_logits(logits, size, out_size))
+    at_model_size = labels_to_numpy(labels_from_logits(logits, size, align_corners=True))
+    resized = labels_to_numpy(labels_from_logits(logits, size, out_size, align_corners=True))
     assert resized.dtype == (np.uint8 if num_classes <= 255 else np.uint16)
     expected = cv2.resize(at_model_size, out_size[::-1], interpolation=cv2.INTER_NEAREST)
     np.testing.assert_array_equal(resized, expected)
+
+
+def test_labels_follow_the_upsampling_the_model_was_trained_with():
+    """The published checkpoints upsample their logits with align_corners=True, this
+    project's trainer with False: the segmenter takes each model's own, from its config."""
+    from tdnet_ros.preprocess import labels_from_logits, labels_to_numpy
+
+    assert ModelConfig.from_name("td4-psp18").upsample_align_corners
+    assert ModelConfig.from_name("td2-psp50").upsample_align_corners
+    assert not ModelConfig.from_name("td4-r18-narrow").upsample_align_corners
+    # A checkpoint written before the field existed was trained with False.
+    legacy = {k: v for k, v in ModelConfig.from_name("td4-tiny").to_dict().items() if k != "upsample_align_corners"}
+    assert not ModelConfig.from_dict(legacy).upsample_align_corners
+    frame = random_frames(1)[0]
+    for align_corners in (False, True):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(ModelConfig.from_name("td4-tiny"), upsample_align_corners=align_corners))
+        segmenter = Segmenter(model)
+        result = segmenter.segment(frame)
+        expected = labels_to_numpy(labels_from_logits(result.logits[None].float(), segmenter.model_input_size(frame.shape[:2]),
+                                                      frame.shape[:2], align_corners=align_corners))
+        np.testing.assert_array_equal(result.labels, expected)
+        other = labels_to_numpy(labels_from_logits(result.logits[None].float(), segmenter.model_input_size(frame.shape[:2]),
+                                                   frame.shape[:2], align_corners=not align_corners))
+        assert (other != result.labels).any()  # the two conventions do differ on these logits

@@ -130,3 +130,23 @@ def test_class_weights_make_a_rare_class_count_more_in_ohem() -> None:
     # pixel losses are scaled by their class weight: mean of 15 x log3 and 1 x 10 log3
     assert float(plain) == pytest.approx(np.log(3))
     assert float(weighted) == pytest.approx(np.log(3) * (15 + 10) / 16)
+
+
+def test_the_losses_upsample_as_the_model_does_at_inference():
+    """With align_corners as the model's config says, the OHEM and auxiliary losses score
+    the same upsampled logits the segmenter turns into labels."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 5, 4, 8, generator=generator)
+    target = torch.randint(0, 5, (1, 32, 64), generator=generator)
+    for align_corners in (False, True):
+        upsampled = F.interpolate(logits, size=(32, 64), mode="bilinear", align_corners=align_corners)
+        expected = F.cross_entropy(upsampled, target)
+        torch.testing.assert_close(cross_entropy(logits, target, align_corners=align_corners), expected)
+        kept_all = ohem_cross_entropy(logits, target, threshold=1.0, min_kept=32 * 64, align_corners=align_corners)
+        torch.testing.assert_close(kept_all, expected)
+        total, _ = student_loss(logits, target, LossWeights(ohem=0, auxiliary=1.0, kd_full=0, kd_group=0),
+                                auxiliary_logits=[logits], auxiliary_targets=[target], align_corners=align_corners)
+        torch.testing.assert_close(total, expected)
+    assert not torch.isclose(cross_entropy(logits, target, align_corners=True), cross_entropy(logits, target))

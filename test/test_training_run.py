@@ -199,7 +199,7 @@ def test_the_stride_8_ceiling_loses_objects_narrower_than_a_cell_and_keeps_wide_
         logits = ideal_logits(labels, input_size, 19)  # (1, 19, h/8, w/8)
         assert logits.shape[-2:] == (input_size[0] // 8, input_size[1] // 8)
         scores = SegmentationScores(19)
-        scores.update(labels_from_logits(logits, input_size, labels.shape).numpy().astype(np.int64),
+        scores.update(labels_from_logits(logits, input_size, labels.shape, align_corners=False).numpy().astype(np.int64),
                       labels.astype(np.int64))
         assert scores.iou[13] > 0.8
         assert bool(scores.iou[5] > 0.5) == pole_found, (input_size, scores.iou[5])

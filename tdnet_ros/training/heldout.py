@@ -12,7 +12,8 @@ feature cache, reset at the start of each sequence; every frame is scored with
 `--ceiling HxW` scores no model but the best that any stride-8 output at input size HxW can
 do: each feature cell's logits are the true shares of the classes in the part of the input
 it covers, and go through the segmenter's own post-processing (bilinear upsampling, argmax,
-resize to the frame). Thin objects narrower than a cell are lost there whatever the weights.
+resize to the frame; align_corners=False, as this project's trainer trains, or True with
+`--ceiling-align-corners`). Thin objects narrower than a cell are lost there whatever the weights.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def ideal_logits(labels: np.ndarray, input_size: tuple[int, int], num_classes: i
 
 def evaluate(
     seeds: Sequence[int], frames: int, *, checkpoint: str | None = None, teacher: str | None = None,
-    ceiling: tuple[int, int] | None = None, width: int = 512, height: int = 256, input_size: InputSize = None,
+    ceiling: tuple[int, int] | None = None, ceiling_align_corners: bool = False, width: int = 512,
+    height: int = 256, input_size: InputSize = None,
 ) -> dict:
     """Scores a student checkpoint (or a teacher, or the ideal stride-8 output at input size
-    `ceiling`) on the generated sequences of `seeds`.
+    `ceiling`, its logits upsampled with `ceiling_align_corners`) on the generated sequences of `seeds`.
 
     `width` x `height` is the render size; a student runs at `input_size` (None: its
     checkpoint's training size, as the node does) and is scored at the render size.
@@ -84,7 +86,7 @@ def evaluate(
 
         def run(frame) -> np.ndarray:
             logits = ideal_logits(frame.labels, ceiling, num_classes)
-            return labels_from_logits(logits, ceiling, frame.labels.shape).numpy()
+            return labels_from_logits(logits, ceiling, frame.labels.shape, align_corners=ceiling_align_corners).numpy()
 
     scores = SegmentationScores(num_classes)
     seconds = []
@@ -99,7 +101,8 @@ def evaluate(
     names = list(CLASS_NAMES)[:num_classes]
     labelled = int(scores.matrix.sum())
     return {
-        "model": checkpoint or teacher or f"ideal stride-8 output at input {ceiling[0]}x{ceiling[1]}",
+        "model": checkpoint or teacher or (f"ideal stride-8 output at input {ceiling[0]}x{ceiling[1]}, "
+                                           f"align_corners={ceiling_align_corners}"),
         "seeds": list(seeds),
         "render_size": [height, width],
         "input_size": (list(segmenter.model_input_size((height, width))) if checkpoint is not None
@@ -147,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--teacher", help="teacher checkpoint written by tdnet-train (stage: teacher)")
     which.add_argument("--ceiling", type=fixed_size_argument, metavar="HxW",
                        help="no model: the ideal stride-8 output at this input size (what any model can reach)")
+    parser.add_argument("--ceiling-align-corners", action="store_true",
+                        help="with --ceiling: upsample as the published checkpoints do (align_corners=True) "
+                             "instead of as this project's trainer does")
     parser.add_argument("--seeds", type=int, nargs="+", required=True, help="held-out sequence seeds")
     parser.add_argument("--frames", type=int, default=60, help="frames per sequence")
     parser.add_argument("--width", type=int, default=512, help="render width of the held-out frames (default 512)")
@@ -167,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     result = evaluate(args.seeds, args.frames, checkpoint=args.checkpoint, teacher=args.teacher,
-                      ceiling=args.ceiling, width=args.width, height=args.height, input_size=args.input_size)
+                      ceiling=args.ceiling, ceiling_align_corners=args.ceiling_align_corners,
+                      width=args.width, height=args.height, input_size=args.input_size)
     input_height, input_width = result["input_size"]
     print(f"{result['model']}: mIoU {100 * result['miou']:.1f} over {result['frames']} frames "
           f"(seeds {result['seeds']}, {args.width}x{args.height} renders, input {input_height}x{input_width}), "

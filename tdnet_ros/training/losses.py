@@ -1,7 +1,9 @@
 """Loss terms of TDNet training: OHEM cross-entropy and the (grouped) distillation KL.
 
 Every function takes logits at any resolution and the target at label resolution; logits
-are upsampled bilinearly to the target size first, as in the published training.
+are upsampled bilinearly to the target size first, with `align_corners` as the model's
+inference upsamples them (ModelConfig.upsample_align_corners), so that training and
+inference place the same logits on the same pixels.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = 255
 
 
-def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsample_to(logits: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
     """Bilinear upsampling of (B, K, h, w) logits to (B, K, H, W)."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
 
 
 def ohem_cross_entropy(
@@ -31,6 +33,7 @@ def ohem_cross_entropy(
     min_kept: int = 10_000,
     ignore_index: int = IGNORE_INDEX,
     class_weights: torch.Tensor | None = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Online hard example mining cross-entropy.
 
@@ -45,7 +48,7 @@ def ohem_cross_entropy(
         class_weights: (K,) weight of each pixel's loss by its true class (None: all 1), so
             that rare classes count more, and are hard more often.
     """
-    logits = upsample_to(logits.float(), tuple(target.shape[-2:]))
+    logits = upsample_to(logits.float(), tuple(target.shape[-2:]), align_corners)
     losses = F.cross_entropy(logits, target.long(), weight=class_weights, ignore_index=ignore_index,
                              reduction="none")
     losses = losses[target != ignore_index]  # (valid pixels,)
@@ -77,15 +80,17 @@ def balanced_class_weights(pixel_counts: np.ndarray | torch.Tensor, exponent: fl
     return weights.float()
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                  align_corners: bool = False) -> torch.Tensor:
     """Plain cross-entropy (mean over labelled pixels), used for the auxiliary heads."""
-    logits = upsample_to(logits.float(), tuple(target.shape[-2:]))
+    logits = upsample_to(logits.float(), tuple(target.shape[-2:]), align_corners)
     if not bool((target != ignore_index).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
 
 
-def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                    align_corners: bool = False) -> torch.Tensor:
     """Pixel-wise KL divergence of the student's class distribution from the teacher's.
 
     KL(p_t || p_s) = sum_k p_t,k (log p_t,k - log p_s,k), with p = softmax(logits / T), averaged
@@ -94,7 +99,8 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     """
     if student.shape[-2:] != teacher.shape[-2:]:
         size = max(tuple(student.shape[-2:]), tuple(teacher.shape[-2:]))
-        student, teacher = upsample_to(student.float(), size), upsample_to(teacher.float(), size)
+        student = upsample_to(student.float(), size, align_corners)
+        teacher = upsample_to(teacher.float(), size, align_corners)
     log_s = F.log_softmax(student.float() / temperature, dim=1)  # (B, K, H, W)
     log_t = F.log_softmax(teacher.detach().float() / temperature, dim=1)
     kl = (log_t.exp() * (log_t - log_s)).sum(dim=1)  # (B, H, W)
@@ -132,6 +138,7 @@ def student_loss(
     sub_logits: list[torch.Tensor] | None = None,
     teacher_groups: list[torch.Tensor] | None = None,
     class_weights: torch.Tensor | None = None,
+    align_corners: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total student loss and its terms (as floats, for logging).
 
@@ -143,22 +150,24 @@ def student_loss(
         sub_logits: each frame's sub-network output (the last frame's is `final_logits`).
         teacher_groups: the teacher's group head output matching each entry of `sub_logits`.
         class_weights: (K,) per-class weights of the OHEM term (see balanced_class_weights).
+        align_corners: how the student's logits are upsampled (its upsample_align_corners).
     """
     terms: dict[str, torch.Tensor] = {}
     if weights.ohem:
         terms["ohem"] = weights.ohem * ohem_cross_entropy(
             final_logits, target, threshold=weights.ohem_threshold, min_kept=weights.ohem_min_kept,
-            class_weights=class_weights,
+            class_weights=class_weights, align_corners=align_corners,
         )
     if weights.auxiliary and auxiliary_logits:
         assert auxiliary_targets is not None and len(auxiliary_targets) == len(auxiliary_logits)
-        aux = [cross_entropy(a, t) for a, t in zip(auxiliary_logits, auxiliary_targets)]
+        aux = [cross_entropy(a, t, align_corners=align_corners) for a, t in zip(auxiliary_logits, auxiliary_targets)]
         terms["auxiliary"] = weights.auxiliary * torch.stack(aux).mean()
     if weights.kd_full and teacher_full is not None:
-        terms["kd_full"] = weights.kd_full * distillation_kl(final_logits, teacher_full, weights.temperature)
+        terms["kd_full"] = weights.kd_full * distillation_kl(final_logits, teacher_full, weights.temperature,
+                                                             align_corners)
     if weights.kd_group and sub_logits and teacher_groups:
         assert len(sub_logits) == len(teacher_groups)
-        kls = [distillation_kl(s, t, weights.temperature) for s, t in zip(sub_logits, teacher_groups)]
+        kls = [distillation_kl(s, t, weights.temperature, align_corners) for s, t in zip(sub_logits, teacher_groups)]
         terms["kd_group"] = weights.kd_group * torch.stack(kls).mean()
     if not terms:
         raise ValueError("every loss term is switched off; enable at least one")

@@ -193,7 +193,9 @@ def validate(
             logits = model(tensors[-1])["out"]
         else:
             logits = model.forward_clip(tensors, 0)[-1].logits
-        logits = F.interpolate(logits.float(), size=target.shape, mode="bilinear", align_corners=False)
+        # As the model's inference upsamples them (the teacher's head: align_corners=False).
+        align_corners = False if teacher_stage else model.config.upsample_align_corners
+        logits = F.interpolate(logits.float(), size=target.shape, mode="bilinear", align_corners=align_corners)
         scores.update(logits.argmax(1)[0].cpu().numpy().astype(np.int64), target.astype(np.int64))
     model.train(was_training)
     return scores
@@ -473,7 +475,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
                 total, terms = _teacher_loss(wrapped, frames, y[:, -1], config)
             else:
                 total, terms = _student_step_loss(wrapped, teacher_kd, x, y, first_path, config, memory_format,
-                                                  class_weights, window)
+                                                  class_weights, window, student_config.upsample_align_corners)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
@@ -580,9 +582,11 @@ def autocast_enabled(amp: bool | str, device: torch.device, report: bool = True)
 
 def _student_step_loss(net, teacher: TeacherNet | None, x, y, first_path: int, config: TrainConfig,
                        memory_format: torch.memory_format = torch.contiguous_format,
-                       class_weights: torch.Tensor | None = None, window: torch.Tensor | None = None):
+                       class_weights: torch.Tensor | None = None, window: torch.Tensor | None = None,
+                       align_corners: bool = False):
     """Student loss on one batch of clips (B, N, 3, h, w) with labels (B, N, h, w); `window`
-    (B, 4) places each clip's crop in its frame for the LayerNorm (augment.align_layer_norm)."""
+    (B, 4) places each clip's crop in its frame for the LayerNorm (augment.align_layer_norm);
+    `align_corners`: how the student's logits are upsampled (ModelConfig.upsample_align_corners)."""
     n = x.shape[1]
     clip = [x[:, j].contiguous(memory_format=memory_format) for j in range(n)]
     logits, aux = net(clip, first_path, window)
@@ -602,5 +606,5 @@ def _student_step_loss(net, teacher: TeacherNet | None, x, y, first_path: int, c
         logits[-1], y[:, -1], config.loss,
         auxiliary_logits=aux, auxiliary_targets=[y[:, j] for j in range(n)],
         teacher_full=teacher_full, sub_logits=sub_logits, teacher_groups=teacher_groups,
-        class_weights=class_weights,
+        class_weights=class_weights, align_corners=align_corners,
     )
