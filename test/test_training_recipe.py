@@ -223,3 +223,13 @@ def test_init_checkpoint_that_does_not_fit_is_one_line(tmp_path, cache_dir, caps
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"student": str(path), "out_dir": str(tmp_path / "r")}))
     assert recipe_cli([str(tmp_path / "recipe.yaml")]) == 2
     assert capsys.readouterr().err.strip() == f"tdnet-recipe: checkpoint file not found: {tmp_path / 'missing.pt'}"
+    # A checkpoint whose stored model configuration is invalid.
+    content = torch.load(narrow.checkpoint, weights_only=True)
+    content["config"]["num_paths"] = 0
+    torch.save(content, tmp_path / "invalid.pt")
+    path.write_text(yaml.safe_dump(tiny(tmp_path / "other", cache_dir,
+                                        run={"init_checkpoint": str(tmp_path / "invalid.pt")}).to_dict()))
+    assert train_cli([str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tdnet-train: run.init_checkpoint {tmp_path / 'invalid.pt'} stores an invalid model configuration")
+    assert "num_paths" in err and "\n" not in err

@@ -335,7 +335,10 @@ def _load_initial_student(student: TDNet, path: str, seed: int) -> None:
     LayerNorm parameters resized: either way the run starts from what the checkpoint computes."""
     content = read_checkpoint(path)
     state = content["state_dict"]
-    stored = ModelConfig.from_dict(dict(content["config"])) if "config" in content else None
+    try:
+        stored = ModelConfig.from_dict(dict(content["config"])) if "config" in content else None
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"run.init_checkpoint {path} stores an invalid model configuration: {error}") from None
     target = student.config
     if stored is not None and stored.base_width < target.base_width:
         try:
