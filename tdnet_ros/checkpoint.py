@@ -195,6 +195,15 @@ def load_into(model: TDNet, state: Mapping[str, torch.Tensor], source: str) -> N
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
 
 
+def stored_config(content: Mapping[str, Any], source: str) -> ModelConfig:
+    """The ModelConfig a project checkpoint (read_checkpoint's content) stores, or one
+    CheckpointError naming `source` ("checkpoint <path>") when it is invalid."""
+    try:
+        return ModelConfig.from_dict(dict(content["config"]))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source} stores an invalid model configuration: {error}") from None
+
+
 def load_model(path: str | Path, model_name: str | None = None, **config_overrides: Any) -> TDNet:
     """Builds the model a checkpoint describes and loads its weights.
 
@@ -207,10 +216,7 @@ def load_model(path: str | Path, model_name: str | None = None, **config_overrid
     content = read_checkpoint(path)
     state = content["state_dict"]
     if "config" in content:
-        try:
-            config = ModelConfig.from_dict(dict(content["config"]))
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"checkpoint {path} stores an invalid model configuration: {error}") from None
+        config = stored_config(content, f"checkpoint {path}")
         if model_name is not None and model_name != config.name:
             raise CheckpointError(
                 f"checkpoint {path} holds model {config.name!r}, but model {model_name!r} was asked for"

@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from tdnet_ros.checkpoint import CheckpointError, load_file, load_into, read_checkpoint, save_checkpoint
+from tdnet_ros.checkpoint import CheckpointError, load_file, load_into, read_checkpoint, save_checkpoint, stored_config
 from tdnet_ros.config import ModelConfig
 from tdnet_ros.classes import CLASS_COLORS, CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
@@ -27,7 +26,7 @@ from tdnet_ros.runtime import cpu_computes_bfloat16
 from .augment import augment_clip, prepare_eval_clip, to_tensor
 from .config import TrainConfig
 from .datasets import CAMVID_CLASSES, CAMVID_COLORS, CamVidClips, CityscapesClips, ClipDataset, GeneratedClips
-from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy, student_loss
+from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy, student_loss, upsample_to
 from .teacher import TeacherConfig, TeacherNet, load_teacher, save_teacher
 from .widen import widen_state
 
@@ -195,7 +194,7 @@ def validate(
             logits = model.forward_clip(tensors, 0)[-1].logits
         # As the model's inference upsamples them (the teacher's head: align_corners=False).
         align_corners = False if teacher_stage else model.config.upsample_align_corners
-        logits = F.interpolate(logits.float(), size=target.shape, mode="bilinear", align_corners=align_corners)
+        logits = upsample_to(logits.float(), tuple(target.shape), align_corners)
         scores.update(logits.argmax(1)[0].cpu().numpy().astype(np.int64), target.astype(np.int64))
     model.train(was_training)
     return scores
@@ -335,10 +334,7 @@ def _load_initial_student(student: TDNet, path: str, seed: int) -> None:
     LayerNorm parameters resized: either way the run starts from what the checkpoint computes."""
     content = read_checkpoint(path)
     state = content["state_dict"]
-    try:
-        stored = ModelConfig.from_dict(dict(content["config"])) if "config" in content else None
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"run.init_checkpoint {path} stores an invalid model configuration: {error}") from None
+    stored = stored_config(content, f"run.init_checkpoint {path}") if "config" in content else None
     target = student.config
     if stored is not None and stored.base_width < target.base_width:
         try:
