@@ -120,6 +120,12 @@ class DevicePreprocessor:
         return self._normalizer.normalize(x)
 
 
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int], *, align_corners: bool) -> torch.Tensor:
+    """(B, K, h, w) stride-8 logits -> (B, K, H, W) at the model input `size`, bilinear, with
+    `align_corners` as the model was trained (ModelConfig.upsample_align_corners)."""
+    return F.interpolate(logits, size, mode="bilinear", align_corners=align_corners)
+
+
 def labels_from_logits(
     logits: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int] | None = None, *,
     align_corners: bool,
@@ -135,7 +141,7 @@ def labels_from_logits(
     Returns:
         (H, W) uint8 labels (int32 above 255 classes) at `out_size` (default `size`).
     """
-    upsampled = F.interpolate(logits, size, mode="bilinear", align_corners=align_corners)  # (1, K, H, W)
+    upsampled = upsample_logits(logits, size, align_corners=align_corners)  # (1, K, H, W)
     labels = upsampled.argmax(dim=1, keepdim=True)  # (1, 1, H, W)
     small_ids = logits.shape[1] <= 255
     # nearest resampling takes uint8 or floats (exact for ids below 2**24), not int64

@@ -9,11 +9,12 @@ import pytest
 import torch
 import yaml
 
-from tdnet_ros.checkpoint import read_checkpoint
+from tdnet_ros.checkpoint import load_model, read_checkpoint, save_checkpoint
 from tdnet_ros.cli.train import main as train_cli
 from tdnet_ros.runtime import cpu_computes_bfloat16
 from tdnet_ros.training.config import ConfigError, from_dict
 from tdnet_ros.cli.recipe import main as recipe_cli
+from tdnet_ros.training.calibrate import fold_offsets
 from tdnet_ros.training.trainer import train
 
 from test_training_run import TINY as TINY_TWO_ITERATIONS  # noqa: E402  (the tiny run's settings)
@@ -92,6 +93,19 @@ def test_init_checkpoint_keeps_the_weights(tmp_path, cache_dir):
     # Without it, the same run starts elsewhere.
     third = train(tiny(tmp_path / "third", cache_dir, optim={"iterations": 1, "lr": 0.0}, run={"seed": 5}))
     assert any(not torch.equal(v.detach(), shipped[k]) for k, v in third.model.named_parameters())
+
+
+def test_init_checkpoint_with_calibrated_offsets_trains_from_the_weights_without_them(tmp_path, cache_dir, capsys):
+    first = train(tiny(tmp_path / "first", cache_dir))
+    content = read_checkpoint(first.checkpoint)
+    offsets = torch.linspace(-1.0, 1.0, first.model.config.num_classes)
+    calibrated = save_checkpoint(fold_offsets(load_model(first.checkpoint), offsets), tmp_path / "calibrated.pt",
+                                 calibration={"offsets": offsets.tolist()})
+    second = train(tiny(tmp_path / "second", cache_dir, optim={"iterations": 1, "lr": 0.0, "weight_decay": 0.0},
+                        run={"init_checkpoint": str(calibrated)}))
+    assert "carries class offsets from calibration" in capsys.readouterr().out
+    for key, value in second.model.named_parameters():
+        torch.testing.assert_close(value.detach(), content["state_dict"][key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_the_cli_prints_images_per_second(tmp_path, cache_dir, capsys):

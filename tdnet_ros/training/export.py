@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tdnet_ros.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
 
-KEEP = ("train_config", "val_miou", "iteration")
+KEEP = ("train_config", "val_miou", "iteration", "calibration")
 
 
 def export(source: str | Path, target: str | Path, *, float16_kernels: bool = False, **extra) -> str:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tdnet_ros.preprocess import upsample_logits
+
 IGNORE_INDEX = 255
 
 
@@ -22,7 +24,7 @@ def upsample_to(logits: torch.Tensor, size: tuple[int, int], align_corners: bool
     """Bilinear upsampling of (B, K, h, w) logits to (B, K, H, W)."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
+    return upsample_logits(logits, size, align_corners=align_corners)
 
 
 def ohem_cross_entropy(

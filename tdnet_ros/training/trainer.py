@@ -24,6 +24,7 @@ from tdnet_ros.model import TDNet, build_model, fit_layer_norms
 from tdnet_ros.runtime import cpu_computes_bfloat16
 
 from .augment import augment_clip, prepare_eval_clip, to_tensor
+from .calibrate import fold_offsets
 from .config import TrainConfig
 from .datasets import CAMVID_CLASSES, CAMVID_COLORS, CamVidClips, CityscapesClips, ClipDataset, GeneratedClips
 from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy, student_loss, upsample_to
@@ -331,7 +332,9 @@ def _student_config(config: TrainConfig) -> ModelConfig:
 def _load_initial_student(student: TDNet, path: str, seed: int) -> None:
     """Loads run.init_checkpoint into the student. A checkpoint of the same model at a smaller
     base_width is widened to it (training.widen), one at another input size gets its spatial
-    LayerNorm parameters resized: either way the run starts from what the checkpoint computes."""
+    LayerNorm parameters resized: either way the run starts from what the checkpoint computes.
+    Class offsets added by `training.calibrate` are taken off again: training goes on from
+    the trained logits (calibrate the result anew)."""
     content = read_checkpoint(path)
     state = content["state_dict"]
     stored = stored_config(content, f"run.init_checkpoint {path}") if "config" in content else None
@@ -343,6 +346,10 @@ def _load_initial_student(student: TDNet, path: str, seed: int) -> None:
             raise CheckpointError(f"run.init_checkpoint {path} cannot be widened to {target.name!r}: {error}") from None
         print(f"run.init_checkpoint: {path} widened from base_width {stored.base_width} to {target.base_width}")
     load_into(student, fit_layer_norms(state, student), path)
+    if "calibration" in content:
+        fold_offsets(student, -torch.tensor(content["calibration"]["offsets"]))
+        print(f"run.init_checkpoint: {path} carries class offsets from calibration; training starts without "
+              "them (calibrate the trained model again)")
 
 
 def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None) -> TrainResult:

@@ -1,0 +1,101 @@
+"""Class logit offsets: the search, folding them into a checkpoint, and the command."""
+
+import numpy as np
+import pytest
+import torch
+
+from tdnet_ros.checkpoint import load_model, read_checkpoint, save_checkpoint
+from tdnet_ros.config import ModelConfig
+from tdnet_ros.model import build_model
+from tdnet_ros.preprocess import labels_from_logits
+from tdnet_ros.segmenter import Segmenter
+from tdnet_ros.training import calibrate
+from tdnet_ros.training.calibrate import confusion_with_offsets, fold_offsets, search_offsets
+
+
+def _iou_by_hand(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    ious = []
+    for k in range(num_classes):
+        union = np.logical_or(predicted == k, labels == k).sum()
+        if union:
+            ious.append(np.logical_and(predicted == k, labels == k).sum() / union)
+    return float(np.mean(ious))
+
+
+def test_the_search_undoes_a_class_the_logits_hold_back():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((6, 24, 32), np.uint8)
+    for frame in labels:  # a frequent class 1 and a rare class 2 on a background of class 0
+        y, x = rng.integers(0, 12, 2)
+        frame[y:y + 12, x:x + 16] = 1
+        y, x = rng.integers(0, 20, 2)
+        frame[y:y + 4, x:x + 4] = 2
+    num_classes = 4  # class 3 never appears
+    one_hot = np.eye(num_classes, dtype=np.float32)[labels].transpose(0, 3, 1, 2)  # (F, K, H, W)
+    logits = 2.0 * one_hot + rng.normal(0.0, 0.8, one_hot.shape).astype(np.float32)
+    logits[:, 2] -= 1.5  # the model under-predicts class 2
+    logits = torch.from_numpy(logits)
+
+    offsets, before, after = search_offsets(logits, labels)
+
+    assert before == pytest.approx(_iou_by_hand(logits.argmax(1).numpy(), labels, num_classes))
+    shifted = (logits + offsets.view(1, -1, 1, 1)).argmax(1).numpy()
+    assert after == pytest.approx(_iou_by_hand(shifted, labels, num_classes))
+    assert after > before + 0.02
+    assert float(offsets[2]) >= 1.0 and float(offsets[2]) == float(offsets.max())  # class 2 is pushed back up most
+    assert float(offsets[3]) == 0.0  # absent from the labels: left alone
+    assert confusion_with_offsets(logits, labels, offsets).sum() == labels.size
+
+
+def test_folded_offsets_add_to_every_sub_networks_logits(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("td4-tiny")).eval()
+    original = save_checkpoint(model, tmp_path / "original.pt")
+    offsets = torch.linspace(-1.0, 1.0, model.config.num_classes)
+    calibrated = save_checkpoint(fold_offsets(load_model(original), offsets), tmp_path / "calibrated.pt")
+    plain, shifted = Segmenter.from_checkpoint(original), Segmenter.from_checkpoint(calibrated)
+    rng = np.random.default_rng(1)
+    paths = set()
+    for _ in range(model.config.num_paths + 2):  # every sub-network, with the cache cold and warm
+        frame = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
+        a, b = plain.segment(frame), shifted.segment(frame)
+        paths.add(a.path)
+        torch.testing.assert_close(b.logits, a.logits + offsets.view(-1, 1, 1), atol=1e-5, rtol=1e-5)
+        expected = labels_from_logits((a.logits + offsets.view(-1, 1, 1))[None], plain.model_input_size((64, 128)),
+                                      (64, 128), align_corners=model.config.upsample_align_corners)
+        assert (b.labels == expected.numpy()).mean() > 0.999  # ties may round either way
+    assert paths == set(range(model.config.num_paths))
+
+
+def test_the_command_writes_a_calibrated_checkpoint_and_a_second_calibration_adds_up(tmp_path, capsys):
+    torch.manual_seed(0)
+    source = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), tmp_path / "tiny.pt")
+    target = tmp_path / "calibrated.pt"
+    args = ["--seeds", "3", "--frames", "2", "--width", "64", "--height", "32", "--threads", "1"]
+
+    assert calibrate.main([str(source), str(target), *args]) == 0
+    out = capsys.readouterr().out
+    assert "validation mIoU" in out and f"wrote {target}" in out
+    content = read_checkpoint(target)
+    stored = content["calibration"]
+    assert len(stored["offsets"]) == 19 and stored["seeds"] == [3]
+    assert stored["val_miou_after"] >= stored["val_miou_before"]
+    expected = fold_offsets(load_model(source), torch.tensor(stored["offsets"])).state_dict()
+    for key, value in load_model(target).state_dict().items():
+        torch.testing.assert_close(value, expected[key])
+
+    again = tmp_path / "again.pt"
+    assert calibrate.main([str(target), str(again), *args, "--seeds", "4"]) == 0
+    assert "calibrated before" in capsys.readouterr().out
+    total = torch.tensor(read_checkpoint(again)["calibration"]["offsets"])
+    expected = fold_offsets(load_model(source), total).state_dict()
+    for key, value in load_model(again).state_dict().items():
+        torch.testing.assert_close(value, expected[key])
+
+
+def test_a_missing_checkpoint_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    assert calibrate.main([str(missing), str(tmp_path / "out.pt"), "--seeds", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0]
+    assert not (tmp_path / "out.pt").exists()
