@@ -99,3 +99,11 @@ def test_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(missing) in err[0]
     assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("wrong", [["--frames", "0"], ["--seeds", "-1"], ["--width", "8"], ["--height", "5000"]])
+def test_wrong_arguments_are_refused_before_any_work(tmp_path, capsys, wrong):
+    with pytest.raises(SystemExit) as exit_info:
+        calibrate.main([str(tmp_path / "any.pt"), str(tmp_path / "out.pt"), "--seeds", "3", *wrong])
+    assert exit_info.value.code == 2
+    assert "--frames must be at least 1" in capsys.readouterr().err

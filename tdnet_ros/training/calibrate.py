@@ -160,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--limit", type=float, default=LIMIT, help="largest offset magnitude")
     args = parser.parse_args(argv)
+    sizes_fit = all(16 <= side <= 4096 for side in (args.width, args.height))  # the generator's range
+    if args.frames < 1 or min(args.seeds) < 0 or not sizes_fit:
+        parser.error("--frames must be at least 1, --seeds non-negative, --width and --height 16 to 4096")
     torch.set_num_threads(args.threads)
     try:
         content = read_checkpoint(args.source)
