@@ -134,10 +134,19 @@ def test_recipe_chains_teacher_student_export_and_heldout_and_resumes(tmp_path, 
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
         "teacher": "teacher.yaml", "student": "student.yaml", "out_dir": str(out),
         "heldout_seeds": [7], "heldout_frames": 3, "heldout_size": [64, 128],
+        "calibration_seeds": [5], "calibration_frames": 2,
     }))
     assert recipe_cli([str(tmp_path / "recipe.yaml")]) == 0
     log = capsys.readouterr().out
     assert "teacher: training" in log and "student: training" in log and "held-out: mIoU" in log
+    # The exported model carries the offsets chosen on the calibration sequences; without them
+    # it is the uncalibrated export.
+    assert "validation mIoU" in log
+    calibration = read_checkpoint(out / "model.pt")["calibration"]
+    assert calibration["seeds"] == [5] and calibration["frames"] == 2
+    expected = fold_offsets(load_model(out / "uncalibrated.pt"), torch.tensor(calibration["offsets"])).state_dict()
+    for key, value in load_model(out / "model.pt").state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
     assert (out / "teacher/model.pt").is_file() and (out / "student/model.pt").is_file()
     # The student was distilled from the recipe's teacher.
     assert read_checkpoint(out / "student/model.pt")["train_config"]["teacher_checkpoint"] == str(
@@ -169,6 +178,10 @@ def test_recipe_errors_name_the_file_and_key(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text("student: s.yaml\n")
     assert recipe_cli([str(tmp_path / "r.yaml")]) == 2
     assert "s.yaml" in capsys.readouterr().err
+    (tmp_path / "r.yaml").write_text("student: s.yaml\nheldout_seeds: [2001]\ncalibration_seeds: [1001, 2001]\n")
+    assert recipe_cli([str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibration_seeds" in err[0] and "share none with heldout_seeds" in err[0]
 
 
 def test_the_training_curve_is_drawn_from_the_log(tmp_path):

@@ -19,6 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,6 +149,36 @@ def fold_offsets(model: TDNet, offsets: torch.Tensor) -> TDNet:
     return model
 
 
+def calibrate_checkpoint(
+    source: str | Path, target: str | Path, seeds: Sequence[int], *, frames: int = 40, width: int = 512,
+    height: int = 256, limit: float = LIMIT, log=print,
+) -> dict[str, Any]:
+    """Chooses offsets for `source` on the generated sequences of `seeds`, writes `target`
+    with them folded in, and returns its `calibration` record. A source calibrated before
+    keeps its offsets; the new ones add to them."""
+    content = read_checkpoint(source)
+    model = load_model(source)
+    logits, labels, names = collect_validation_logits(source, seeds, frames, width, height)
+    offsets, before, after = search_offsets(logits, labels, limit=limit, log=log)
+    iou_before = iou_per_class(confusion_with_offsets(logits, labels, torch.zeros_like(offsets)))
+    iou_after = iou_per_class(confusion_with_offsets(logits, labels, offsets))
+    log(f"validation mIoU {100 * before:.1f} -> {100 * after:.1f} over {labels.shape[0]} frames "
+        f"(seeds {list(seeds)}, {width}x{height})")
+    for name, offset, low, high in zip(names, offsets.tolist(), iou_before, iou_after):
+        if offset:
+            log(f"  {name:14s} offset {offset:+.2f}  IoU {100 * low:5.1f} -> {100 * high:5.1f}")
+    kept = {k: content[k] for k in KEEP if k != "calibration" and k in content}
+    earlier = content.get("calibration")
+    total = offsets + (torch.tensor(earlier["offsets"]) if earlier else 0.0)
+    if earlier:
+        log(f"{source} was calibrated before: the offsets add to its earlier ones")
+    calibration = {"offsets": total.tolist(), "seeds": list(seeds), "frames": frames,
+                   "render_size": [height, width], "val_miou_before": before, "val_miou_after": after}
+    save_checkpoint(fold_offsets(model, offsets), target, **kept, calibration=calibration)
+    log(f"wrote {target}")
+    return calibration
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="project checkpoint (e.g. tdnet_ros/models/default.pt)")
@@ -165,29 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--frames must be at least 1, --seeds non-negative, --width and --height 16 to 4096")
     torch.set_num_threads(args.threads)
     try:
-        content = read_checkpoint(args.source)
-        model = load_model(args.source)
+        calibrate_checkpoint(args.source, args.target, args.seeds, frames=args.frames, width=args.width,
+                             height=args.height, limit=args.limit)
     except CheckpointError as error:
         print(f"tdnet calibrate: {error}", file=sys.stderr)
         return 2
-    logits, labels, names = collect_validation_logits(args.source, args.seeds, args.frames, args.width, args.height)
-    offsets, before, after = search_offsets(logits, labels, limit=args.limit, log=print)
-    iou_before = iou_per_class(confusion_with_offsets(logits, labels, torch.zeros_like(offsets)))
-    iou_after = iou_per_class(confusion_with_offsets(logits, labels, offsets))
-    print(f"validation mIoU {100 * before:.1f} -> {100 * after:.1f} over {labels.shape[0]} frames "
-          f"(seeds {args.seeds}, {args.width}x{args.height})")
-    for name, offset, low, high in zip(names, offsets.tolist(), iou_before, iou_after):
-        if offset:
-            print(f"  {name:14s} offset {offset:+.2f}  IoU {100 * low:5.1f} -> {100 * high:5.1f}")
-    kept = {k: content[k] for k in KEEP if k != "calibration" and k in content}
-    earlier = content.get("calibration")
-    total = offsets + (torch.tensor(earlier["offsets"]) if earlier else 0.0)
-    if earlier:
-        print(f"{args.source} was calibrated before: the offsets add to its earlier ones")
-    calibration = {"offsets": total.tolist(), "seeds": list(args.seeds), "frames": args.frames,
-                   "render_size": [args.height, args.width], "val_miou_before": before, "val_miou_after": after}
-    save_checkpoint(fold_offsets(model, offsets), args.target, **kept, calibration=calibration)
-    print(f"wrote {args.target}")
     return 0
 
 

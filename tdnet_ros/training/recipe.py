@@ -8,7 +8,10 @@ Stages, each skipped when its output exists and resumed from its `last.pt` when 
 1. teacher: the grouped single-frame teacher (`stage: teacher` training configuration);
 2. student: the TDNet student on clips, distilled from that teacher (`teacher_checkpoint`
    is set to the teacher's `model.pt`);
-3. export: the student packed as a shippable checkpoint (`<out_dir>/model.pt` + `.sha256`);
+3. export: the student packed as a shippable checkpoint (`<out_dir>/model.pt` + `.sha256`),
+   with class offsets calibrated on the generated sequences of `calibration_seeds` when
+   the recipe names any (`training.calibrate`; the uncalibrated export stays as
+   `<out_dir>/uncalibrated.pt`);
 4. held-out: mIoU, per-class IoU and CPU latency on generated sequences of seeds never
    used in training (`<out_dir>/heldout.json`).
 
@@ -34,7 +37,9 @@ class Recipe:
     out_dir: str = "outputs/recipe"  # teacher/, student/, model.pt, heldout.json go here
     heldout_seeds: tuple[int, ...] = (2001, 2002, 2003)  # never used for training or validation
     heldout_frames: int = 60
-    heldout_size: tuple[int, int] = (256, 512)  # (height, width) of the held-out renders
+    heldout_size: tuple[int, int] = (256, 512)  # (height, width) of the held-out (and calibration) renders
+    calibration_seeds: tuple[int, ...] = ()  # validation sequences for class offsets; () skips calibration
+    calibration_frames: int = 40
     overrides: dict[str, Any] = field(default_factory=dict)  # {"teacher"|"student": {section: {key: v}}}
 
 
@@ -47,7 +52,8 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     overrides = dict(overrides or {})
     stage_overrides = {k: overrides.pop(k) for k in ("teacher", "student") if isinstance(overrides.get(k), dict)}
     values.update(overrides)
-    known = {"teacher", "student", "out_dir", "heldout_seeds", "heldout_frames", "heldout_size"}
+    known = {"teacher", "student", "out_dir", "heldout_seeds", "heldout_frames", "heldout_size",
+             "calibration_seeds", "calibration_frames"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown key(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -61,16 +67,22 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         seeds = tuple(int(s) for s in values.get("heldout_seeds", Recipe.heldout_seeds))
         frames = int(values.get("heldout_frames", Recipe.heldout_frames))
         height, width = (int(v) for v in values.get("heldout_size", Recipe.heldout_size))
+        calibration_seeds = tuple(int(s) for s in values.get("calibration_seeds") or ())
+        calibration_frames = int(values.get("calibration_frames", Recipe.calibration_frames))
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{path}: heldout_seeds, heldout_frames and heldout_size [height, width] must be "
-                          f"whole numbers ({error})") from None
+        raise ConfigError(f"{path}: heldout_seeds, heldout_frames, heldout_size [height, width], "
+                          f"calibration_seeds and calibration_frames must be whole numbers ({error})") from None
     if not seeds or frames < 1 or not (16 <= height <= 4096 and 16 <= width <= 4096):
         raise ConfigError(f"{path}: heldout_seeds must not be empty, heldout_frames must be >= 1 and "
                           "heldout_size within 16..4096 pixels")
+    if calibration_frames < 1 or any(s < 0 for s in calibration_seeds) or set(calibration_seeds) & set(seeds):
+        raise ConfigError(f"{path}: calibration_seeds must be non-negative and share none with heldout_seeds "
+                          "(calibrating on the held-out sequences would score the calibration), "
+                          "calibration_frames >= 1")
     return Recipe(
         teacher=beside(values.get("teacher") or ""), student=beside(values["student"]),
         out_dir=str(values.get("out_dir", Recipe.out_dir)), heldout_seeds=seeds, heldout_frames=frames,
-        heldout_size=(height, width),
+        heldout_size=(height, width), calibration_seeds=calibration_seeds, calibration_frames=calibration_frames,
         overrides=stage_overrides,
     )
 
@@ -111,6 +123,7 @@ def _train_stage(config: TrainConfig, log) -> Path:
 
 def run_recipe(recipe: Recipe, log=print) -> dict[str, Any]:
     """Runs (or finishes) every stage; returns the held-out result (also in heldout.json)."""
+    from .calibrate import calibrate_checkpoint
     from .export import export
     from .heldout import evaluate
 
@@ -120,9 +133,17 @@ def run_recipe(recipe: Recipe, log=print) -> dict[str, Any]:
     student_checkpoint = _train_stage(student, log)
     out = Path(recipe.out_dir)
     model = out / "model.pt"
-    digest = export(student_checkpoint, model)
-    log(f"export: {model} ({model.stat().st_size / 1e6:.2f} MB, sha256 {digest[:12]}...)")
     height, width = recipe.heldout_size
+    if recipe.calibration_seeds:
+        uncalibrated, calibrated = out / "uncalibrated.pt", out / "calibrated.pt"
+        export(student_checkpoint, uncalibrated)
+        calibrate_checkpoint(uncalibrated, calibrated, recipe.calibration_seeds, frames=recipe.calibration_frames,
+                             width=width, height=height, log=log)
+        digest = export(calibrated, model)
+        calibrated.unlink()
+    else:
+        digest = export(student_checkpoint, model)
+    log(f"export: {model} ({model.stat().st_size / 1e6:.2f} MB, sha256 {digest[:12]}...)")
     result = evaluate(recipe.heldout_seeds, recipe.heldout_frames, checkpoint=str(model), width=width, height=height)
     (out / "heldout.json").write_text(json.dumps(result, indent=2))
     log(f"held-out: mIoU {100 * result['miou']:.2f}, pixel accuracy {100 * result['pixel_accuracy']:.2f} "
