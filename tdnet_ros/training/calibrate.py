@@ -63,17 +63,11 @@ def collect_validation_logits(
     return torch.stack(logits), np.stack(labels), segmenter.class_names
 
 
-def confusion_with_offsets(logits: torch.Tensor, labels: np.ndarray, offsets: torch.Tensor) -> np.ndarray:
-    """(K, K) confusion matrix of argmax(logits + offsets) against `labels` over all frames."""
-    num_classes = logits.shape[1]
-    matrix = np.zeros((num_classes, num_classes), np.int64)
-    shift = offsets.view(1, -1, 1, 1).to(logits.dtype)  # (1, K, 1, 1)
-    for start in range(0, logits.shape[0], CHUNK):
-        predicted = (logits[start:start + CHUNK] + shift).argmax(dim=1).numpy()  # (f, H, W)
-        target = labels[start:start + CHUNK]
-        width = target.shape[-1]
-        matrix += confusion_matrix(predicted.reshape(-1, width), target.reshape(-1, width), num_classes)
-    return matrix
+def _confusion(predicted: torch.Tensor | np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) confusion matrix of predicted classes (F, H, W) against `labels` over all frames."""
+    width = labels.shape[-1]
+    predicted = np.asarray(predicted).reshape(-1, width)  # (F, H, W) -> (F*H, W)
+    return confusion_matrix(predicted, labels.reshape(-1, width), num_classes)
 
 
 def _top_two(logits: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,28 +92,26 @@ def _labels_moving_one_offset(logits: torch.Tensor, top: tuple[torch.Tensor, tor
     return torch.where(logits[:, k] + offset > best_other, k, best_other_class).numpy()
 
 
-def _mean_iou_of(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    width = labels.shape[-1]
-    return mean_iou(confusion_matrix(predicted.reshape(-1, width), labels.reshape(-1, width), num_classes))
-
-
 def search_offsets(
     logits: torch.Tensor, labels: np.ndarray, steps: Sequence[float] = STEPS, limit: float = LIMIT,
     log=None,
-) -> tuple[torch.Tensor, float, float]:
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Coordinate ascent on mean IoU over per-class offsets, starting from zero.
 
     Only classes present in `labels` move: an offset for a class the validation frames do
-    not show could only be judged by its false positives. Returns (offsets (K,), mIoU with
-    no offsets, mIoU with them); the second is never below the first.
+    not show could only be judged by its false positives. Returns (offsets (K,), the (K, K)
+    confusion matrix with no offsets, the one with them); the second's mean IoU is never
+    below the first's.
     """
     num_classes = logits.shape[1]
     present = [k for k in range(num_classes) if (labels == k).any()]
     offsets = torch.zeros(num_classes)
-    start = best = mean_iou(confusion_with_offsets(logits, labels, offsets))
     # Trying one class's offset needs only the two best classes under the others' offsets
-    # (computed again after each accepted move), not an argmax over all K.
+    # (computed again after each accepted move), not an argmax over all K; the best of
+    # them is the argmax under the current offsets.
     top = _top_two(logits, offsets)
+    before = _confusion(top[1][:, 0], labels, num_classes)
+    best = mean_iou(before)
     for step in steps:
         improved = True
         while improved:
@@ -130,14 +122,14 @@ def search_offsets(
                     if abs(value) > limit:
                         continue
                     predicted = _labels_moving_one_offset(logits, top, k, value)
-                    score = _mean_iou_of(predicted, labels, num_classes)
+                    score = mean_iou(_confusion(predicted, labels, num_classes))
                     if score > best + 1e-6:
                         offsets[k], best, improved = value, score, True
                         top = _top_two(logits, offsets)
                         if log is not None:
                             log(f"offset {k} -> {value:+.2f}: mIoU {100 * score:.2f}")
                         break
-    return offsets, start, best
+    return offsets, before, _confusion(top[1][:, 0], labels, num_classes)
 
 
 def fold_offsets(model: TDNet, offsets: torch.Tensor) -> TDNet:
@@ -160,11 +152,10 @@ def calibrate_checkpoint(
     model = load_model(source)
     logits, labels, names = collect_validation_logits(source, seeds, frames, width, height)
     offsets, before, after = search_offsets(logits, labels, limit=limit, log=log)
-    iou_before = iou_per_class(confusion_with_offsets(logits, labels, torch.zeros_like(offsets)))
-    iou_after = iou_per_class(confusion_with_offsets(logits, labels, offsets))
-    log(f"validation mIoU {100 * before:.1f} -> {100 * after:.1f} over {labels.shape[0]} frames "
+    miou_before, miou_after = mean_iou(before), mean_iou(after)
+    log(f"validation mIoU {100 * miou_before:.1f} -> {100 * miou_after:.1f} over {labels.shape[0]} frames "
         f"(seeds {list(seeds)}, {width}x{height})")
-    for name, offset, low, high in zip(names, offsets.tolist(), iou_before, iou_after):
+    for name, offset, low, high in zip(names, offsets.tolist(), iou_per_class(before), iou_per_class(after)):
         if offset:
             log(f"  {name:14s} offset {offset:+.2f}  IoU {100 * low:5.1f} -> {100 * high:5.1f}")
     kept = {k: content[k] for k in KEEP if k != "calibration" and k in content}
@@ -173,7 +164,7 @@ def calibrate_checkpoint(
     if earlier:
         log(f"{source} was calibrated before: the offsets add to its earlier ones")
     calibration = {"offsets": total.tolist(), "seeds": list(seeds), "frames": frames,
-                   "render_size": [height, width], "val_miou_before": before, "val_miou_after": after}
+                   "render_size": [height, width], "val_miou_before": miou_before, "val_miou_after": miou_after}
     save_checkpoint(fold_offsets(model, offsets), target, **kept, calibration=calibration)
     log(f"wrote {target}")
     return calibration
