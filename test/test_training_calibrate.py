@@ -1,5 +1,6 @@
 """Class logit offsets: the search, folding them into a checkpoint, and the command."""
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,10 @@ from tdnet_ros.preprocess import labels_from_logits
 from tdnet_ros.segmenter import Segmenter
 from tdnet_ros.training import calibrate
 from tdnet_ros.metrics import mean_iou
-from tdnet_ros.training.calibrate import fold_offsets, search_offsets
+from tdnet_ros.training.calibrate import collect_logits, dataset_clips, fold_offsets, pixel_step, search_offsets
+from tdnet_ros.training.datasets import CityscapesClips
+
+from test_training_data import make_camvid
 
 
 def _iou_by_hand(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
@@ -107,4 +111,66 @@ def test_wrong_arguments_are_refused_before_any_work(tmp_path, capsys, wrong):
     with pytest.raises(SystemExit) as exit_info:
         calibrate.main([str(tmp_path / "any.pt"), str(tmp_path / "out.pt"), "--seeds", "3", *wrong])
     assert exit_info.value.code == 2
-    assert "--frames must be at least 1" in capsys.readouterr().err
+    assert "--frames and --max-frames must be at least 1" in capsys.readouterr().err
+
+
+def _generated_cityscapes_tree(root, frames: int) -> None:
+    from tdnet_ros.cli.generate import main as generate_main
+
+    assert generate_main(["--seed", "3", "--frames", str(frames), "--out", str(root), "--format", "cityscapes",
+                          "--width", "64", "--height", "32", "--split", "val", "--city", "town", "--quiet"]) == 0
+
+
+def test_calibration_on_a_cityscapes_tree_scores_the_last_frame_of_each_clip(tmp_path, capsys):
+    torch.manual_seed(0)
+    source = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), tmp_path / "tiny.pt")
+    root = tmp_path / "cityscapes"
+    _generated_cityscapes_tree(root, frames=6)  # every frame labelled: frames 3, 4, 5 have 3 predecessors
+    target = tmp_path / "calibrated.pt"
+
+    assert calibrate.main([str(source), str(target), "--cityscapes", str(root), "--threads", "1"]) == 0
+    assert f"cityscapes {root}, split val" in capsys.readouterr().out
+    stored = read_checkpoint(target)["calibration"]
+    assert (stored["dataset"], stored["split"], stored["frames"], stored["pixel_step"]) == ("cityscapes", "val", 3, 1)
+
+    # The same score, counted independently: each clip through a fresh Segmenter, its last
+    # frame's labels (at frame size) against the label file.
+    segmenter = Segmenter.from_checkpoint(source)
+    predicted, truth = [], []
+    for last in (3, 4, 5):
+        segmenter.reset()
+        for frame in range(last - 3, last + 1):
+            stem = root / "leftImg8bit_sequence/val/town" / f"town_000003_{frame:06d}_leftImg8bit.png"
+            result = segmenter.segment(cv2.cvtColor(cv2.imread(str(stem)), cv2.COLOR_BGR2RGB))
+        predicted.append(result.labels)
+        label_file = root / "gtFine/val/town" / f"town_000003_{last:06d}_gtFine_labelTrainIds.png"
+        truth.append(cv2.imread(str(label_file), cv2.IMREAD_UNCHANGED))
+    assert stored["val_miou_before"] == pytest.approx(_iou_by_hand(np.stack(predicted), np.stack(truth), 19), abs=1e-3)
+
+
+def test_large_frames_are_scored_on_a_regular_grid(tmp_path):
+    assert [pixel_step(256, 512), pixel_step(257, 512), pixel_step(1024, 2048)] == [1, 2, 4]
+    torch.manual_seed(0)
+    source = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), tmp_path / "tiny.pt")
+    root = tmp_path / "cityscapes"
+    _generated_cityscapes_tree(root, frames=5)
+    clips = CityscapesClips(root, "val", clip_length=4, gaps=(1, 1))
+    full, labels, _, step = collect_logits(source, dataset_clips(clips, 10))
+    grid, grid_labels, _, grid_step = collect_logits(source, dataset_clips(clips, 10), max_pixels=64 * 32 // 4)
+    assert (step, grid_step, full.shape[-2:], grid.shape[-2:]) == (1, 2, (32, 64), (16, 32))
+    torch.testing.assert_close(grid, full[:, :, 1::2, 1::2])
+    assert np.array_equal(grid_labels, labels[:, 1::2, 1::2])
+
+
+def test_a_dataset_with_other_classes_or_no_tree_is_one_line(tmp_path, capsys):
+    source = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), tmp_path / "tiny.pt")
+    camvid = make_camvid(tmp_path / "camvid")  # 11 classes; td4-tiny predicts 19
+    assert calibrate.main([str(source), str(tmp_path / "out.pt"), "--camvid", str(camvid), "--split", "train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(camvid) in err[0] and "11 classes" in err[0] and "19" in err[0]
+
+    missing = tmp_path / "nowhere"
+    assert calibrate.main([str(source), str(tmp_path / "out.pt"), "--cityscapes", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing Cityscapes folder" in err[0] and str(missing) in err[0]
+    assert not (tmp_path / "out.pt").exists()

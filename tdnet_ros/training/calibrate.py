@@ -5,9 +5,12 @@
 A model trained on imbalanced classes leans towards the frequent ones where it is unsure: a
 bus becomes car, a pole or a wall becomes building. Adding a constant offset b_k to class
 k's logits moves those decisions without retraining. The offsets are chosen by coordinate
-ascent on the mean IoU of generated validation sequences (use seeds never used for
-training, and never the held-out ones), then added to the bias of every sub-network's last
-head convolution: the calibrated checkpoint computes logits + b at no cost at run time.
+ascent on the mean IoU of validation frames, then added to the bias of every sub-network's
+last head convolution: the calibrated checkpoint computes logits + b at no cost at run time.
+The frames are generated sequences (`--seeds`: never training seeds, never held-out ones)
+or the labelled frames of a split of one's own Cityscapes or CamVid tree:
+
+    python -m tdnet_ros.training.calibrate my_model.pt my_model_calibrated.pt --cityscapes data/cityscapes --split val
 
 A constant offset commutes with bilinear upsampling (its weights sum to one), so the search
 scores exactly the labels the segmenter will produce with the calibrated checkpoint.
@@ -16,8 +19,9 @@ scores exactly the labels the segmenter will produce with the calibrated checkpo
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,41 +30,86 @@ import torch
 import torch.nn.functional as F
 
 from tdnet_ros.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from tdnet_ros.config import ModelConfig
 from tdnet_ros.metrics import confusion_matrix, iou_per_class, mean_iou
 from tdnet_ros.model import TDNet
 from tdnet_ros.preprocess import upsample_logits
 
+from .datasets import CamVidClips, CityscapesClips, ClipDataset, DatasetError
 from .export import KEEP
 
 STEPS = (1.0, 0.5, 0.25)  # coordinate ascent: the offsets move by these, coarse to fine
 LIMIT = 3.0  # no offset beyond +-LIMIT: a few validation frames must not decide more than that
 CHUNK = 8  # frames scored at once (bounds the memory of logits + offsets)
+MAX_PIXELS = 512 * 256  # larger labelled frames are scored on a regular grid of about this many pixels
 
 
-def collect_validation_logits(
-    checkpoint: str | Path, seeds: Sequence[int], frames: int, width: int, height: int,
-) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """Runs the checkpoint through `Segmenter` over the generated sequences of `seeds`.
+FrameStream = Iterable[tuple[np.ndarray, np.ndarray | None]]  # RGB frames in order, labels where scored
 
-    Returns the logits as the segmenter resamples them to each frame, (F, K, height, width)
-    float32 (bilinear to the model input, then the pixels the nearest resize to the frame
-    keeps), the ground truth (F, height, width) uint8 and the model's class names.
-    """
+
+def generated_sequences(seeds: Sequence[int], frames: int, width: int, height: int) -> Iterator[FrameStream]:
+    """The generated sequences of `seeds`, every frame labelled."""
     from tdnet_ros.data import generate_sequence
+
+    for seed in seeds:
+        yield ((frame.rgb, frame.labels) for frame in generate_sequence(seed, frames, width=width, height=height))
+
+
+def dataset_clips(clips: ClipDataset, max_frames: int) -> Iterator[FrameStream]:
+    """Up to `max_frames` labelled frames of a dataset, evenly spread, each as the clip that
+    ends on it (consecutive frames, as many as the model has sub-networks): its last frame is
+    then segmented with a full feature cache, as in a video, and only it is scored."""
+    count = min(max_frames, len(clips))
+    for index in np.linspace(0, len(clips) - 1, count).round().astype(int):
+        frames, labels = clips.load_clip(int(index), None)
+        yield ((frame, labels[-1] if j == len(frames) - 1 else None) for j, frame in enumerate(frames))
+
+
+def pixel_step(height: int, width: int, max_pixels: int = MAX_PIXELS) -> int:
+    """The smallest s for which one pixel in each s x s block of the frame leaves at most `max_pixels`."""
+    step = 1
+    while math.ceil(height / step) * math.ceil(width / step) > max_pixels:
+        step += 1
+    return step
+
+
+def collect_logits(
+    checkpoint: str | Path, sequences: Iterable[FrameStream], max_pixels: int = MAX_PIXELS,
+) -> tuple[torch.Tensor, np.ndarray, list[str], int]:
+    """Runs the checkpoint through `Segmenter` over `sequences` (its cache reset at each).
+
+    For every labelled frame keeps the logits as the segmenter resamples them to the frame
+    (bilinear to the model input, then the pixels the nearest resize to the frame keeps) and
+    the labels, at the centre pixel of each s x s block where a frame has more than
+    `max_pixels` (s from `pixel_step`: it bounds the memory of large frames). Returns the
+    logits (F, K, h, w) float32, the labels (F, h, w) uint8, the model's class names and s.
+    """
     from tdnet_ros.segmenter import Segmenter
 
     segmenter = Segmenter.from_checkpoint(checkpoint)
     align_corners = segmenter.config.upsample_align_corners
-    logits, labels = [], []
-    for seed in seeds:
+    logits, labels, sizes = [], [], set()
+    step = 1
+    for sequence in sequences:
         segmenter.reset()
-        for frame in generate_sequence(seed, frames, width=width, height=height):
-            result = segmenter.segment(frame.rgb)
-            input_size = segmenter.model_input_size(frame.rgb.shape[:2])
-            upsampled = upsample_logits(result.logits[None].float(), input_size, align_corners=align_corners)
-            logits.append(F.interpolate(upsampled, (height, width), mode="nearest")[0])  # (K, height, width)
-            labels.append(frame.labels)
-    return torch.stack(logits), np.stack(labels), segmenter.class_names
+        for rgb, frame_labels in sequence:
+            result = segmenter.segment(rgb)
+            if frame_labels is None:
+                continue
+            height, width = frame_labels.shape
+            sizes.add((height, width))
+            if len(sizes) > 1:
+                raise DatasetError(f"labelled frames of {len(sizes)} sizes ({sorted(sizes)}): calibration needs one")
+            step = pixel_step(height, width, max_pixels)
+            upsampled = upsample_logits(result.logits[None].float(), segmenter.model_input_size((height, width)),
+                                        align_corners=align_corners)
+            at_frame = F.interpolate(upsampled, (height, width), mode="nearest")[0]  # (K, height, width)
+            first = step // 2  # the centre of each step x step block
+            logits.append(at_frame[:, first::step, first::step])
+            labels.append(frame_labels[first::step, first::step])
+    if not labels:
+        raise DatasetError("no labelled frame to calibrate on")
+    return torch.stack(logits), np.stack(labels), segmenter.class_names, step
 
 
 def _confusion(predicted: torch.Tensor | np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -141,20 +190,41 @@ def fold_offsets(model: TDNet, offsets: torch.Tensor) -> TDNet:
     return model
 
 
+def generated_data(seeds: Sequence[int], frames: int, width: int, height: int) -> tuple[Iterator[FrameStream], dict]:
+    """The generated validation sequences of `seeds` and how the calibration record names them."""
+    record = {"seeds": list(seeds), "frames": frames, "render_size": [height, width]}
+    return generated_sequences(seeds, frames, width, height), record
+
+
+def dataset_data(kind: str, root: str | Path, split: str, model: ModelConfig,
+                 max_frames: int) -> tuple[Iterator[FrameStream], dict]:
+    """The labelled frames of a Cityscapes or CamVid tree (the training loaders' layouts) and
+    how the calibration record names them. The model must predict the dataset's classes."""
+    factory = {"cityscapes": CityscapesClips, "camvid": CamVidClips}[kind]
+    clips = factory(root, split, clip_length=model.num_paths, gaps=(1, 1))
+    if clips.num_classes != model.num_classes:
+        raise DatasetError(f"the {kind} tree {root} has {clips.num_classes} classes, the model {model.name!r} "
+                           f"predicts {model.num_classes}")
+    record = {"dataset": kind, "root": str(root), "split": split, "frames": min(max_frames, len(clips))}
+    return dataset_clips(clips, max_frames), record
+
+
 def calibrate_checkpoint(
-    source: str | Path, target: str | Path, seeds: Sequence[int], *, frames: int = 40, width: int = 512,
-    height: int = 256, limit: float = LIMIT, log=print,
+    source: str | Path, target: str | Path, sequences: Iterable[FrameStream], data: dict[str, Any], *,
+    limit: float = LIMIT, log=print,
 ) -> dict[str, Any]:
-    """Chooses offsets for `source` on the generated sequences of `seeds`, writes `target`
-    with them folded in, and returns its `calibration` record. A source calibrated before
+    """Chooses offsets for `source` on the labelled frames of `sequences` (`generated_data`,
+    `dataset_data`), writes `target` with them folded in, and returns its `calibration`
+    record (`data`, the offsets and the mIoU before and after). A source calibrated before
     keeps its offsets; the new ones add to them."""
     content = read_checkpoint(source)
     model = load_model(source)
-    logits, labels, names = collect_validation_logits(source, seeds, frames, width, height)
+    logits, labels, names, step = collect_logits(source, sequences)
     offsets, before, after = search_offsets(logits, labels, limit=limit, log=log)
     miou_before, miou_after = mean_iou(before), mean_iou(after)
+    sampled = f", one pixel in each {step}x{step} block" if step > 1 else ""
     log(f"validation mIoU {100 * miou_before:.1f} -> {100 * miou_after:.1f} over {labels.shape[0]} frames "
-        f"(seeds {list(seeds)}, {width}x{height})")
+        f"({_describe(data)}{sampled})")
     for name, offset, low, high in zip(names, offsets.tolist(), iou_per_class(before), iou_per_class(after)):
         if offset:
             log(f"  {name:14s} offset {offset:+.2f}  IoU {100 * low:5.1f} -> {100 * high:5.1f}")
@@ -163,33 +233,53 @@ def calibrate_checkpoint(
     total = offsets + (torch.tensor(earlier["offsets"]) if earlier else 0.0)
     if earlier:
         log(f"{source} was calibrated before: the offsets add to its earlier ones")
-    calibration = {"offsets": total.tolist(), "seeds": list(seeds), "frames": frames,
-                   "render_size": [height, width], "val_miou_before": miou_before, "val_miou_after": miou_after}
+    calibration = {"offsets": total.tolist(), **data, "pixel_step": step,
+                   "val_miou_before": miou_before, "val_miou_after": miou_after}
     save_checkpoint(fold_offsets(model, offsets), target, **kept, calibration=calibration)
     log(f"wrote {target}")
     return calibration
+
+
+def _describe(data: dict[str, Any]) -> str:
+    if "seeds" in data:
+        height, width = data["render_size"]
+        return f"seeds {data['seeds']}, {width}x{height}"
+    return f"{data['dataset']} {data['root']}, split {data['split']}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="project checkpoint (e.g. tdnet_ros/models/default.pt)")
     parser.add_argument("target", help="calibrated checkpoint to write")
-    parser.add_argument("--seeds", type=int, nargs="+", required=True,
-                        help="validation sequence seeds (not training, not held-out)")
-    parser.add_argument("--frames", type=int, default=40, help="frames per sequence")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--seeds", type=int, nargs="+",
+                      help="generated validation sequences (seeds used neither for training nor held out)")
+    data.add_argument("--cityscapes", metavar="ROOT",
+                      help="a Cityscapes tree (leftImg8bit_sequence/, gtFine/), as training reads it")
+    data.add_argument("--camvid", metavar="ROOT", help="a CamVid tree in the SegNet layout plus sequences/")
+    parser.add_argument("--split", default="val", help="the dataset split to calibrate on (--cityscapes, --camvid)")
+    parser.add_argument("--max-frames", type=int, default=200,
+                        help="labelled dataset frames used, evenly spread (--cityscapes, --camvid)")
+    parser.add_argument("--frames", type=int, default=40, help="frames per generated sequence")
     parser.add_argument("--width", type=int, default=512, help="render width (default 512, as tdnet-generate)")
     parser.add_argument("--height", type=int, default=256, help="render height (default 256)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--limit", type=float, default=LIMIT, help="largest offset magnitude")
     args = parser.parse_args(argv)
     sizes_fit = all(16 <= side <= 4096 for side in (args.width, args.height))  # the generator's range
-    if args.frames < 1 or min(args.seeds) < 0 or not sizes_fit:
-        parser.error("--frames must be at least 1, --seeds non-negative, --width and --height 16 to 4096")
+    if args.frames < 1 or args.max_frames < 1 or min(args.seeds or [0]) < 0 or not sizes_fit:
+        parser.error("--frames and --max-frames must be at least 1, --seeds non-negative, "
+                     "--width and --height 16 to 4096")
     torch.set_num_threads(args.threads)
     try:
-        calibrate_checkpoint(args.source, args.target, args.seeds, frames=args.frames, width=args.width,
-                             height=args.height, limit=args.limit)
-    except CheckpointError as error:
+        if args.seeds:
+            sequences, record = generated_data(args.seeds, args.frames, args.width, args.height)
+        else:
+            kind = "cityscapes" if args.cityscapes else "camvid"
+            model = load_model(args.source).config
+            sequences, record = dataset_data(kind, args.cityscapes or args.camvid, args.split, model, args.max_frames)
+        calibrate_checkpoint(args.source, args.target, sequences, record, limit=args.limit)
+    except (CheckpointError, DatasetError) as error:
         print(f"tdnet calibrate: {error}", file=sys.stderr)
         return 2
     return 0

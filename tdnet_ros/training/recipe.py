@@ -123,7 +123,7 @@ def _train_stage(config: TrainConfig, log) -> Path:
 
 def run_recipe(recipe: Recipe, log=print) -> dict[str, Any]:
     """Runs (or finishes) every stage; returns the held-out result (also in heldout.json)."""
-    from .calibrate import calibrate_checkpoint
+    from .calibrate import calibrate_checkpoint, generated_data
     from .export import export
     from .heldout import evaluate
 
@@ -137,8 +137,8 @@ def run_recipe(recipe: Recipe, log=print) -> dict[str, Any]:
     if recipe.calibration_seeds:
         uncalibrated, calibrated = out / "uncalibrated.pt", out / "calibrated.pt"
         export(student_checkpoint, uncalibrated)
-        calibrate_checkpoint(uncalibrated, calibrated, recipe.calibration_seeds, frames=recipe.calibration_frames,
-                             width=width, height=height, log=log)
+        sequences, record = generated_data(recipe.calibration_seeds, recipe.calibration_frames, width, height)
+        calibrate_checkpoint(uncalibrated, calibrated, sequences, record, log=log)
         digest = export(calibrated, model)
         calibrated.unlink()
     else:
