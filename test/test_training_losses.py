@@ -10,6 +10,7 @@ from tdnet_ros.training.losses import (
     LossWeights,
     cross_entropy,
     distillation_kl,
+    lovasz_softmax,
     ohem_cross_entropy,
     student_loss,
 )
@@ -150,3 +151,62 @@ def test_the_losses_upsample_as_the_model_does_at_inference():
                                 auxiliary_logits=[logits], auxiliary_targets=[target], align_corners=align_corners)
         torch.testing.assert_close(total, expected)
     assert not torch.isclose(cross_entropy(logits, target, align_corners=True), cross_entropy(logits, target))
+
+
+def _one_minus_iou_by_hand(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over images and over the classes in each image's labels of 1 - IoU (255 ignored)."""
+    values = []
+    for image_predicted, image_labels in zip(predicted, labels):
+        valid = image_labels != 255
+        for k in np.unique(image_labels[valid]):
+            inter = np.logical_and(image_predicted == k, image_labels == k)[valid].sum()
+            union = np.logical_or(image_predicted == k, image_labels == k)[valid].sum()
+            values.append(1.0 - inter / union)
+    return float(np.mean(values))
+
+
+def test_lovasz_softmax_on_hard_predictions_is_one_minus_iou():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, (2, 6, 8))
+    labels[0, 0] = 255  # ignored row
+    predicted = np.where(rng.random(labels.shape) < 0.7, labels % 255, rng.integers(0, 5, labels.shape))
+    predicted[predicted == 255] = 0
+    logits = 60.0 * torch.nn.functional.one_hot(torch.from_numpy(predicted), 5).permute(0, 3, 1, 2).float()
+    loss = lovasz_softmax(logits, torch.from_numpy(labels))
+    assert float(loss) == pytest.approx(_one_minus_iou_by_hand(predicted, labels), abs=1e-5)
+    on_grid = lovasz_softmax(logits, torch.from_numpy(labels), pixel_step=2)
+    assert float(on_grid) == pytest.approx(_one_minus_iou_by_hand(predicted[:, 1::2, 1::2], labels[:, 1::2, 1::2]),
+                                           abs=1e-5)
+    perfect = 60.0 * torch.nn.functional.one_hot(torch.from_numpy(labels % 255), 5).permute(0, 3, 1, 2).float()
+    assert float(lovasz_softmax(perfect, torch.from_numpy(labels))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lovasz_softmax_descent_raises_the_iou_of_a_small_class():
+    labels = torch.zeros(1, 16, 16, dtype=torch.long)
+    labels[0, 6:9, 6:9] = 1  # 9 pixels of a small class among 247 of a large one
+    logits = torch.zeros(1, 2, 16, 16)
+    logits[:, 0] = 1.0  # everything predicted large: the small class has IoU 0
+    logits.requires_grad_(True)
+    before = float(lovasz_softmax(logits, labels).detach())
+    optimizer = torch.optim.SGD([logits], lr=50.0)
+    for _ in range(20):
+        optimizer.zero_grad()
+        lovasz_softmax(logits, labels).backward()
+        optimizer.step()
+    predicted = logits.detach().argmax(1)
+    assert float(lovasz_softmax(logits, labels).detach()) < before
+    assert bool((predicted[labels == 1] == 1).all()) and bool((predicted[labels == 0] == 0).all())
+
+
+def test_the_lovasz_term_joins_the_student_loss_when_weighted():
+    target = torch.tensor([[[0, 1]]])
+    final = _logits_for([[0.9, 0.1], [0.2, 0.8]])
+    weights = LossWeights(lovasz=0.5, lovasz_pixel_step=1, auxiliary=0.0, kd_full=0.0, kd_group=0.0)
+    _, terms = student_loss(final, target, weights)
+    assert set(terms) == {"ohem", "lovasz"}
+    # By hand. Class 0: errors (0.1 on its pixel, 0.2 on the other), sorted 0.2, 0.1, Jaccard
+    # loss after each 0.5, 1: gradient (0.5, 0.5), loss 0.15. Class 1: errors (0.1 off it, 0.2
+    # on it), sorted 0.2 (its pixel), 0.1: Jaccard 1, 1: gradient (1, 0), loss 0.2.
+    assert terms["lovasz"] == pytest.approx(0.5 * (0.15 + 0.2) / 2, rel=1e-5)
+    _, terms = student_loss(final, target, LossWeights(auxiliary=0.0, kd_full=0.0, kd_group=0.0))
+    assert "lovasz" not in terms
