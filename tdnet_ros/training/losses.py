@@ -90,7 +90,7 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
         logits: (B, K, h, w) class scores.
         target: (B, H, W) integer class ids.
         pixel_step: s > 1 scores the centre pixel of each s x s block only: the sorts, which
-            cost about six times the OHEM term on a whole 512x1024 frame, shrink s^2-fold.
+            cost several times the OHEM term on a whole 512x1024 frame, shrink s^2-fold.
     """
     logits = upsample_to(logits.float(), tuple(target.shape[-2:]), align_corners)
     first = pixel_step // 2
