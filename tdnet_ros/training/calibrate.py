@@ -109,7 +109,17 @@ def collect_logits(
             labels.append(frame_labels[first::step, first::step])
     if not labels:
         raise DatasetError("no labelled frame to calibrate on")
-    return torch.stack(logits), np.stack(labels), segmenter.class_names, step
+    return _stack_releasing(logits), np.stack(labels), segmenter.class_names, step
+
+
+def _stack_releasing(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack that frees each input once copied, so that the peak memory stays about
+    one copy of the logits (16 sequences of 40 frames at 512x256: 6.4 GB), not two."""
+    stacked = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype)
+    for index in range(len(tensors)):
+        stacked[index] = tensors[index]
+        tensors[index] = None  # type: ignore[call-overload]
+    return stacked
 
 
 def _confusion(predicted: torch.Tensor | np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
