@@ -15,6 +15,7 @@ from tdnet_ros.evaluation.labels import (
     cityscapes_train_id_to_label_id_lut,
 )
 from tdnet_ros.metrics import (
+    ConfusionCounter,
     SegmentationScores,
     TemporalConsistency,
     confusion_matrix,
@@ -248,3 +249,20 @@ def test_temporal_consistency_downscaled_flow_and_breaks():
     tracker.break_sequence()
     assert tracker.update(np.ascontiguousarray(labels1), np.ascontiguousarray(frame1)) is None
     assert math.isnan(tracker.value)
+
+
+def test_a_confusion_counter_counts_as_confusion_matrix_frame_by_frame():
+    rng = np.random.default_rng(3)
+    target = rng.integers(0, 5, (3, 7, 9)).astype(np.uint8)
+    target[0, 0] = 255  # ignored
+    target[1, 1, :3] = 9  # outside the classes: not counted either
+    counter = ConfusionCounter(target, 5)
+    for _ in range(2):  # the same counter scores several predictions
+        prediction = rng.integers(0, 5, target.shape).astype(np.int16)
+        expected = sum(confusion_matrix(p, t, 5) for p, t in zip(prediction, target))
+        assert np.array_equal(counter(prediction), expected)
+    with pytest.raises(ValueError, match="differs from ground-truth shape"):
+        counter(prediction[:2])
+    prediction[2, 3, 4] = 7
+    with pytest.raises(ValueError, match=r"class ids \[7\] outside 0..4"):
+        counter(prediction)

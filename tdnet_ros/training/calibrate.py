@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from tdnet_ros.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
-from tdnet_ros.metrics import confusion_matrix, iou_per_class, mean_iou
+from tdnet_ros.metrics import ConfusionCounter, iou_per_class, mean_iou
 from tdnet_ros.model import TDNet
 from tdnet_ros.preprocess import upsample_logits
 
@@ -122,13 +122,6 @@ def _stack_releasing(tensors: list[torch.Tensor]) -> torch.Tensor:
     return stacked
 
 
-def _confusion(predicted: torch.Tensor | np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(K, K) confusion matrix of predicted classes (F, H, W) against `labels` over all frames."""
-    width = labels.shape[-1]
-    predicted = np.asarray(predicted).reshape(-1, width)  # (F, H, W) -> (F*H, W)
-    return confusion_matrix(predicted, labels.reshape(-1, width), num_classes)
-
-
 def _top_two(logits: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The two largest of logits + offsets at every pixel: values (F, 2, H, W), classes (F, 2, H, W)."""
     shift = offsets.view(1, -1, 1, 1).to(logits.dtype)  # (1, K, 1, 1)
@@ -169,7 +162,8 @@ def search_offsets(
     # (computed again after each accepted move), not an argmax over all K; the best of
     # them is the argmax under the current offsets.
     top = _top_two(logits, offsets)
-    before = _confusion(top[1][:, 0], labels, num_classes)
+    confusion = ConfusionCounter(labels, num_classes)  # of (F, H, W) predictions
+    before = confusion(top[1][:, 0].numpy())
     best = mean_iou(before)
     for step in steps:
         improved = True
@@ -181,14 +175,14 @@ def search_offsets(
                     if abs(value) > limit:
                         continue
                     predicted = _labels_moving_one_offset(logits, top, k, value)
-                    score = mean_iou(_confusion(predicted, labels, num_classes))
+                    score = mean_iou(confusion(predicted))
                     if score > best + 1e-6:
                         offsets[k], best, improved = value, score, True
                         top = _top_two(logits, offsets)
                         if log is not None:
                             log(f"offset {k} -> {value:+.2f}: mIoU {100 * score:.2f}")
                         break
-    return offsets, before, _confusion(top[1][:, 0], labels, num_classes)
+    return offsets, before, confusion(top[1][:, 0].numpy())
 
 
 def fold_offsets(model: TDNet, offsets: torch.Tensor) -> TDNet:
