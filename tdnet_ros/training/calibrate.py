@@ -105,8 +105,9 @@ def collect_logits(
                                         align_corners=align_corners)
             at_frame = F.interpolate(upsampled, (height, width), mode="nearest")[0]  # (K, height, width)
             first = step // 2  # the centre of each step x step block
-            logits.append(at_frame[:, first::step, first::step])
-            labels.append(frame_labels[first::step, first::step])
+            # copies, so that the whole frame's logits and labels are not kept alive by a view
+            logits.append(at_frame[:, first::step, first::step].contiguous())
+            labels.append(np.ascontiguousarray(frame_labels[first::step, first::step]))
     if not labels:
         raise DatasetError("no labelled frame to calibrate on")
     return _stack_releasing(logits), np.stack(labels), segmenter.class_names, step
