@@ -213,13 +213,16 @@ def student_loss(
         align_corners: how the student's logits are upsampled (its upsample_align_corners).
     """
     terms: dict[str, torch.Tensor] = {}
+    # OHEM and Lovász both read the final logits at label resolution: upsample them once.
+    if weights.ohem or weights.lovasz:
+        at_labels = upsample_to(final_logits.float(), tuple(target.shape[-2:]), align_corners)
     if weights.ohem:
         terms["ohem"] = weights.ohem * ohem_cross_entropy(
-            final_logits, target, threshold=weights.ohem_threshold, min_kept=weights.ohem_min_kept,
+            at_labels, target, threshold=weights.ohem_threshold, min_kept=weights.ohem_min_kept,
             class_weights=class_weights, align_corners=align_corners,
         )
     if weights.lovasz:
-        terms["lovasz"] = weights.lovasz * lovasz_softmax(final_logits, target, align_corners=align_corners,
+        terms["lovasz"] = weights.lovasz * lovasz_softmax(at_labels, target, align_corners=align_corners,
                                                           pixel_step=weights.lovasz_pixel_step)
     if weights.auxiliary and auxiliary_logits:
         assert auxiliary_targets is not None and len(auxiliary_targets) == len(auxiliary_logits)
