@@ -213,7 +213,13 @@ def load_model(path: str | Path, model_name: str | None = None, **config_overrid
             for a project checkpoint, if given, it must match the stored configuration.
         config_overrides: ModelConfig fields to replace (e.g. `input_size`).
     """
-    content = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, model_name, **config_overrides)
+
+
+def model_from_checkpoint(content: Mapping[str, Any], path: str | Path, model_name: str | None = None,
+                          **config_overrides: Any) -> TDNet:
+    """`load_model` on a checkpoint already read (`read_checkpoint(path)`), for callers that
+    also need its other entries; `path` names it in errors."""
     state = content["state_dict"]
     if "config" in content:
         config = stored_config(content, f"checkpoint {path}")

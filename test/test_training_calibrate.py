@@ -155,8 +155,9 @@ def test_large_frames_are_scored_on_a_regular_grid(tmp_path):
     root = tmp_path / "cityscapes"
     _generated_cityscapes_tree(root, frames=5)
     clips = CityscapesClips(root, "val", clip_length=4, gaps=(1, 1))
-    full, labels, _, step = collect_logits(source, dataset_clips(clips, 10))
-    grid, grid_labels, _, grid_step = collect_logits(source, dataset_clips(clips, 10), max_pixels=64 * 32 // 4)
+    segmenter = Segmenter.from_checkpoint(source)
+    full, labels, _, step = collect_logits(segmenter, dataset_clips(clips, 10))
+    grid, grid_labels, _, grid_step = collect_logits(segmenter, dataset_clips(clips, 10), max_pixels=64 * 32 // 4)
     assert (step, grid_step, full.shape[-2:], grid.shape[-2:]) == (1, 2, (32, 64), (16, 32))
     torch.testing.assert_close(grid, full[:, :, 1::2, 1::2])
     assert np.array_equal(grid_labels, labels[:, 1::2, 1::2])

@@ -23,13 +23,13 @@ import math
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tdnet_ros.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from tdnet_ros.checkpoint import CheckpointError, load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
 from tdnet_ros.metrics import ConfusionCounter, iou_per_class, mean_iou
 from tdnet_ros.model import TDNet
@@ -37,6 +37,9 @@ from tdnet_ros.preprocess import upsample_logits
 
 from .datasets import CamVidClips, CityscapesClips, ClipDataset, DatasetError
 from .export import KEEP
+
+if TYPE_CHECKING:
+    from tdnet_ros.segmenter import Segmenter
 
 STEPS = (1.0, 0.5, 0.25)  # coordinate ascent: the offsets move by these, coarse to fine
 LIMIT = 3.0  # no offset beyond +-LIMIT: a few validation frames must not decide more than that
@@ -74,9 +77,9 @@ def pixel_step(height: int, width: int, max_pixels: int = MAX_PIXELS) -> int:
 
 
 def collect_logits(
-    checkpoint: str | Path, sequences: Iterable[FrameStream], max_pixels: int = MAX_PIXELS,
+    segmenter: Segmenter, sequences: Iterable[FrameStream], max_pixels: int = MAX_PIXELS,
 ) -> tuple[torch.Tensor, np.ndarray, list[str], int]:
-    """Runs the checkpoint through `Segmenter` over `sequences` (its cache reset at each).
+    """Runs `segmenter` over `sequences` (its cache reset at each).
 
     For every labelled frame keeps the logits as the segmenter resamples them to the frame
     (bilinear to the model input, then the pixels the nearest resize to the frame keeps) and
@@ -84,9 +87,6 @@ def collect_logits(
     `max_pixels` (s from `pixel_step`: it bounds the memory of large frames). Returns the
     logits (F, K, h, w) float32, the labels (F, h, w) uint8, the model's class names and s.
     """
-    from tdnet_ros.segmenter import Segmenter
-
-    segmenter = Segmenter.from_checkpoint(checkpoint)
     align_corners = segmenter.config.upsample_align_corners
     logits, labels, sizes = [], [], set()
     step = 1
@@ -222,9 +222,12 @@ def calibrate_checkpoint(
     `dataset_data`), writes `target` with them folded in, and returns its `calibration`
     record (`data`, the offsets and the mIoU before and after). A source calibrated before
     keeps its offsets; the new ones add to them."""
+    from tdnet_ros.segmenter import Segmenter
+
     content = read_checkpoint(source)
-    model = load_model(source)
-    logits, labels, names, step = collect_logits(source, sequences)
+    model = model_from_checkpoint(content, source)
+    # the segmenter runs a copy with its BatchNorms folded; the offsets go into `model`
+    logits, labels, names, step = collect_logits(Segmenter(model, checkpoint=source), sequences)
     offsets, before, after = search_offsets(logits, labels, limit=limit, log=log)
     miou_before, miou_after = mean_iou(before), mean_iou(after)
     sampled = f", one pixel in each {step}x{step} block" if step > 1 else ""
