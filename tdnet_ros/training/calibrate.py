@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tdnet_ros.checkpoint import CheckpointError, load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
+from tdnet_ros.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
 from tdnet_ros.metrics import ConfusionCounter, iou_per_class, mean_iou
 from tdnet_ros.model import TDNet
@@ -216,15 +216,16 @@ def dataset_data(kind: str, root: str | Path, split: str, model: ModelConfig,
 
 def calibrate_checkpoint(
     source: str | Path, target: str | Path, sequences: Iterable[FrameStream], data: dict[str, Any], *,
-    limit: float = LIMIT, log=print,
+    limit: float = LIMIT, content: dict[str, Any] | None = None, log=print,
 ) -> dict[str, Any]:
     """Chooses offsets for `source` on the labelled frames of `sequences` (`generated_data`,
     `dataset_data`), writes `target` with them folded in, and returns its `calibration`
     record (`data`, the offsets and the mIoU before and after). A source calibrated before
-    keeps its offsets; the new ones add to them."""
+    keeps its offsets; the new ones add to them. `content` is `source` already read
+    (`read_checkpoint`), for callers that needed it first."""
     from tdnet_ros.segmenter import Segmenter
 
-    content = read_checkpoint(source)
+    content = read_checkpoint(source) if content is None else content
     model = model_from_checkpoint(content, source)
     # the segmenter runs a copy with its BatchNorms folded; the offsets go into `model`
     logits, labels, names, step = collect_logits(Segmenter(model, checkpoint=source), sequences)
@@ -280,13 +281,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "--width and --height 16 to 4096")
     torch.set_num_threads(args.threads)
     try:
+        content = read_checkpoint(args.source)
         if args.seeds:
             sequences, record = generated_data(args.seeds, args.frames, args.width, args.height)
         else:
             kind = "cityscapes" if args.cityscapes else "camvid"
-            model = load_model(args.source).config
+            model = model_from_checkpoint(content, args.source).config
             sequences, record = dataset_data(kind, args.cityscapes or args.camvid, args.split, model, args.max_frames)
-        calibrate_checkpoint(args.source, args.target, sequences, record, limit=args.limit)
+        calibrate_checkpoint(args.source, args.target, sequences, record, limit=args.limit, content=content)
     except (CheckpointError, DatasetError) as error:
         print(f"tdnet calibrate: {error}", file=sys.stderr)
         return 2
