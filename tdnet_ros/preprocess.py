@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import torch
@@ -120,10 +122,58 @@ class DevicePreprocessor:
         return self._normalizer.normalize(x)
 
 
-def upsample_logits(logits: torch.Tensor, size: tuple[int, int], *, align_corners: bool) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(source: int, target: int, align_corners: bool, dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor:
+    """(target, source) weights of linear interpolation along one axis, with the sample
+    positions of F.interpolate(mode="bilinear") and the same clamping at the borders.
+
+    Built outside inference mode whatever the caller's: the cached matrix is shared by
+    inference and by training, where autograd saves it for the backward pass.
+    """
+    with torch.inference_mode(False):
+        return _build_interpolation_matrix(source, target, align_corners).to(device=device, dtype=dtype)
+
+
+def _build_interpolation_matrix(source: int, target: int, align_corners: bool) -> torch.Tensor:
+    position = torch.arange(target, dtype=torch.float64)
+    if align_corners:
+        position = position * ((source - 1) / (target - 1) if target > 1 else 0.0)
+    else:
+        position = ((position + 0.5) * (source / target) - 0.5).clamp(min=0.0)
+    lower = position.floor().long().clamp(max=source - 1)
+    upper = (lower + 1).clamp(max=source - 1)
+    fraction = position - lower
+    rows = torch.arange(target)
+    matrix = torch.zeros(target, source, dtype=torch.float64)
+    matrix.index_put_((rows, lower), 1.0 - fraction, accumulate=True)
+    matrix.index_put_((rows, upper), fraction, accumulate=True)  # upper == lower at the last row
+    return matrix
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int], *, align_corners: bool,
+                    pixel_step: int = 1) -> torch.Tensor:
     """(B, K, h, w) stride-8 logits -> (B, K, H, W) at the model input `size`, bilinear, with
-    `align_corners` as the model was trained (ModelConfig.upsample_align_corners)."""
-    return F.interpolate(logits, size, mode="bilinear", align_corners=align_corners)
+    `align_corners` as the model was trained (ModelConfig.upsample_align_corners).
+
+    Bilinear interpolation is separable, so it is computed as two matrix products: the same
+    values as F.interpolate up to rounding, and in training a backward pass that is two
+    matrix products too, where F.interpolate's backward scatters into every source pixel
+    (half the cost of the loss terms at 256x512 on a CPU). Always in the logits' dtype:
+    autocast would round them to 16 bits.
+
+    With `pixel_step` s > 1 only the centre pixel of each s x s block of the (H, W) grid is
+    computed (rows and columns s // 2, s // 2 + s, ...), for losses that score a sample of
+    the pixels.
+    """
+    first = pixel_step // 2
+    height, width = (int(n) for n in size)
+    rows = _interpolation_matrix(logits.shape[-2], height, align_corners, logits.dtype, logits.device)  # (H, h)
+    columns = _interpolation_matrix(logits.shape[-1], width, align_corners, logits.dtype, logits.device)  # (W, w)
+    rows, columns = rows[first::pixel_step], columns[first::pixel_step]  # (H/s, h), (W/s, w)
+    with torch.autocast(logits.device.type, enabled=False):
+        wide = logits @ columns.T  # (B, K, h, W/s)
+        return rows @ wide  # (B, K, H/s, W/s)
 
 
 def labels_from_logits(

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tdnet_ros import CheckpointError, ModelConfig, Segmenter, build_model, load_model, save_checkpoint
 from tdnet_ros.checkpoint import published_to_internal, read_checkpoint
@@ -301,6 +302,33 @@ def test_warm_up_allocates_every_stream_cold():
     assert seg.streams() == ["a", "b", "c"]
     results = seg.segment_batch({name: frame for name, frame in zip("abc", random_frames(3))})
     assert all(r.path == 0 and r.cache_reset and not r.cache_warm for r in results.values())
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("source, size", [((8, 16), (64, 128)), ((13, 25), (97, 193)), ((12, 9), (5, 40)), ((1, 4), (3, 1))])
+def test_logit_upsampling_matches_f_interpolate_in_values_and_gradients(source, size, align_corners):
+    """upsample_logits computes bilinear interpolation as two matrix products (a faster
+    backward in training); F.interpolate is the reference, channels-last inputs and
+    autocast included (the matrix products must not run in bfloat16)."""
+    from tdnet_ros.preprocess import upsample_logits
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, *source, generator=generator).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(2, 5, *size, generator=generator)  # a gradient arriving from the loss
+    with torch.inference_mode():  # as the segmenter does first in a process that then trains
+        upsample_logits(logits, size, align_corners=align_corners)
+    results = []
+    for upsample in (upsample_logits, lambda x, s, align_corners: F.interpolate(x, s, mode="bilinear",
+                                                                                 align_corners=align_corners)):
+        x = logits.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = upsample(x, size, align_corners=align_corners)
+        (out * upstream).sum().backward()
+        results.append((out, x.grad))
+    (ours, our_grad), (reference, reference_grad) = results
+    assert ours.dtype == torch.float32 and ours.shape == (2, 5, *size)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(our_grad, reference_grad, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(

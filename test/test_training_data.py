@@ -128,6 +128,25 @@ def test_augmentation_is_the_same_for_every_frame():
         assert (out_labels[1] == 255).all()  # the frame without labels is ignored
 
 
+@pytest.mark.parametrize("brightness, contrast, saturation", [(1.2, 0.8, 1.3), (0.8, 1.2, 0.7), (1.0, 1.0, 1.0)])
+def test_colour_jitter_is_brightness_then_saturation_then_contrast(brightness, contrast, saturation):
+    """The one-pass colour matrix against the three steps done one after the other in float64."""
+    from tdnet_ros.training.augment import _jitter
+
+    rng = np.random.default_rng(5)
+    padded = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    frame = padded[3:35, 5:69]  # a crop: a view whose rows are not contiguous
+    x = frame.astype(np.float64) * brightness
+    gray = x.mean(axis=2, keepdims=True)
+    x = gray + (x - gray) * saturation
+    x = x.mean() + (x - x.mean()) * contrast
+    expected = np.clip(np.round(x), 0, 255)
+    out = _jitter(frame, brightness, contrast, saturation)
+    assert out.dtype == np.uint8 and out.shape == frame.shape
+    assert np.abs(out.astype(np.float64) - expected).max() <= 1.0  # rounding of the last bit only
+    assert (out != frame).any() or brightness == contrast == saturation == 1.0
+
+
 def test_focused_crops_contain_the_focus_class():
     # One 3x3 pole (train id 5) in a corner of a 128x256 frame: a uniform 32x64 crop holds it
     # about 1 time in 20; a crop focused on it must hold it every time, the pixel at a

@@ -89,7 +89,7 @@ def test_student_loss_combines_and_switches_terms():
     sub = _logits_for([[0.8, 0.2], [0.8, 0.2]])  # agrees with its group head: KL 0
     group = _logits_for([[0.8, 0.2], [0.8, 0.2]])
     kl_full = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
-    weights = LossWeights(ohem=1.0, auxiliary=0.4, kd_full=1.0, kd_group=0.5, ohem_min_kept=10)
+    weights = LossWeights(ohem=1.0, auxiliary=0.4, auxiliary_pixel_step=1, kd_full=1.0, kd_group=0.5, ohem_min_kept=10)
     total, terms = student_loss(
         final, target, weights,
         auxiliary_logits=[final], auxiliary_targets=[target],
@@ -106,6 +106,29 @@ def test_student_loss_combines_and_switches_terms():
     assert set(terms) == {"ohem"}
     with pytest.raises(ValueError, match="switched off"):
         student_loss(final, target, LossWeights(ohem=0.0, auxiliary=0.0, kd_full=0.0, kd_group=0.0))
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_auxiliary_term_scores_the_centre_pixel_of_each_block(align_corners):
+    """auxiliary_pixel_step 2 upsamples the logits to the sampled pixels only; the reference
+    upsamples to every pixel with F.interpolate, then keeps rows and columns 1, 3, 5, ..."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(3)
+    aux = torch.randn(2, 5, 6, 10, generator=generator)
+    target = torch.randint(0, 5, (2, 48, 80), generator=generator)
+    target[0, :8] = 255  # ignored rows
+    final = torch.zeros(2, 5, 6, 10)
+    weights = LossWeights(ohem=0.0, auxiliary=1.0, auxiliary_pixel_step=2, kd_full=0.0, kd_group=0.0)
+    _, terms = student_loss(final, target, weights, auxiliary_logits=[aux], auxiliary_targets=[target],
+                            align_corners=align_corners)
+    full = F.interpolate(aux, (48, 80), mode="bilinear", align_corners=align_corners)
+    expected = F.cross_entropy(full[..., 1::2, 1::2], target[..., 1::2, 1::2], ignore_index=255)
+    assert terms["auxiliary"] == pytest.approx(float(expected), rel=1e-5)
+    every_pixel = F.cross_entropy(full, target, ignore_index=255)
+    assert terms["auxiliary"] != pytest.approx(float(every_pixel), rel=1e-5)  # a sample, not the full mean
+    with pytest.raises(ValueError, match="auxiliary_pixel_step"):
+        LossWeights(auxiliary_pixel_step=0)
 
 
 def test_balanced_class_weights_follow_inverse_frequency_and_stay_bounded() -> None:
@@ -147,7 +170,7 @@ def test_the_losses_upsample_as_the_model_does_at_inference():
         torch.testing.assert_close(cross_entropy(logits, target, align_corners=align_corners), expected)
         kept_all = ohem_cross_entropy(logits, target, threshold=1.0, min_kept=32 * 64, align_corners=align_corners)
         torch.testing.assert_close(kept_all, expected)
-        total, _ = student_loss(logits, target, LossWeights(ohem=0, auxiliary=1.0, kd_full=0, kd_group=0),
+        total, _ = student_loss(logits, target, LossWeights(ohem=0, auxiliary=1.0, auxiliary_pixel_step=1, kd_full=0, kd_group=0),
                                 auxiliary_logits=[logits], auxiliary_targets=[target], align_corners=align_corners)
         torch.testing.assert_close(total, expected)
     assert not torch.isclose(cross_entropy(logits, target, align_corners=True), cross_entropy(logits, target))

@@ -83,12 +83,12 @@ def test_whole_frame_batches_mix_with_crops_and_resume_alike(cache_dir):
     config = tiny_config(Path("unused"), cache_dir, augment={"whole_frame": 0.5}, data={"num_workers": 0})
     train_set, _ = build_datasets(config, 4)
     view = _TrainView(train_set, config)
-    stream = _batches(view, config, 0, 1, 0)
+    stream = _batches(view, config, 0, 1, 0, workers=0)
     straight = [next(stream) for _ in range(12)]  # spans three epochs of the 10-frame sequence
     shapes = [tuple(x.shape) for x, _, _ in straight]
     assert set(shapes) == {(2, 4, 3, 48, 96), (2, 4, 3, 64, 128)}
     assert all(tuple(y.shape) == s[:2] + s[3:] for (_, y, _), s in zip(straight, shapes))
-    resumed = _batches(_TrainView(train_set, config), config, 0, 1, 5)
+    resumed = _batches(_TrainView(train_set, config), config, 0, 1, 5, workers=0)
     for x, y, window in straight[5:]:
         rx, ry, rwindow = next(resumed)
         assert torch.equal(rx, x) and torch.equal(ry, y) and torch.equal(rwindow, window)
@@ -120,6 +120,55 @@ def test_teacher_then_distilled_student(tmp_path, cache_dir):
     )
     train(no_kd)
     assert "loss_kd_full" not in _log(tmp_path / "no_kd")[-1]
+
+
+def test_reused_freed_memory_keeps_a_freed_large_block_for_reuse():
+    """By default glibc returns a freed 64 MiB block to the system at once (it was mapped on
+    its own: it is above glibc's largest mapping threshold), so the next one comes as fresh
+    pages to zero-fill; inside the context the block stays in the process for reuse. Seen in
+    the resident size after the free, in a fresh process (what earlier tests freed would
+    blur the default)."""
+    import subprocess
+    import sys
+
+    code = """
+import os
+import numpy as np
+from tdnet_ros.training.trainer import reused_freed_memory
+
+def resident_mib_kept_after_a_free():
+    page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
+    resident = lambda: int(open("/proc/self/statm").read().split()[1]) * page_mib
+    before = resident()
+    np.ones(16 * 2**20, np.float32)  # 64 MiB, allocated, touched and freed
+    return resident() - before
+
+returned = resident_mib_kept_after_a_free()
+with reused_freed_memory(True):
+    kept = resident_mib_kept_after_a_free()
+print(returned, kept)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    returned, kept = (float(n) for n in out.split())
+    assert returned < 8 and kept > 56, (returned, kept)
+
+
+def test_auto_data_workers_leave_the_cores_to_training_threads_that_take_them_all():
+    import os
+
+    from tdnet_ros.training.trainer import data_workers
+
+    config = load_config("config/train_default.yaml")
+    assert config.data.num_workers == "auto"
+    cores = len(os.sched_getaffinity(0))
+    every_core = config.replace(run={"threads": cores})
+    assert data_workers(every_core, torch.device("cpu")) == 0
+    assert data_workers(every_core, torch.device("cuda")) == 1
+    if cores > 1:
+        assert data_workers(config.replace(run={"threads": cores - 1}), torch.device("cpu")) == 1
+    assert data_workers(config.replace(data={"num_workers": 3}), torch.device("cpu")) == 3
+    with pytest.raises(ValueError, match="data.num_workers"):
+        config.replace(data={"num_workers": "many"})
 
 
 def test_unknown_key_fails_before_training(tmp_path, capsys):

@@ -73,11 +73,19 @@ def _resize(frame: np.ndarray, size: tuple[int, int], labels: bool) -> np.ndarra
 
 
 def _jitter(frame: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
-    x = frame.astype(np.float32) * brightness
-    gray = x.mean(axis=2, keepdims=True)
-    x = gray + (x - gray) * saturation
-    x = x.mean() + (x - x.mean()) * contrast
-    return np.clip(x, 0, 255).astype(np.uint8)
+    """Brightness (x -> b x), then saturation (towards the pixel's channel mean g), then
+    contrast (towards the frame's mean): all three are linear, so they compose into one
+    3x4 colour matrix applied in a single pass, rounded and saturated to uint8:
+
+        c b s x + c b (1 - s) g + (1 - c) b mean(x)
+
+    (the saturation step keeps the frame's mean, so the contrast pivot is b mean(x)).
+    """
+    pivot = (1.0 - contrast) * brightness * float(np.mean(cv2.mean(frame)[:3]))
+    matrix = np.full((3, 4), contrast * brightness * (1.0 - saturation) / 3.0)
+    matrix[:, :3] += np.eye(3) * contrast * brightness * saturation
+    matrix[:, 3] = pivot
+    return cv2.transform(frame, matrix)
 
 
 def _crop_or_pad(image: np.ndarray, top: int, left: int, crop: tuple[int, int], fill: int) -> np.ndarray:

@@ -21,11 +21,20 @@ from tdnet_ros.preprocess import upsample_logits
 IGNORE_INDEX = 255
 
 
-def upsample_to(logits: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
-    """Bilinear upsampling of (B, K, h, w) logits to (B, K, H, W)."""
+def upsample_to(logits: torch.Tensor, size: tuple[int, int], align_corners: bool = False,
+                pixel_step: int = 1) -> torch.Tensor:
+    """Bilinear upsampling of (B, K, h, w) logits to (B, K, H, W); with `pixel_step` s > 1, to
+    the centre pixel of each s x s block only (see preprocess.upsample_logits)."""
     if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return upsample_logits(logits, size, align_corners=align_corners)
+        return sample_pixels(logits, pixel_step)
+    return upsample_logits(logits, size, align_corners=align_corners, pixel_step=pixel_step)
+
+
+def sample_pixels(maps: torch.Tensor, pixel_step: int) -> torch.Tensor:
+    """The centre pixel of each s x s block of (..., H, W) maps (all of them for s = 1): the
+    pixels that upsample_to(..., pixel_step=s) computes."""
+    first = pixel_step // 2
+    return maps[..., first::pixel_step, first::pixel_step]
 
 
 def ohem_cross_entropy(
@@ -92,10 +101,8 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
         pixel_step: s > 1 scores the centre pixel of each s x s block only: the sorts, which
             cost several times the OHEM term on a whole 512x1024 frame, shrink s^2-fold.
     """
-    logits = upsample_to(logits.float(), tuple(target.shape[-2:]), align_corners)
-    first = pixel_step // 2
-    logits = logits[..., first::pixel_step, first::pixel_step]
-    target = target[..., first::pixel_step, first::pixel_step]
+    logits = upsample_to(logits.float(), tuple(target.shape[-2:]), align_corners, pixel_step)
+    target = sample_pixels(target, pixel_step)
     probabilities = logits.softmax(dim=1).flatten(2)  # (B, K, H*W)
     labels = target.long().flatten(1)  # (B, H*W)
     losses = []
@@ -137,9 +144,14 @@ def balanced_class_weights(pixel_counts: np.ndarray | torch.Tensor, exponent: fl
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                  align_corners: bool = False) -> torch.Tensor:
-    """Plain cross-entropy (mean over labelled pixels), used for the auxiliary heads."""
-    logits = upsample_to(logits.float(), tuple(target.shape[-2:]), align_corners)
+                  align_corners: bool = False, pixel_step: int = 1) -> torch.Tensor:
+    """Plain cross-entropy (mean over labelled pixels), used for the auxiliary heads.
+
+    `pixel_step` s > 1 scores the centre pixel of each s x s block only: an even sample of
+    the same per-pixel losses, s^2 times cheaper.
+    """
+    logits = upsample_to(logits.float(), tuple(target.shape[-2:]), align_corners, pixel_step)
+    target = sample_pixels(target, pixel_step)
     if not bool((target != ignore_index).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
@@ -171,6 +183,9 @@ class LossWeights:
     lovasz: float = 0.0  # Lovász-softmax (IoU surrogate) of the final output
     lovasz_pixel_step: int = 2  # the Lovász term scores one pixel in each step x step block
     auxiliary: float = 0.4  # cross-entropy of the auxiliary heads on every frame's layer3
+    # the auxiliary term scores one pixel in each step x step block (1: every pixel); at 2 it
+    # costs a quarter, and the pixels it samples still span every object a few pixels wide
+    auxiliary_pixel_step: int = 2
     kd_full: float = 1.0  # KL(teacher full output || student final output)
     kd_group: float = 0.5  # KL(teacher group head i || sub-network i's output), mean over frames
     temperature: float = 1.0
@@ -183,8 +198,9 @@ class LossWeights:
     def __post_init__(self) -> None:
         if not 0.0 <= self.class_balance <= 2.0:
             raise ValueError(f"loss.class_balance must be within 0..2, got {self.class_balance}")
-        if self.lovasz_pixel_step < 1:
-            raise ValueError(f"loss.lovasz_pixel_step must be at least 1, got {self.lovasz_pixel_step}")
+        for name in ("lovasz_pixel_step", "auxiliary_pixel_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"loss.{name} must be at least 1, got {getattr(self, name)}")
 
 
 def student_loss(
@@ -226,7 +242,8 @@ def student_loss(
                                                           pixel_step=weights.lovasz_pixel_step)
     if weights.auxiliary and auxiliary_logits:
         assert auxiliary_targets is not None and len(auxiliary_targets) == len(auxiliary_logits)
-        aux = [cross_entropy(a, t, align_corners=align_corners) for a, t in zip(auxiliary_logits, auxiliary_targets)]
+        aux = [cross_entropy(a, t, align_corners=align_corners, pixel_step=weights.auxiliary_pixel_step)
+               for a, t in zip(auxiliary_logits, auxiliary_targets)]
         terms["auxiliary"] = weights.auxiliary * torch.stack(aux).mean()
     if weights.kd_full and teacher_full is not None:
         terms["kd_full"] = weights.kd_full * distillation_kl(final_logits, teacher_full, weights.temperature,

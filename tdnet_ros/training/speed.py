@@ -3,12 +3,15 @@
     python -m tdnet_ros.training.speed config/train_default.yaml --steps 30 --rounds 2
 
 Both run the same configuration file (model, crop, batch) for `--steps` iterations, in
-alternating rounds in one process so that both see the same machine load:
+alternating rounds so that both see the same machine load, each round in a fresh process
+(the C library's memory settings are per process):
 
-- before: float32, contiguous (NCHW) tensors, 1 thread, data prepared in the training loop
-  (the settings of the bundled model's first training);
-- now: the file's own run settings (bfloat16 autocast on a CPU that computes it natively,
-  channels-last, its threads) and its prefetching data workers.
+- before: float32, contiguous (NCHW) tensors, 1 thread, data prepared in the training loop,
+  glibc's default memory handling, the auxiliary loss on every pixel (the settings of the
+  bundled model's first training);
+- now: the file's own settings (bfloat16 autocast on a CPU that computes it natively,
+  channels-last, its threads, freed memory kept for reuse, its data workers, the auxiliary
+  loss on one pixel in each 2x2 block).
 
 Prints the training images (clip frames) per second of each and the ratio.
 """
@@ -16,7 +19,9 @@ Prints the training images (clip frames) per second of each and the ratio.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 import tempfile
 from collections.abc import Sequence
 
@@ -24,10 +29,19 @@ import numpy as np
 
 from tdnet_ros.runtime import resolve_device
 
-from .config import load_config
-from .trainer import autocast_enabled, train
+from .config import TrainConfig, load_config
+from .trainer import autocast_enabled, data_workers, train
 
-BEFORE = {"run": {"amp": False, "channels_last": False, "threads": 1}, "data": {"num_workers": 0}}
+BEFORE = {
+    "run": {"amp": False, "channels_last": False, "threads": 1, "reuse_freed_memory": False},
+    "data": {"num_workers": 0},
+    "loss": {"auxiliary_pixel_step": 1},
+}
+
+
+def _images_per_second(config: TrainConfig) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        return train(config.replace(run={"out_dir": out})).images_per_second
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,18 +60,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     settings = {"before": base.replace(**common).replace(**BEFORE), "now": base.replace(**common)}
     rates: dict[str, list[float]] = {name: [] for name in settings}
+    spawn = multiprocessing.get_context("spawn")
     for round_index in range(args.rounds):
         for name, config in settings.items():
-            with tempfile.TemporaryDirectory() as out:
-                result = train(config.replace(run={"out_dir": out}))
-            rates[name].append(result.images_per_second)
-            print(f"round {round_index + 1} {name}: {result.images_per_second:.2f} images/s", flush=True)
+            # not a multiprocessing.Pool: its daemonic workers cannot start data workers
+            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                rate = pool.submit(_images_per_second, config).result()
+            rates[name].append(rate)
+            print(f"round {round_index + 1} {name}: {rate:.2f} images/s", flush=True)
     before, now = (float(np.median(rates[n])) for n in ("before", "now"))
     r = settings["now"].run
-    print(f"before (float32, NCHW, 1 thread, no prefetch): {before:.2f} images/s")
-    autocast = autocast_enabled(r.amp, resolve_device(r.device), report=False)
+    print(f"before (float32, NCHW, 1 thread, no prefetch, default malloc, auxiliary loss on every pixel): "
+          f"{before:.2f} images/s")
+    device = resolve_device(r.device)
+    autocast = autocast_enabled(r.amp, device, report=False)
     print(f"now (amp={r.amp}: {'on' if autocast else 'off'}, channels_last={r.channels_last}, threads={r.threads}, "
-          f"workers={settings['now'].data.num_workers}): {now:.2f} images/s")
+          f"workers={data_workers(settings['now'], device)}, reuse_freed_memory={r.reuse_freed_memory}): "
+          f"{now:.2f} images/s")
     print(f"speed-up: {now / before:.2f}x")
     return 0
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import dataclasses
 import math
 import os
@@ -157,13 +159,24 @@ def _epoch_keys(
     return [[(i, bool(whole[b])) for i in indices[b * size : (b + 1) * size]] for b in range(per_epoch)]
 
 
-def _batches(view: _TrainView, config: TrainConfig, rank: int, world: int, start_iteration: int):
-    """Endless batches, epoch after epoch, resuming at `start_iteration`."""
+def data_workers(config: TrainConfig, device: torch.device) -> int:
+    """data.num_workers, with "auto" resolved for `device` and the cores of this machine."""
+    if config.data.num_workers != "auto":
+        return int(config.data.num_workers)
+    if device.type == "cuda":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = config.run.threads or torch.get_num_threads()
+    return 1 if threads < cores else 0
+
+
+def _batches(view: _TrainView, config: TrainConfig, rank: int, world: int, start_iteration: int, workers: int):
+    """Endless batches, epoch after epoch, resuming at `start_iteration`, prepared by
+    `workers` DataLoader processes (0: in the loop)."""
     per_epoch = max(len(view) // (config.optim.batch_size * world), 1)
     epoch, skip = divmod(start_iteration, per_epoch)
     while True:
         view.epoch = epoch
-        workers = config.data.num_workers
         loader = torch.utils.data.DataLoader(
             view, batch_sampler=_epoch_keys(view, config, rank, world, epoch, per_epoch)[skip:],
             num_workers=workers, prefetch_factor=config.data.prefetch if workers else None,
@@ -360,6 +373,44 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
     ends the run after that iteration (with `last.pt` written), as an interruption would. Under torchrun (WORLD_SIZE > 1) every
     process runs this and gradients are averaged by DistributedDataParallel.
     """
+    with reused_freed_memory(config.run.reuse_freed_memory):
+        return _train(config, resume, stop_at)
+
+
+# glibc's mallopt parameters (malloc.h) and their default values
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+@contextlib.contextmanager
+def reused_freed_memory(enabled: bool):
+    """While active, glibc's malloc keeps freed memory for the next allocations (run.reuse_freed_memory).
+
+    By default glibc maps every large block on its own and unmaps it when freed, so a
+    training step's big tensors (the logits at label resolution) arrive as fresh pages that
+    the kernel zero-fills on first touch, every step. Here no block is mapped on its own
+    and up to 2 GiB of freed heap are kept. On exit both settings go back to glibc's
+    defaults (its dynamic adjustment of them stays off). A no-op where malloc is not glibc's.
+    """
+    libc = None
+    if enabled:
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt  # noqa: B018 (musl and other C libraries have no mallopt)
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+
+
+def _train(config: TrainConfig, resume: bool, stop_at: int | None) -> TrainResult:
+    """train()'s body, with run.reuse_freed_memory applied around it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -449,7 +500,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None)
         if main_process:
             print("class weights of the OHEM term: " + ", ".join(f"{w:.2f}" for w in class_weights.tolist()),
                   flush=True)
-    batches = _batches(_TrainView(train_set, config), config, rank, world, start)
+    batches = _batches(_TrainView(train_set, config), config, rank, world, start, data_workers(config, device))
     log = TrainingLog(out_dir, start if resume else None)
     progress = None
     if main_process and config.run.progress:
