@@ -331,6 +331,18 @@ def test_logit_upsampling_matches_f_interpolate_in_values_and_gradients(source, 
     torch.testing.assert_close(our_grad, reference_grad, rtol=1e-5, atol=1e-4)
 
 
+def test_labels_are_the_argmax_of_the_upsampled_logits_first_class_on_ties():
+    from tdnet_ros.preprocess import labels_from_logits, upsample_logits
+
+    logits = torch.randn(1, 19, 12, 20, generator=torch.Generator().manual_seed(2))
+    logits[:, 9] = logits[:, 4] = logits.max(dim=1).values + 1  # classes 4 and 9 tie everywhere
+    logits[:, 2, :6] = logits[:, 4, :6] + 1  # class 2 wins the top half outright
+    labels = labels_from_logits(logits, (96, 160), align_corners=False)
+    expected = upsample_logits(logits, (96, 160), align_corners=False).argmax(dim=1)[0]
+    assert torch.equal(labels.long(), expected)
+    assert set(labels.unique().tolist()) == {2, 4}
+
+
 @pytest.mark.parametrize(
     "size, out_size", [((96, 192), (1080, 1920)), ((193, 385), (720, 1280)), ((100, 50), (33, 77))]
 )
