@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import sys
-from concurrent.futures import ProcessPoolExecutor
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
