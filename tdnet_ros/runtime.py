@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,11 @@ def cpu_computes_bfloat16() -> bool:
 
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return torch.backends.mkldnn.is_available() and (check is None or bool(check()))
+
+
+def usable_cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # -- command-line flags ----------------------------------------------------------------------

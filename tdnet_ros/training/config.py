@@ -41,7 +41,6 @@ class DataConfig:
     num_workers: int | str = "auto"
     prefetch: int = 4  # batches each worker keeps ready
 
-
     def __post_init__(self) -> None:
         if self.num_workers != "auto" and not (isinstance(self.num_workers, int) and self.num_workers >= 0):
             raise ValueError(f"data.num_workers must be auto or a count of at least 0, got {self.num_workers!r}")

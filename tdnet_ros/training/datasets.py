@@ -8,7 +8,6 @@ and a label map per frame (train ids, 255 = ignore; None where a frame has no la
 from __future__ import annotations
 
 import multiprocessing
-import os
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -19,6 +18,7 @@ import cv2
 import numpy as np
 
 from tdnet_ros.classes import IGNORE_ID, label_id_to_train_id_table
+from tdnet_ros.runtime import usable_cpu_cores
 
 Clip = tuple[list[np.ndarray], list[np.ndarray | None]]
 
@@ -162,8 +162,7 @@ class GeneratedClips(ClipDataset):
         missing = [seed for seed, path in cached.items() if path is not None and not path.is_file()]
         if missing:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            workers = min(len(missing), render_workers or cores)
+            workers = min(len(missing), render_workers or usable_cpu_cores())
             if workers > 1:
                 # spawn: a forked pybullet or torch state is not safe to reuse
                 with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -23,7 +23,7 @@ from tdnet_ros.config import ModelConfig
 from tdnet_ros.classes import CLASS_COLORS, CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
 from tdnet_ros.model import TDNet, build_model, fit_layer_norms
-from tdnet_ros.runtime import cpu_computes_bfloat16
+from tdnet_ros.runtime import cpu_computes_bfloat16, usable_cpu_cores
 
 from .augment import augment_clip, prepare_eval_clip, to_tensor
 from .calibrate import fold_offsets
@@ -165,9 +165,8 @@ def data_workers(config: TrainConfig, device: torch.device) -> int:
         return int(config.data.num_workers)
     if device.type == "cuda":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = config.run.threads or torch.get_num_threads()
-    return 1 if threads < cores else 0
+    return 1 if threads < usable_cpu_cores() else 0
 
 
 def _batches(view: _TrainView, config: TrainConfig, rank: int, world: int, start_iteration: int, workers: int):
