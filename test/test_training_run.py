@@ -224,6 +224,47 @@ def test_export_with_float16_kernels_halves_the_file_and_segments_alike(tmp_path
     assert min(agreement) > 0.99
 
 
+def test_snapshots_average_into_a_checkpoint_that_segments(tmp_path, cache_dir):
+    from tdnet_ros.training.average import main as average_main
+
+    sections = {"optim": {"iterations": 4, "warmup_iterations": 1}, "run": {"snapshot_interval": 2}}
+    result = train(tiny_config(tmp_path / "run", cache_dir, **sections))
+    snapshots = [tmp_path / "run" / f"snapshot_it{n}.pt" for n in (2, 4)]
+    assert sorted((tmp_path / "run").glob("snapshot_it*.pt")) == snapshots
+    assert "optimizer" not in torch.load(snapshots[0], weights_only=True)
+    sources = [snapshots[0], result.checkpoint]
+    assert average_main([str(tmp_path / "mean.pt")] + [str(p) for p in sources]) == 0
+    states = [torch.load(p, weights_only=True)["state_dict"] for p in sources]
+    mean = torch.load(tmp_path / "mean.pt", weights_only=True)
+    assert mean["iteration"] == 4 and mean["averaged_from"] == [str(p) for p in sources]
+    moved = 0
+    for key, value in mean["state_dict"].items():
+        a, b = states[0][key], states[1][key]
+        if value.is_floating_point():  # computed here as the midpoint, in float64
+            torch.testing.assert_close(value, ((a.double() + b.double()) / 2).float(), msg=key)
+            moved += int(not torch.equal(a, b))
+        else:
+            assert torch.equal(value, b), key
+    assert moved > 0  # the two snapshots differ, so the mean is neither of them
+    segmenter = Segmenter.from_checkpoint(tmp_path / "mean.pt")
+    frame = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    assert segmenter.segment(frame).labels.shape == (64, 128)
+
+
+def test_averaging_refuses_a_calibrated_checkpoint_in_one_line(tmp_path, cache_dir, capsys):
+    from tdnet_ros.training.average import main as average_main
+
+    result = train(tiny_config(tmp_path / "run", cache_dir))
+    content = torch.load(result.checkpoint, weights_only=True)
+    torch.save({**content, "calibration": {"offsets": [0.0] * 19}}, tmp_path / "calibrated.pt")
+    assert average_main([str(tmp_path / "mean.pt"), str(result.checkpoint), str(tmp_path / "calibrated.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "calibrated.pt carries calibration offsets" in err
+    assert average_main([str(tmp_path / "mean.pt"), str(result.checkpoint)]) == 2
+    assert "at least two checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "mean.pt").exists()
+
+
 def test_bundled_default_model_matches_its_hash():
     from tdnet_ros.checkpoint import file_sha256
 

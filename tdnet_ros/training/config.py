@@ -77,6 +77,9 @@ class RunConfig:
     val_interval: int = 200  # iterations between validations (0: only at the end)
     val_max_clips: int = 40  # validation clips (evenly spread over the val set)
     checkpoint_interval: int = 100  # iterations between checkpoint saves (always at the end)
+    # iterations between weight-only snapshots `snapshot_it<N>.pt`, kept for averaging the
+    # end of a run (`training.average`); 0: none
+    snapshot_interval: int = 0
     progress: bool = True  # tqdm progress bar
     log_interval: int = 10  # iterations between CSV rows
     init_checkpoint: str = ""  # start from these weights (a project checkpoint, or a teacher's)
@@ -84,6 +87,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.amp, bool) or self.amp == "auto"):
             raise ValueError(f"run.amp must be true, false or auto, got {self.amp!r}")
+        if self.snapshot_interval < 0:
+            raise ValueError(f"run.snapshot_interval must be 0 (none) or a number of iterations, got {self.snapshot_interval}")
 
 
 @dataclass(frozen=True)

@@ -564,6 +564,8 @@ def _train(config: TrainConfig, resume: bool, stop_at: int | None) -> TrainResul
             log.write(plot="val_miou" in row)
         if main_process and (done % config.run.checkpoint_interval == 0 or done in (end, config.optim.iterations)):
             _save(net, teacher_stage, optimizer, scaler, done, config, last_path)
+        if main_process and config.run.snapshot_interval and done % config.run.snapshot_interval == 0:
+            _save(net, teacher_stage, None, None, done, config, out_dir / f"snapshot_it{done}.pt")
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{float(total):.3f}", lr=f"{lr:.2e}", img_s=f"{speed.recent():.1f}")
