@@ -80,6 +80,11 @@ def test_amp_takes_only_true_false_or_auto():
         from_dict({"run": {"amp": "yes"}})
 
 
+def test_snapshot_interval_refuses_a_negative_count():
+    with pytest.raises(ConfigError, match="run.snapshot_interval must be 0 .none. or a number of iterations, got -5"):
+        from_dict({"run": {"snapshot_interval": -5}})
+
+
 def test_init_checkpoint_keeps_the_weights(tmp_path, cache_dir):
     first = train(tiny(tmp_path / "first", cache_dir))
     shipped = read_checkpoint(first.checkpoint)["state_dict"]
