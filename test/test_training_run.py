@@ -121,6 +121,21 @@ def test_teacher_then_distilled_student(tmp_path, cache_dir):
     train(no_kd)
     assert "loss_kd_full" not in _log(tmp_path / "no_kd")[-1]
 
+    # held-out scoring of the teacher, against its logits upsampled by F.interpolate here
+    from tdnet_ros.metrics import SegmentationScores
+    from tdnet_ros.training.augment import to_tensor
+    from tdnet_ros.training.heldout import evaluate
+    from tdnet_ros.training.teacher import load_teacher
+
+    net, reference = load_teacher(teacher.checkpoint), SegmentationScores(19)
+    for frame in generate_sequence(5, 2, width=128, height=64):
+        with torch.no_grad():
+            logits = net(to_tensor(frame.rgb)[None])["out"]
+        logits = torch.nn.functional.interpolate(logits, (64, 128), mode="bilinear", align_corners=False)
+        reference.update(logits.argmax(1)[0].numpy().astype(np.int64), frame.labels.astype(np.int64))
+    scores = evaluate([5], 2, teacher=str(teacher.checkpoint), width=128, height=64)
+    assert scores["frames"] == 2 and scores["miou"] == pytest.approx(reference.mean_iou, abs=1e-9)
+
 
 def test_reused_freed_memory_keeps_a_freed_large_block_for_reuse():
     """By default glibc returns a freed 64 MiB block to the system at once (it was mapped on

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tdnet_ros.classes import CLASS_NAMES
 from tdnet_ros.config import feature_size_for
 from tdnet_ros.metrics import SegmentationScores, top_confusions
-from tdnet_ros.preprocess import labels_from_logits, upsample_logits
+from tdnet_ros.preprocess import labels_from_logits
 from tdnet_ros.runtime import InputSize, fixed_size_argument, input_size_argument
 
 from .augment import to_tensor
@@ -79,8 +79,8 @@ def evaluate(
         @torch.no_grad()
         def run(frame) -> np.ndarray:
             logits = net(to_tensor(cv2.resize(frame.rgb, (width, height)))[None])["out"]
-            logits = upsample_logits(logits, frame.rgb.shape[:2], align_corners=False)  # as the teacher trains
-            return logits.argmax(1)[0].numpy()
+            # upsampled as the teacher trains
+            return labels_from_logits(logits, frame.rgb.shape[:2], align_corners=False).numpy()
     else:
         num_classes = len(CLASS_NAMES)
 

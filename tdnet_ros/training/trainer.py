@@ -23,13 +23,14 @@ from tdnet_ros.config import ModelConfig
 from tdnet_ros.classes import CLASS_COLORS, CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
 from tdnet_ros.model import TDNet, build_model, fit_layer_norms
+from tdnet_ros.preprocess import labels_from_logits
 from tdnet_ros.runtime import cpu_computes_bfloat16, usable_cpu_cores
 
 from .augment import augment_clip, prepare_eval_clip, to_tensor
 from .calibrate import fold_offsets
 from .config import TrainConfig
 from .datasets import CAMVID_CLASSES, CAMVID_COLORS, CamVidClips, CityscapesClips, ClipDataset, GeneratedClips
-from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy, student_loss, upsample_to
+from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy, student_loss
 from .teacher import TeacherConfig, TeacherNet, load_teacher, save_teacher
 from .widen import widen_state
 
@@ -207,8 +208,8 @@ def validate(
             logits = model.forward_clip(tensors, 0)[-1].logits
         # As the model's inference upsamples them (the teacher's head: align_corners=False).
         align_corners = False if teacher_stage else model.config.upsample_align_corners
-        logits = upsample_to(logits.float(), tuple(target.shape), align_corners)
-        scores.update(logits.argmax(1)[0].cpu().numpy().astype(np.int64), target.astype(np.int64))
+        labels = labels_from_logits(logits.float(), tuple(target.shape), align_corners=align_corners)
+        scores.update(labels.cpu().numpy().astype(np.int64), target.astype(np.int64))
     model.train(was_training)
     return scores
 
