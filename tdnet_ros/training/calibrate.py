@@ -216,17 +216,17 @@ def dataset_data(kind: str, root: str | Path, split: str, model: ModelConfig,
 
 def calibrate_checkpoint(
     source: str | Path, target: str | Path, sequences: Iterable[FrameStream], data: dict[str, Any], *,
-    limit: float = LIMIT, content: dict[str, Any] | None = None, log=print,
+    limit: float = LIMIT, content: dict[str, Any] | None = None, model: TDNet | None = None, log=print,
 ) -> dict[str, Any]:
     """Chooses offsets for `source` on the labelled frames of `sequences` (`generated_data`,
     `dataset_data`), writes `target` with them folded in, and returns its `calibration`
     record (`data`, the offsets and the mIoU before and after). A source calibrated before
     keeps its offsets; the new ones add to them. `content` is `source` already read
-    (`read_checkpoint`), for callers that needed it first."""
+    (`read_checkpoint`) and `model` the model it holds, for callers that needed them first."""
     from tdnet_ros.segmenter import Segmenter
 
     content = read_checkpoint(source) if content is None else content
-    model = model_from_checkpoint(content, source)
+    model = model_from_checkpoint(content, source) if model is None else model
     # the segmenter runs a copy with its BatchNorms folded; the offsets go into `model`
     logits, labels, names, step = collect_logits(Segmenter(model, checkpoint=source), sequences)
     offsets, before, after = search_offsets(logits, labels, limit=limit, log=log)
@@ -282,13 +282,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         content = read_checkpoint(args.source)
+        model = model_from_checkpoint(content, args.source)
         if args.seeds:
             sequences, record = generated_data(args.seeds, args.frames, args.width, args.height)
         else:
             kind = "cityscapes" if args.cityscapes else "camvid"
-            model = model_from_checkpoint(content, args.source).config
-            sequences, record = dataset_data(kind, args.cityscapes or args.camvid, args.split, model, args.max_frames)
-        calibrate_checkpoint(args.source, args.target, sequences, record, limit=args.limit, content=content)
+            sequences, record = dataset_data(kind, args.cityscapes or args.camvid, args.split, model.config,
+                                             args.max_frames)
+        calibrate_checkpoint(args.source, args.target, sequences, record, limit=args.limit, content=content,
+                             model=model)
     except (CheckpointError, DatasetError) as error:
         print(f"tdnet calibrate: {error}", file=sys.stderr)
         return 2
