@@ -241,6 +241,7 @@ def test_export_with_float16_kernels_halves_the_file_and_segments_alike(tmp_path
 
 def test_snapshots_average_into_a_checkpoint_that_segments(tmp_path, cache_dir):
     from tdnet_ros.training.average import main as average_main
+    from tdnet_ros.training.export import export
 
     sections = {"optim": {"iterations": 4, "warmup_iterations": 1}, "run": {"snapshot_interval": 2}}
     result = train(tiny_config(tmp_path / "run", cache_dir, **sections))
@@ -252,6 +253,8 @@ def test_snapshots_average_into_a_checkpoint_that_segments(tmp_path, cache_dir):
     states = [torch.load(p, weights_only=True)["state_dict"] for p in sources]
     mean = torch.load(tmp_path / "mean.pt", weights_only=True)
     assert mean["iteration"] == 4 and mean["averaged_from"] == [str(p) for p in sources]
+    export(tmp_path / "mean.pt", tmp_path / "shipped.pt")  # the record travels with the weights
+    assert torch.load(tmp_path / "shipped.pt", weights_only=True)["averaged_from"] == mean["averaged_from"]
     moved = 0
     for key, value in mean["state_dict"].items():
         a, b = states[0][key], states[1][key]

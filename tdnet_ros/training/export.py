@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tdnet_ros.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
 
-KEEP = ("train_config", "val_miou", "iteration", "calibration")
+# the provenance a shipped checkpoint keeps (calibrate keeps the same)
+KEEP = ("train_config", "val_miou", "iteration", "calibration", "averaged_from")
 
 
 def export(source: str | Path, target: str | Path, *, float16_kernels: bool = False, **extra) -> str:
