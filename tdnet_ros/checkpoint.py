@@ -61,6 +61,17 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
     raise CheckpointError(f"{path} is not a {what} ({reason})")
 
 
+def save_file(content: Mapping[str, Any], path: str | Path) -> Path:
+    """torch.save of `content` to `path`, atomically: written beside it, then renamed over it,
+    so that an interrupted save never leaves a damaged file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    torch.save(dict(content), partial)
+    partial.replace(path)
+    return path
+
+
 def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuses weights holding NaN or infinity: such a model labels every pixel the same
     class (silently, and dangerously on a vehicle)."""
@@ -251,15 +262,12 @@ def model_from_checkpoint(content: Mapping[str, Any], path: str | Path, model_na
 
 def save_checkpoint(model: TDNet, path: str | Path, *, state_dict: Mapping[str, torch.Tensor] | None = None,
                     **extra: Any) -> Path:
-    """Saves a project checkpoint that carries its own configuration.
+    """Saves a project checkpoint that carries its own configuration (atomically, `save_file`).
 
     `state_dict`: the weights to store, if not the model's own (e.g. stored in another
     precision). Extra entries (training iteration, optimizer state, ...) must be plain data
     or tensors, so that the file loads with `weights_only=True`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     weights = model.state_dict() if state_dict is None else dict(state_dict)
     content = {"format": FORMAT, "config": model.config.to_dict(), "state_dict": weights, **extra}
-    torch.save(content, path)
-    return path
+    return save_file(content, path)

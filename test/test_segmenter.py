@@ -150,6 +150,17 @@ def test_layer_norm_on_a_crop_takes_the_parameters_under_its_window():
         torch.testing.assert_close(norm(x, windows[2:].expand(3, 4)), norm(x), rtol=0, atol=1e-4)
 
 
+def test_a_failed_save_leaves_the_earlier_checkpoint_whole(tmp_path):
+    from tdnet_ros.checkpoint import load_file, save_file
+
+    path = save_file({"iteration": torch.tensor(1)}, tmp_path / "last.pt")
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a local function cannot be pickled: the save fails part-way
+        save_file({"iteration": torch.tensor(2), "hook": lambda: None}, path)
+    assert int(load_file(path)["iteration"]) == 1
+    save_file({"iteration": torch.tensor(3)}, path)
+    assert int(load_file(path)["iteration"]) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
 def test_project_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_name("td4-tiny"))

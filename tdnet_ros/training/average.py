@@ -60,10 +60,7 @@ def average_checkpoints(target: str | Path, sources: Sequence[str | Path]) -> di
     model = model_from_checkpoint(contents[-1], sources[-1])
     model.load_state_dict(averaged)
     kept = {k: contents[-1][k] for k in KEEP if k in contents[-1]}
-    target = Path(target)
-    tmp = target.with_suffix(".tmp")
-    save_checkpoint(model, tmp, **kept, averaged_from=[str(path) for path in sources])
-    tmp.replace(target)
+    save_checkpoint(model, target, **kept, averaged_from=[str(path) for path in sources])
     return averaged
 
 

@@ -31,10 +31,7 @@ def export(source: str | Path, target: str | Path, *, float16_kernels: bool = Fa
     state = model.state_dict()
     if float16_kernels:
         state = {k: v.half() if v.is_floating_point() and v.dim() == 4 else v for k, v in state.items()}
-    target = Path(target)
-    tmp = target.with_suffix(".tmp")
-    save_checkpoint(model, tmp, state_dict=state, **kept, **extra)
-    tmp.replace(target)
+    target = save_checkpoint(model, target, state_dict=state, **kept, **extra)
     digest = file_sha256(target)
     target.with_name(target.name + ".sha256").write_text(f"{digest}  {target.name}\n")
     return digest

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdnet_ros.backbone import DilatedResNet
-from tdnet_ros.checkpoint import CheckpointError, check_finite, load_file
+from tdnet_ros.checkpoint import CheckpointError, check_finite, load_file, save_file
 
 TEACHER_FORMAT = "tdnet_ros-teacher/1"
 
@@ -97,12 +97,9 @@ class TeacherNet(nn.Module):
 
 
 def save_teacher(model: TeacherNet, path: str | Path, **extra: Any) -> Path:
-    """Saves the teacher with its configuration (loads with weights_only=True)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Saves the teacher with its configuration (loads with weights_only=True; atomically)."""
     config = asdict(model.config)
-    torch.save({"format": TEACHER_FORMAT, "config": config, "state_dict": model.state_dict(), **extra}, path)
-    return path
+    return save_file({"format": TEACHER_FORMAT, "config": config, "state_dict": model.state_dict(), **extra}, path)
 
 
 def load_teacher(path: str | Path) -> TeacherNet:

@@ -601,14 +601,12 @@ def _save(net, teacher_stage, optimizer, scaler, iteration, config, path, **extr
         content["optimizer"] = optimizer.state_dict()
         content["scaler"] = scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}
         content["torch_rng"] = torch.get_rng_state()
-    tmp = path.with_suffix(".tmp")
     if teacher_stage:
-        save_teacher(net, tmp, **content)
+        save_teacher(net, path, **content)
     else:
         if net.auxiliary is not None and optimizer is not None:
             content["auxiliary_state"] = net.auxiliary.state_dict()
-        save_checkpoint(net.model, tmp, **content)
-    tmp.replace(path)
+        save_checkpoint(net.model, path, **content)
 
 
 def _teacher_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
