@@ -280,6 +280,9 @@ def test_averaging_refuses_a_calibrated_checkpoint_in_one_line(tmp_path, cache_d
     assert len(err.splitlines()) == 1 and "calibrated.pt carries calibration offsets" in err
     assert average_main([str(tmp_path / "mean.pt"), str(result.checkpoint)]) == 2
     assert "at least two checkpoints" in capsys.readouterr().err
+    assert average_main([str(tmp_path / "mean.pt"), str(result.checkpoint), str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "file not found" in err and "missing.pt" in err
     assert not (tmp_path / "mean.pt").exists()
 
 
