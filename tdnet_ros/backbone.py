@@ -158,10 +158,13 @@ class DilatedResNet(nn.Module):
             self._in_channels = out_channels
         return nn.Sequential(*blocks)
 
+    def stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(layer1 at stride 4, layer3 at stride 8, layer4 = the stride-8 features)."""
+        layer1 = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        layer3 = self.layer3(self.layer2(layer1))
+        return layer1, layer3, self.layer4(layer3)
+
     def forward(self, x: torch.Tensor, *, with_layer3: bool = False):
         """Returns the stride-8 features, and layer3's too when asked (for auxiliary losses)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
-        layer3 = self.layer3(x)
-        features = self.layer4(layer3)
+        _, layer3, features = self.stages(x)
         return (features, layer3) if with_layer3 else features

@@ -26,6 +26,9 @@ class ModelConfig:
     head_reduction: int = 4  # head's hidden channels = d_v / head_reduction
     pyramid_groups: int = 2  # P: each sub-network keeps one of P channel groups of its PSP output
     cache_stride: int = 4  # cached q, k, v are taken every cache_stride-th feature row and column
+    # Hidden channels of the stride-4 detail refinement (model.DetailRefinement), which corrects
+    # the head's stride-8 logits from layer1's features; 0 (the published model): none.
+    detail_channels: int = 0
     num_classes: int = 19
     input_size: tuple[int, int] = (769, 1537)  # (height, width) the model was trained at
     # How the stride-8 logits are upsampled to the input size: as the model was trained.
@@ -81,6 +84,11 @@ class ModelConfig:
         """Feature map size (stride 8) for the configured input size."""
         return feature_size_for(self.input_size)
 
+    @property
+    def output_stride(self) -> int:
+        """Stride of the logits: 4 with the detail refinement, else 8."""
+        return 4 if self.detail_channels else 8
+
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
         """The configuration of a named variant, optionally with some fields replaced."""
@@ -116,6 +124,7 @@ _INT_RANGES = {
     "head_reduction": (1, 8192),
     "pyramid_groups": (1, 64),
     "cache_stride": (1, 64),
+    "detail_channels": (0, 4096),
     "num_classes": (1, 65535),  # label images are mono16 above 255 classes
 }
 
@@ -127,13 +136,20 @@ def _check_int(name: str, value: Any, low: int, high: int) -> None:
         raise ValueError(f"{name} must be within {low}..{high}, got {value}")
 
 
-def feature_size_for(input_size: tuple[int, int]) -> tuple[int, int]:
-    """Size of the stride-8 feature map: stem conv /2, max-pool /2, layer2 /2 (each rounds up)."""
+def feature_size_for(input_size: tuple[int, int], stride: int = 8) -> tuple[int, int]:
+    """Size of the stride-8 feature map (stem conv /2, max-pool /2, layer2 /2, each rounding
+    up), or with `stride` 4 of layer1's map, where the detail refinement's logits are."""
+    if stride not in (4, 8):
+        raise ValueError(f"the backbone's maps have stride 4 or 8, not {stride}")
 
     def down(n: int) -> int:
         return (n - 1) // 2 + 1
 
-    return tuple(down(down(down(n))) for n in input_size)  # type: ignore[return-value]
+    halvings = 3 if stride == 8 else 2
+    size = input_size
+    for _ in range(halvings):
+        size = tuple(down(n) for n in size)
+    return size  # type: ignore[return-value]
 
 
 VARIANTS: dict[str, ModelConfig] = {

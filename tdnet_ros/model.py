@@ -6,6 +6,7 @@ One time step (frame t, sub-network i = t mod N):
     q, v = encoding_i(z) at full resolution              # (B, h*w, d_k), (B, d_v, h, w)
     the cached frames' (q, k, v), oldest to newest, are propagated onto this frame by
     N-1 attention steps; the head sees layer_norm(propagated + v).
+    With `detail_channels`, the head's stride-8 logits are refined at stride 4 from layer1.
 The cached q, k, v are taken on z subsampled every `cache_stride` rows and columns.
 
 The model holds no state: `step` takes the cache tensors and returns what to cache, so
@@ -231,6 +232,35 @@ class Head(nn.Sequential):
         )
 
 
+class DetailRefinement(nn.Module):
+    """Stride-4 logits: the head's stride-8 logits upsampled 2x plus a correction computed from
+    them and layer1's stride-4 features (3x3 conv + BN + ReLU + 1x1 conv).
+
+    Thin classes (poles, people, fences, riders) are narrower than a stride-8 cell, so no
+    stride-8 output can draw them (`heldout --ceiling`); layer1 still resolves them. The
+    correction's last conv starts at zero, so a refinement added to a trained model leaves
+    what it computes unchanged until training moves it.
+    """
+
+    def __init__(self, low_channels: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.fuse = nn.Sequential(
+            nn.Conv2d(low_channels + num_classes, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Conv2d(hidden, num_classes, 1)
+
+    def start_at_zero(self) -> None:
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, logits: torch.Tensor, layer1: torch.Tensor, align_corners: bool) -> torch.Tensor:
+        coarse = F.interpolate(logits, size=layer1.shape[-2:], mode="bilinear",
+                               align_corners=align_corners)  # (B, K, h, w) -> (B, K, 2h, 2w)
+        return coarse + self.classifier(self.fuse(torch.cat([layer1, coarse], dim=1)))
+
+
 class SubNetwork(nn.Module):
     """Sub-network i: its backbone, pyramid, encoding, its N-1 attention steps and its head."""
 
@@ -245,12 +275,21 @@ class SubNetwork(nn.Module):
         )
         self.layer_norm = LayerNorm2d(config.feature_size)
         self.head = Head(config.value_channels, config.head_reduction, config.num_classes)
+        self.detail = (
+            DetailRefinement(config.base_width * config.expansion, config.detail_channels, config.num_classes)
+            if config.detail_channels else None
+        )
+
+    @property
+    def classifier(self) -> nn.Conv2d:
+        """The last convolution before the output logits (where class offsets are folded)."""
+        return self.detail.classifier if self.detail is not None else self.head[-1]
 
 
 
 @dataclass
 class StepOutput:
-    logits: torch.Tensor  # (B, K, h, w): head output at stride 8
+    logits: torch.Tensor  # (B, K, h, w): output at stride 8, or 4 with the detail refinement
     cache_entry: CachedFrame  # this frame's subsampled (q, k, v), to cache
     layer3: torch.Tensor | None  # (B, C3, h, w) when asked for (auxiliary loss)
 
@@ -269,7 +308,7 @@ class TDNet(nn.Module):
 
     @property
     def conv_dtype(self) -> torch.dtype:
-        """Precision of the backbones, pyramids and heads."""
+        """Precision of the backbones, pyramids, heads and detail refinements."""
         return self.paths[0].head[0].weight.dtype
 
     @property
@@ -285,8 +324,9 @@ class TDNet(nn.Module):
         decides on, so the encodings, attention and LayerNorms keep float32.
         """
         for net in self.paths:
-            for part in (net.backbone, net.pyramid, net.head):
-                part.to(dtype)
+            for part in (net.backbone, net.pyramid, net.head, net.detail):
+                if part is not None:
+                    part.to(dtype)
         return self
 
     def step(
@@ -313,8 +353,7 @@ class TDNet(nn.Module):
         """
         net = self.paths[path]
         with timer("backbone"):
-            out = net.backbone(x.to(self.conv_dtype), with_layer3=with_layer3)
-            features, layer3 = out if with_layer3 else (out, None)
+            layer1, layer3, features = net.backbone.stages(x.to(self.conv_dtype))
             z = net.pyramid(features)  # (B, C, h, w)
         with timer("encoding"):
             query, value, cache_entry = net.encoding(z.to(self.attention_dtype))
@@ -325,7 +364,9 @@ class TDNet(nn.Module):
             head_input = net.layer_norm(combined, window)
         with timer("head"):
             logits = net.head(head_input.to(self.conv_dtype))
-        return StepOutput(logits, cache_entry, layer3)
+            if net.detail is not None:
+                logits = net.detail(logits, layer1, self.config.upsample_align_corners)
+        return StepOutput(logits, cache_entry, layer3 if with_layer3 else None)
 
     def propagate(
         self, path: int, cached: Sequence[CachedFrame], query: torch.Tensor, value_shape: torch.Size
@@ -375,5 +416,8 @@ def build_model(config: ModelConfig) -> TDNet:
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+    for path in model.paths:
+        if path.detail is not None:
+            path.detail.start_at_zero()
     return model.eval()
 

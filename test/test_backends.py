@@ -255,6 +255,23 @@ def test_onnx_float16_export_keeps_attention_in_float32(tmp_path):
 # -- artefact keys and the build command --------------------------------------------------
 
 
+def test_onnx_step_of_a_model_with_the_detail_refinement_matches_eager(tmp_path):
+    """The stride-4 refinement (odd input size, so layer1 is not twice the stride-8 map's
+    size exactly) exports into the step and returns its stride-4 logits."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8))
+    for path in model.paths:
+        torch.nn.init.normal_(path.detail.classifier.weight, std=0.1)  # not the zero start
+    segmenter = Segmenter(model, input_size=(129, 257))
+    file = export_step(segmenter.model, 2, True, (129, 257), tmp_path / "path2_warm.onnx")
+    inputs = example_inputs(segmenter.model, (129, 257), True, seed=4)
+    with torch.inference_mode():
+        expected = StepModule(segmenter.model, 2, True)(*inputs)
+    got = load_onnx_step(file, torch.device("cpu"))(*inputs)
+    assert expected[0].shape[-2:] == (33, 65)  # stride 4: 129 -> 65 -> 33 rows
+    assert (got[0] - expected[0]).abs().max().item() <= 1e-4 * max(expected[0].abs().max().item(), 1.0)
+
+
 def test_artifact_key_changes_with_everything_it_depends_on(tmp_path):
     base = ArtifactKey(
         "tensorrt", "td4-psp18", (769, 1537), "float16", "ab" * 32, {"torch": "2.13.0", "tensorrt": "10.3"}

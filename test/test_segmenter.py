@@ -175,6 +175,46 @@ def test_project_checkpoint_round_trip(tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_detail_refinement_starts_at_the_upsampled_logits_and_then_refines_them():
+    """A model with the stride-4 refinement computes, before training, the same weights'
+    stride-8 logits upsampled 2x (F.interpolate as the reference); once its correction is not
+    zero, its logits differ, at stride 4."""
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig.from_name("td4-tiny"))
+    refined = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8))
+    refined.load_state_dict({**refined.state_dict(), **plain.state_dict()})
+    x = torch.randn(1, 3, 128, 256)
+    with torch.no_grad():
+        coarse = plain.step(x, 1, None).logits  # (1, K, 16, 32)
+        fine = refined.step(x, 1, None).logits  # (1, K, 32, 64)
+        expected = F.interpolate(coarse, size=(32, 64), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(fine, expected, rtol=0, atol=1e-6)
+        torch.nn.init.normal_(refined.paths[1].detail.classifier.weight, std=0.1)
+        assert (refined.step(x, 1, None).logits - expected).abs().max() > 1e-2
+    assert refined.config.output_stride == 4 and plain.config.output_stride == 8
+
+
+def test_class_offsets_fold_into_the_detail_refinement(tmp_path):
+    """Calibration's offsets shift a refined model's output logits by exactly the offsets, and
+    such a checkpoint segments frames at their own size through the segmenter."""
+    from tdnet_ros.training.calibrate import fold_offsets
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8))
+    for path in model.paths:
+        torch.nn.init.normal_(path.detail.classifier.weight, std=0.1)
+    x = torch.randn(1, 3, 128, 256)
+    offsets = torch.linspace(-2.0, 2.0, model.config.num_classes)
+    with torch.no_grad():
+        before = model.step(x, 0, None).logits
+        after = fold_offsets(model, offsets).step(x, 0, None).logits
+    torch.testing.assert_close(after - before, offsets[None, :, None, None].expand_as(before), rtol=0, atol=1e-5)
+    path = save_checkpoint(model, tmp_path / "refined.pt")
+    frame = random_frames(1, height=90, width=170)[0]
+    result = Segmenter.from_checkpoint(path).segment(frame)
+    assert result.labels.shape == (90, 170) and result.logits.shape[-2:] == (32, 64)
+
+
 @pytest.mark.parametrize("wrap", ["plain", "module", "state_dict", "model_state"])
 def test_published_layout_wrappers_load(tmp_path, wrap):
     from published_vectors import filled_state_dict

@@ -316,6 +316,26 @@ def test_the_stride_8_ceiling_loses_objects_narrower_than_a_cell_and_keeps_wide_
         assert bool(scores.iou[5] > 0.5) == pole_found, (input_size, scores.iou[5])
 
 
+def test_the_stride_4_ceiling_keeps_a_pole_that_the_stride_8_one_loses():
+    """A pole two frame pixels wide, enlarged 2x to the input, fills half a stride-8 cell and a
+    whole stride-4 cell: only the stride-4 output (the detail refinement's) can draw it."""
+    from tdnet_ros.metrics import SegmentationScores
+    from tdnet_ros.preprocess import labels_from_logits
+    from tdnet_ros.training.heldout import ideal_logits
+
+    labels = np.full((64, 128), 2, np.uint8)  # building
+    labels[:, 40:42] = 5  # a pole two frame pixels wide
+    found = {}
+    for stride in (8, 4):
+        logits = ideal_logits(labels, (128, 256), 19, stride)  # (1, 19, 128/stride, 256/stride)
+        assert logits.shape[-2:] == (128 // stride, 256 // stride)
+        scores = SegmentationScores(19)
+        scores.update(labels_from_logits(logits, (128, 256), labels.shape, align_corners=False).numpy().astype(np.int64),
+                      labels.astype(np.int64))
+        found[stride] = scores.iou[5]
+    assert found[8] < 0.3 < 0.5 < found[4], found
+
+
 def test_held_out_scoring_refuses_a_bad_input_size(capsys):
     from tdnet_ros.training.heldout import main as heldout_main
 

@@ -83,3 +83,6 @@ def test_noise_separates_the_copies_and_changes_the_output_only_a_little():
 def test_widening_refuses_other_changes():
     with pytest.raises(ValueError, match="changes only base_width"):
         widen_state({}, NARROW, dataclasses.replace(WIDE, key_channels=32))
+    refined = dataclasses.replace(NARROW, detail_channels=8)
+    with pytest.raises(ValueError, match="without the detail refinement"):
+        widen_state({}, refined, dataclasses.replace(refined, base_width=WIDE.base_width))

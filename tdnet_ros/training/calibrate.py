@@ -187,11 +187,10 @@ def search_offsets(
 
 
 def fold_offsets(model: TDNet, offsets: torch.Tensor) -> TDNet:
-    """Adds `offsets` (K,) to the bias of every sub-network's last head convolution, in place."""
+    """Adds `offsets` (K,) to the bias of every sub-network's last convolution, in place."""
     with torch.no_grad():
         for path in model.paths:
-            classifier = path.head[-1]
-            classifier.bias.add_(offsets.to(classifier.bias))
+            path.classifier.bias.add_(offsets.to(path.classifier.bias))
     return model
 
 

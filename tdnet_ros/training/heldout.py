@@ -9,10 +9,10 @@ A student runs through `Segmenter` (the inference path of the node), frame by fr
 feature cache, reset at the start of each sequence; every frame is scored with
 `tdnet_ros.metrics`. A teacher checkpoint runs single-frame. Use seeds never used in training.
 
-`--ceiling HxW` scores no model but the best that any stride-8 output at input size HxW can
-do: each feature cell's logits are the true shares of the classes in the part of the input
-it covers, and go through the segmenter's own post-processing (bilinear upsampling, argmax,
-resize to the frame; align_corners=False, as this project's trainer trains, or True with
+`--ceiling HxW` scores no model but the best that any stride-8 output (`--ceiling-stride 4`:
+stride 4) at input size HxW can do: each output cell's logits are the true shares of the
+classes in the part of the input it covers, and go through the segmenter's own
+post-processing (bilinear upsampling, argmax, resize to the frame; align_corners=False, as this project's trainer trains, or True with
 `--ceiling-align-corners`). Thin objects narrower than a cell are lost there whatever the weights.
 """
 
@@ -39,24 +39,25 @@ from .augment import to_tensor
 from .teacher import load_teacher
 
 
-def ideal_logits(labels: np.ndarray, input_size: tuple[int, int], num_classes: int) -> torch.Tensor:
-    """(1, K, h, w) stride-8 logits that hold, per feature cell, the share of each class in the
-    part of the input the cell covers (`labels`, (H, W) train ids at the frame's size, enlarged
+def ideal_logits(labels: np.ndarray, input_size: tuple[int, int], num_classes: int, stride: int = 8) -> torch.Tensor:
+    """(1, K, h, w) stride-`stride` logits that hold, per output cell, the share of each class in
+    the part of the input the cell covers (`labels`, (H, W) train ids at the frame's size, enlarged
     to `input_size` as the segmenter enlarges the frame; ignored pixels count for no class)."""
     target = torch.from_numpy(labels.astype(np.int64))[None, None].float()  # (1, 1, H, W)
     target = F.interpolate(target, input_size, mode="nearest").long()[0, 0]  # (h_in, w_in)
     one_hot = F.one_hot(target.clamp(max=num_classes), num_classes + 1)[..., :num_classes]  # ignore -> none
     one_hot = one_hot.permute(2, 0, 1)[None].float()  # (1, K, h_in, w_in)
-    return F.adaptive_avg_pool2d(one_hot, feature_size_for(input_size))
+    return F.adaptive_avg_pool2d(one_hot, feature_size_for(input_size, stride))
 
 
 def evaluate(
     seeds: Sequence[int], frames: int, *, checkpoint: str | None = None, teacher: str | None = None,
-    ceiling: tuple[int, int] | None = None, ceiling_align_corners: bool = False, width: int = 512,
-    height: int = 256, input_size: InputSize = None,
+    ceiling: tuple[int, int] | None = None, ceiling_align_corners: bool = False, ceiling_stride: int = 8,
+    width: int = 512, height: int = 256, input_size: InputSize = None,
 ) -> dict:
     """Scores a student checkpoint (or a teacher, or the ideal stride-8 output at input size
-    `ceiling`, its logits upsampled with `ceiling_align_corners`) on the generated sequences of `seeds`.
+    `ceiling` and output stride `ceiling_stride`, its logits upsampled with `ceiling_align_corners`)
+    on the generated sequences of `seeds`.
 
     `width` x `height` is the render size; a student runs at `input_size` (None: its
     checkpoint's training size, as the node does) and is scored at the render size.
@@ -85,7 +86,7 @@ def evaluate(
         num_classes = len(CLASS_NAMES)
 
         def run(frame) -> np.ndarray:
-            logits = ideal_logits(frame.labels, ceiling, num_classes)
+            logits = ideal_logits(frame.labels, ceiling, num_classes, ceiling_stride)
             return labels_from_logits(logits, ceiling, frame.labels.shape, align_corners=ceiling_align_corners).numpy()
 
     scores = SegmentationScores(num_classes)
@@ -101,7 +102,7 @@ def evaluate(
     names = list(CLASS_NAMES)[:num_classes]
     labelled = int(scores.matrix.sum())
     return {
-        "model": checkpoint or teacher or (f"ideal stride-8 output at input {ceiling[0]}x{ceiling[1]}, "
+        "model": checkpoint or teacher or (f"ideal stride-{ceiling_stride} output at input {ceiling[0]}x{ceiling[1]}, "
                                            f"align_corners={ceiling_align_corners}"),
         "seeds": list(seeds),
         "render_size": [height, width],
@@ -150,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--teacher", help="teacher checkpoint written by tdnet-train (stage: teacher)")
     which.add_argument("--ceiling", type=fixed_size_argument, metavar="HxW",
                        help="no model: the ideal stride-8 output at this input size (what any model can reach)")
+    parser.add_argument("--ceiling-stride", type=int, choices=(4, 8), default=8,
+                        help="with --ceiling: the output's stride (4: as with the detail refinement; default 8)")
     parser.add_argument("--ceiling-align-corners", action="store_true",
                         help="with --ceiling: upsample as the published checkpoints do (align_corners=True) "
                              "instead of as this project's trainer does")
@@ -174,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     result = evaluate(args.seeds, args.frames, checkpoint=args.checkpoint, teacher=args.teacher,
                       ceiling=args.ceiling, ceiling_align_corners=args.ceiling_align_corners,
+                      ceiling_stride=args.ceiling_stride,
                       width=args.width, height=args.height, input_size=args.input_size)
     input_height, input_width = result["input_size"]
     print(f"{result['model']}: mIoU {100 * result['miou']:.1f} over {result['frames']} frames "

@@ -352,17 +352,24 @@ def _load_initial_student(student: TDNet, path: str, seed: int) -> None:
     state = content["state_dict"]
     stored = stored_config(content, f"run.init_checkpoint {path}") if "config" in content else None
     target = student.config
+    if "calibration" in content and stored is not None:
+        # Taken off in the checkpoint's own model, whose last convolution holds them.
+        calibrated = build_model(stored)
+        load_into(calibrated, state, path)
+        state = fold_offsets(calibrated, -torch.tensor(content["calibration"]["offsets"])).state_dict()
+        print(f"run.init_checkpoint: {path} carries class offsets from calibration; training starts without "
+              "them (calibrate the trained model again)")
     if stored is not None and stored.base_width < target.base_width:
         try:
             state = widen_state(state, stored, target, generator=torch.Generator().manual_seed(seed))
         except ValueError as error:
             raise CheckpointError(f"run.init_checkpoint {path} cannot be widened to {target.name!r}: {error}") from None
         print(f"run.init_checkpoint: {path} widened from base_width {stored.base_width} to {target.base_width}")
+    if target.detail_channels and (stored is None or not stored.detail_channels):
+        # The new refinement keeps its zero start: the student computes what the checkpoint does.
+        state = {**{k: v for k, v in student.state_dict().items() if ".detail." in k}, **state}
+        print(f"run.init_checkpoint: {path} has no detail refinement; the student's starts at zero")
     load_into(student, fit_layer_norms(state, student), path)
-    if "calibration" in content:
-        fold_offsets(student, -torch.tensor(content["calibration"]["offsets"]))
-        print(f"run.init_checkpoint: {path} carries class offsets from calibration; training starts without "
-              "them (calibrate the trained model again)")
 
 
 def train(config: TrainConfig, resume: bool = False, stop_at: int | None = None) -> TrainResult:

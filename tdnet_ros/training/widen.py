@@ -53,8 +53,9 @@ def widen_state(state: State, old: ModelConfig, new: ModelConfig, *, noise: floa
     `state` computes in `old` (exactly when noise is 0)."""
     if dataclasses.replace(old, base_width=new.base_width, name=new.name, input_size=new.input_size) != new:
         raise ValueError("widening changes only base_width (and the name and input size)")
-    if old.block != "basic" or old.deep_stem:
-        raise ValueError(f"widening supports the basic-block, single-conv-stem layout, not {old.name!r}")
+    if old.block != "basic" or old.deep_stem or old.detail_channels:
+        raise ValueError(f"widening supports the basic-block, single-conv-stem layout without the detail "
+                         f"refinement, not {old.name!r}")
     generator = generator or torch.Generator().manual_seed(0)
     # Noise draws from its own generator, so the mappings do not depend on it.
     noise_generator = torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,), generator=generator)))
