@@ -6,7 +6,8 @@ A model trained on imbalanced classes leans towards the frequent ones where it i
 bus becomes car, a pole or a wall becomes building. Adding a constant offset b_k to class
 k's logits moves those decisions without retraining. The offsets are chosen by coordinate
 ascent on the mean IoU of validation frames, then added to the bias of every sub-network's
-last head convolution: the calibrated checkpoint computes logits + b at no cost at run time.
+last convolution (the head's, or the detail refinement's where it has one): the calibrated
+checkpoint computes logits + b at no cost at run time.
 The frames are generated sequences (`--seeds`: never training seeds, never held-out ones)
 or the labelled frames of a split of one's own Cityscapes or CamVid tree:
 
