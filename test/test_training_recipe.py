@@ -256,6 +256,29 @@ def test_init_checkpoint_without_the_detail_refinement_starts_a_refined_student_
     assert read_checkpoint(refined.checkpoint)["config"]["detail_channels"] == 8
 
 
+def test_detail_lr_scale_multiplies_only_the_refinements_step(tmp_path, cache_dir):
+    """One SGD step from the same weights on the same data: the refinement's parameters move
+    10x as far with optim.detail_lr_scale 10, every other parameter exactly as far."""
+    refined = {"model_overrides": {"detail_channels": 8, "name": "td4-tiny-s4"}}
+    start = train(tiny(tmp_path / "start", cache_dir, optim={"iterations": 1, "lr": 0.0}, **refined))
+    for path in start.model.paths:  # a correction away from zero, so every refinement parameter has a gradient
+        torch.nn.init.normal_(path.detail.classifier.weight, std=0.1)
+    initial = save_checkpoint(start.model, tmp_path / "initial.pt")
+    moved = {}
+    for scale in (1.0, 10.0):
+        result = train(tiny(tmp_path / f"scale{scale}", cache_dir, run={"init_checkpoint": str(initial)},
+                            optim={"iterations": 1, "lr": 0.01, "warmup_iterations": 0, "detail_lr_scale": scale},
+                            **refined))
+        moved[scale] = {k: v.detach() - start.model.state_dict()[k] for k, v in result.model.named_parameters()}
+    for key, step in moved[1.0].items():
+        expected = 10 * step if ".detail." in key else step
+        # atol: the float32 rounding of (w + step) - w, far below the steps (about 1e-3)
+        torch.testing.assert_close(moved[10.0][key], expected, rtol=1e-3, atol=1e-6, msg=key)
+    assert any(".detail." in k and v.abs().max() > 0 for k, v in moved[1.0].items())
+    with pytest.raises(ConfigError, match="optim.detail_lr_scale must be above 0, got 0"):
+        from_dict({"optim": {"detail_lr_scale": 0}})
+
+
 def test_init_checkpoint_that_does_not_fit_is_one_line(tmp_path, cache_dir, capsys):
     narrow = train(tiny(tmp_path / "narrow", cache_dir))
     path = tmp_path / "other.yaml"

@@ -56,6 +56,13 @@ class OptimConfig:
     warmup_iterations: int = 50  # linear warm-up from lr * warmup_ratio
     warmup_ratio: float = 0.1
     power: float = 0.9  # poly decay: lr * (1 - it / iterations) ** power
+    # The detail refinement's parameters learn at lr times this: added to a trained model with
+    # its correction at zero, it learns too slowly at the rate that fine-tunes the rest.
+    detail_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.detail_lr_scale > 0:
+            raise ValueError(f"optim.detail_lr_scale must be above 0, got {self.detail_lr_scale}")
 
 
 @dataclass(frozen=True)

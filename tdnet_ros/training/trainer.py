@@ -342,6 +342,17 @@ def _student_config(config: TrainConfig) -> ModelConfig:
     return dataclasses.replace(ModelConfig.from_name(config.model, **overrides), name=name)
 
 
+def _parameter_groups(net: nn.Module, detail_lr_scale: float) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: the detail refinement's (if any) at `detail_lr_scale`
+    times the learning rate, everything else at 1x (`lr_scale`, applied every step)."""
+    named = list(net.named_parameters())
+    groups = [{"params": [p for name, p in named if ".detail." not in name], "lr_scale": 1.0}]
+    detail = [p for name, p in named if ".detail." in name]
+    if detail:
+        groups.append({"params": detail, "lr_scale": detail_lr_scale})
+    return groups
+
+
 def _load_initial_student(student: TDNet, path: str, seed: int) -> None:
     """Loads run.init_checkpoint into the student. A checkpoint of the same model at a smaller
     base_width is widened to it (training.widen), one at another input size gets its spatial
@@ -465,7 +476,8 @@ def _train(config: TrainConfig, resume: bool, stop_at: int | None) -> TrainResul
     if distributed and device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     optimizer = torch.optim.SGD(
-        net.parameters(), lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay
+        _parameter_groups(net, config.optim.detail_lr_scale), lr=config.optim.lr, momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay,
     )
     # float16 needs loss scaling (CUDA); bfloat16 keeps float32's exponent range (CPU).
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -528,7 +540,7 @@ def _train(config: TrainConfig, resume: bool, stop_at: int | None) -> TrainResul
     for iteration in range(start, end):
         lr = learning_rate(iteration, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         x, y, window = next(batches)  # (B, N, 3, h, w), (B, N, h, w), (B, 4)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         window = window.to(device) if config.augment.align_layer_norm else None
