@@ -84,11 +84,6 @@ class ModelConfig:
         """Feature map size (stride 8) for the configured input size."""
         return feature_size_for(self.input_size)
 
-    @property
-    def output_stride(self) -> int:
-        """Stride of the logits: 4 with the detail refinement, else 8."""
-        return 4 if self.detail_channels else 8
-
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
         """The configuration of a named variant, optionally with some fields replaced."""

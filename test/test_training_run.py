@@ -54,8 +54,14 @@ def test_two_iterations_write_a_checkpoint_that_segments(tmp_path, cache_dir):
     assert content["train_config"]["model"] == "td4-tiny"
 
 
-def test_resume_continues_the_schedule(tmp_path, cache_dir):
+@pytest.mark.parametrize("refined", [False, True])
+def test_resume_continues_the_schedule(tmp_path, cache_dir, refined):
+    """Also with the detail refinement at its own multiple of the learning rate, which the
+    resumed run takes from its configuration."""
     sections = {"optim": {"iterations": 4, "warmup_iterations": 2}, "run": {"checkpoint_interval": 1}}
+    if refined:
+        sections["optim"]["detail_lr_scale"] = 10.0
+        sections["model_overrides"] = {"detail_channels": 8, "name": "td4-tiny-s4"}
     straight = tiny_config(tmp_path / "straight", cache_dir, **sections)
     train(straight)
     broken = tiny_config(tmp_path / "broken", cache_dir, **sections)

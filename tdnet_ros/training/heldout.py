@@ -12,8 +12,9 @@ feature cache, reset at the start of each sequence; every frame is scored with
 `--ceiling HxW` scores no model but the best that any stride-8 output (`--ceiling-stride 4`:
 stride 4) at input size HxW can do: each output cell's logits are the true shares of the
 classes in the part of the input it covers, and go through the segmenter's own
-post-processing (bilinear upsampling, argmax, resize to the frame; align_corners=False, as this project's trainer trains, or True with
-`--ceiling-align-corners`). Thin objects narrower than a cell are lost there whatever the weights.
+post-processing (bilinear upsampling, argmax, resize to the frame; align_corners=False, as
+this project's trainer trains, or True with `--ceiling-align-corners`). Thin objects
+narrower than a cell are lost there whatever the weights.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ def evaluate(
     ceiling: tuple[int, int] | None = None, ceiling_align_corners: bool = False, ceiling_stride: int = 8,
     width: int = 512, height: int = 256, input_size: InputSize = None,
 ) -> dict:
-    """Scores a student checkpoint (or a teacher, or the ideal stride-8 output at input size
-    `ceiling` and output stride `ceiling_stride`, its logits upsampled with `ceiling_align_corners`)
-    on the generated sequences of `seeds`.
+    """Scores a student checkpoint (or a teacher, or the ideal output of stride `ceiling_stride`
+    at input size `ceiling`, its logits upsampled with `ceiling_align_corners`) on the
+    generated sequences of `seeds`.
 
     `width` x `height` is the render size; a student runs at `input_size` (None: its
     checkpoint's training size, as the node does) and is scored at the render size.

@@ -342,15 +342,16 @@ def _student_config(config: TrainConfig) -> ModelConfig:
     return dataclasses.replace(ModelConfig.from_name(config.model, **overrides), name=name)
 
 
-def _parameter_groups(net: nn.Module, detail_lr_scale: float) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups: the detail refinement's (if any) at `detail_lr_scale`
-    times the learning rate, everything else at 1x (`lr_scale`, applied every step)."""
+def _parameter_groups(net: nn.Module, detail_lr_scale: float) -> tuple[list[dict[str, Any]], list[float]]:
+    """The optimizer's parameter groups and each one's multiple of the learning rate: the
+    detail refinement's (if any) at `detail_lr_scale`, everything else at 1. The multiples
+    stay out of the optimizer's state, so `last.pt` files written without them resume."""
     named = list(net.named_parameters())
-    groups = [{"params": [p for name, p in named if ".detail." not in name], "lr_scale": 1.0}]
+    groups = [{"params": [p for name, p in named if ".detail." not in name]}]
     detail = [p for name, p in named if ".detail." in name]
     if detail:
-        groups.append({"params": detail, "lr_scale": detail_lr_scale})
-    return groups
+        groups.append({"params": detail})
+    return groups, [1.0, detail_lr_scale][: len(groups)]
 
 
 def _load_initial_student(student: TDNet, path: str, seed: int) -> None:
@@ -475,9 +476,9 @@ def _train(config: TrainConfig, resume: bool, stop_at: int | None) -> TrainResul
     net.to(device).train()
     if distributed and device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    parameter_groups, lr_scales = _parameter_groups(net, config.optim.detail_lr_scale)
     optimizer = torch.optim.SGD(
-        _parameter_groups(net, config.optim.detail_lr_scale), lr=config.optim.lr, momentum=config.optim.momentum,
-        weight_decay=config.optim.weight_decay,
+        parameter_groups, lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay
     )
     # float16 needs loss scaling (CUDA); bfloat16 keeps float32's exponent range (CPU).
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -539,8 +540,8 @@ def _train(config: TrainConfig, resume: bool, stop_at: int | None) -> TrainResul
     end = config.optim.iterations if stop_at is None else min(stop_at, config.optim.iterations)
     for iteration in range(start, end):
         lr = learning_rate(iteration, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        for group, scale in zip(optimizer.param_groups, lr_scales):
+            group["lr"] = lr * scale
         x, y, window = next(batches)  # (B, N, 3, h, w), (B, N, h, w), (B, 4)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         window = window.to(device) if config.augment.align_layer_norm else None
