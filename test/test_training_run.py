@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from tdnet_ros.checkpoint import read_checkpoint
+from tdnet_ros.config import ModelConfig
 from tdnet_ros.data import generate_sequence
 from tdnet_ros.segmenter import Segmenter
 from tdnet_ros.cli.train import main as train_cli
 from tdnet_ros.training.config import ConfigError, TrainConfig, from_dict, load_config
-from tdnet_ros.training.trainer import _batches, _TrainView, build_datasets, learning_rate, train
+from tdnet_ros.training.trainer import _batches, _student_config, _TrainView, build_datasets, learning_rate, train
 
 TINY = {
     "model": "td4-tiny",
@@ -205,6 +206,8 @@ def test_unknown_key_fails_before_training(tmp_path, capsys):
 def test_default_config_is_valid():
     config = load_config(Path(__file__).parents[1] / "config/train_default.yaml")
     assert config.model == "td4-r18-narrow" and config.stage == "student"
+    bundled = torch.load(Path(__file__).parents[1] / config.run.init_checkpoint, weights_only=True)["config"]
+    assert _student_config(config) == ModelConfig.from_dict(bundled)
 
 
 def test_export_and_held_out_scoring(tmp_path, cache_dir):
@@ -300,7 +303,8 @@ def test_bundled_default_model_matches_its_hash():
     assert path.stat().st_size <= 20 * 1024 * 1024
     assert (models / "default.pt.sha256").read_text().split()[0] == file_sha256(path)
     segmenter = Segmenter.default()
-    assert segmenter.config.name == "td4-r18-narrow" and segmenter.config.input_size == (512, 1024)
+    assert segmenter.config.name == "td4-r18-narrow-s4" and segmenter.config.input_size == (512, 1024)
+    assert segmenter.config.detail_channels == 32
 
 
 def test_the_stride_8_ceiling_loses_objects_narrower_than_a_cell_and_keeps_wide_ones():
