@@ -159,8 +159,8 @@ VARIANTS: dict[str, ModelConfig] = {
         value_channels=512,
         head_reduction=2,
     ),
-    # Narrow TD4 (ResNet-18 layout at 1/4 width): the bundled default model's architecture,
-    # which adds the stride-4 detail refinement (detail_channels=32, named td4-r18-narrow-s4).
+    # Narrow TD4 (ResNet-18 layout at 1/4 width). The bundled default model is this variant
+    # plus the stride-4 detail refinement (detail_channels=32, named td4-r18-narrow-s4).
     "td4-r18-narrow": ModelConfig(
         name="td4-r18-narrow",
         base_width=16,

@@ -206,7 +206,7 @@ def test_unknown_key_fails_before_training(tmp_path, capsys):
 def test_default_config_is_valid():
     config = load_config(Path(__file__).parents[1] / "config/train_default.yaml")
     assert config.model == "td4-r18-narrow" and config.stage == "student"
-    bundled = torch.load(Path(__file__).parents[1] / config.run.init_checkpoint, weights_only=True)["config"]
+    bundled = read_checkpoint(Path(__file__).parents[1] / config.run.init_checkpoint)["config"]
     assert _student_config(config) == ModelConfig.from_dict(bundled)
 
 
