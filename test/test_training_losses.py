@@ -233,3 +233,39 @@ def test_the_lovasz_term_joins_the_student_loss_when_weighted():
     assert terms["lovasz"] == pytest.approx(0.5 * (0.15 + 0.2) / 2, rel=1e-5)
     _, terms = student_loss(final, target, LossWeights(auxiliary=0.0, kd_full=0.0, kd_group=0.0))
     assert "lovasz" not in terms
+
+
+def test_boundary_weights_cover_pixels_within_the_radius_of_another_label() -> None:
+    from tdnet_ros.training.losses import boundary_weights
+
+    target = torch.zeros(1, 6, 9, dtype=torch.long)
+    target[0, :, 4] = 5  # a pole one pixel wide
+    target[0, 0, 0] = 255  # an ignored pixel counts as a label of its own
+    for radius, near_columns in ((1, [3, 4, 5]), (2, [2, 3, 4, 5, 6])):
+        weights = boundary_weights(target, radius, 3.0)
+        expected = torch.ones(1, 6, 9)
+        expected[0, :, near_columns] = 3.0
+        expected[0, :radius + 1, :radius + 1] = 3.0  # the ignored corner and its neighbours
+        assert torch.equal(weights, expected)
+    # one label everywhere: no boundary
+    assert torch.equal(boundary_weights(torch.ones(2, 4, 4, dtype=torch.long), 2, 3.0), torch.ones(2, 4, 4))
+
+
+def test_boundary_weight_scales_the_ohem_loss_of_pixels_near_a_boundary() -> None:
+    logits = torch.zeros(1, 3, 4, 4)  # every pixel's loss is log 3
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, :, 3] = 1  # the last column: 8 of 16 pixels are within one pixel of it
+    plain = LossWeights(auxiliary=0.0, kd_full=0.0, kd_group=0.0, ohem_min_kept=16)
+    _, unweighted = student_loss(logits, target, plain)
+    weighted_weights = LossWeights(auxiliary=0.0, kd_full=0.0, kd_group=0.0, ohem_min_kept=16,
+                                   boundary_weight=4.0, boundary_radius=1)
+    _, weighted = student_loss(logits, target, weighted_weights)
+    assert unweighted["ohem"] == pytest.approx(math.log(3))
+    assert weighted["ohem"] == pytest.approx(math.log(3) * (8 * 4 + 8 * 1) / 16)
+    # a configuration file's bad value is refused in one line naming the key
+    from tdnet_ros.training.config import ConfigError, from_dict
+
+    for bad, line in (({"boundary_weight": 0.5}, "loss.boundary_weight must be within 1..100 .1: off., got 0.5"),
+                      ({"boundary_radius": 0}, "loss.boundary_radius must be at least 1, got 0")):
+        with pytest.raises(ConfigError, match=line):
+            from_dict({"loss": bad})

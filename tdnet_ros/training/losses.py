@@ -45,6 +45,7 @@ def ohem_cross_entropy(
     min_kept: int = 10_000,
     ignore_index: int = IGNORE_INDEX,
     class_weights: torch.Tensor | None = None,
+    pixel_weights: torch.Tensor | None = None,
     align_corners: bool = False,
 ) -> torch.Tensor:
     """Online hard example mining cross-entropy.
@@ -59,16 +60,44 @@ def ohem_cross_entropy(
         target: (B, H, W) integer class ids.
         class_weights: (K,) weight of each pixel's loss by its true class (None: all 1), so
             that rare classes count more, and are hard more often.
+        pixel_weights: (B, H, W) weight of each pixel's loss (None: all 1), applied like
+            `class_weights` before the hard pixels are chosen (see boundary_weights).
     """
     logits = upsample_to(logits.float(), tuple(target.shape[-2:]), align_corners)
     losses = F.cross_entropy(logits, target.long(), weight=class_weights, ignore_index=ignore_index,
-                             reduction="none")
+                             reduction="none")  # (B, H, W)
+    if pixel_weights is not None:
+        losses = losses * pixel_weights
     losses = losses[target != ignore_index]  # (valid pixels,)
     if losses.numel() == 0:
         return logits.sum() * 0.0  # keeps the graph; no labelled pixel in the batch
     hard = losses > -math.log(threshold)
     keep = max(int(hard.sum()), min(min_kept, losses.numel()))
     return torch.topk(losses, keep, sorted=False).values.mean()
+
+
+def boundary_weights(target: torch.Tensor, radius: int, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights: `weight` within `radius` pixels (a square window) of a pixel of
+    another label, 1 elsewhere.
+
+    Thin objects (poles, people, fences) lie wholly within a few pixels of a boundary, as do
+    the edges of large regions, while the interiors of road, building and sky do not. So
+    unlike class weights, which raise a rare class everywhere and pull the prediction
+    toward it (`class_balance` collapsed building, README), both sides of every boundary
+    count alike. The ignore label counts as a label of its own here.
+
+    Args:
+        target: (B, H, W) integer labels.
+
+    Returns:
+        (B, H, W) float32 weights.
+    """
+    labels = target.float().unsqueeze(1)  # (B, 1, H, W)
+    size = 2 * radius + 1
+    highest = F.max_pool2d(labels, size, stride=1, padding=radius)
+    lowest = -F.max_pool2d(-labels, size, stride=1, padding=radius)
+    near_boundary = (highest != lowest).squeeze(1)  # (B, H, W)
+    return torch.where(near_boundary, weight, 1.0).float()
 
 
 def _jaccard_gradient(foreground_sorted: torch.Tensor) -> torch.Tensor:
@@ -194,11 +223,17 @@ class LossWeights:
     # Class-frequency weighting of the OHEM term: weight (f_k / median f)^-class_balance,
     # from the training labels' pixel counts (0: off; 0.5: inverse square root).
     class_balance: float = 0.0
+    # The OHEM term's weight of pixels within boundary_radius pixels of another label
+    # (1: off); see boundary_weights.
+    boundary_weight: float = 1.0
+    boundary_radius: int = 2
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.class_balance <= 2.0:
             raise ValueError(f"loss.class_balance must be within 0..2, got {self.class_balance}")
-        for name in ("lovasz_pixel_step", "auxiliary_pixel_step"):
+        if not 1.0 <= self.boundary_weight <= 100.0:
+            raise ValueError(f"loss.boundary_weight must be within 1..100 (1: off), got {self.boundary_weight}")
+        for name in ("lovasz_pixel_step", "auxiliary_pixel_step", "boundary_radius"):
             if getattr(self, name) < 1:
                 raise ValueError(f"loss.{name} must be at least 1, got {getattr(self, name)}")
 
@@ -233,9 +268,11 @@ def student_loss(
     if weights.ohem or weights.lovasz:
         at_labels = upsample_to(final_logits.float(), tuple(target.shape[-2:]), align_corners)
     if weights.ohem:
+        pixel_weights = (boundary_weights(target, weights.boundary_radius, weights.boundary_weight)
+                         if weights.boundary_weight != 1.0 else None)
         terms["ohem"] = weights.ohem * ohem_cross_entropy(
             at_labels, target, threshold=weights.ohem_threshold, min_kept=weights.ohem_min_kept,
-            class_weights=class_weights, align_corners=align_corners,
+            class_weights=class_weights, pixel_weights=pixel_weights, align_corners=align_corners,
         )
     if weights.lovasz:
         terms["lovasz"] = weights.lovasz * lovasz_softmax(at_labels, target, align_corners=align_corners,
