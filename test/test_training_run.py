@@ -2,6 +2,10 @@
 configuration errors. Sequences are rendered once per session (pybullet) and cached."""
 
 import csv
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -354,3 +358,21 @@ def test_held_out_scoring_refuses_a_bad_input_size(capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert "--input-size" in err and "'wide'" in err and "Traceback" not in err
+
+
+def test_held_out_scoring_stops_quietly_when_its_reader_closes_the_pipe(tmp_path):
+    """`heldout ... | head` once ended in a BrokenPipeError traceback; the JSON must still be
+    written. The read end is closed before the process starts, so its first print fails."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    json_path = tmp_path / "ceiling.json"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tdnet_ros.training.heldout", "--ceiling", "64x128", "--seeds", "2001",
+             "--frames", "1", "--width", "128", "--height", "64", "--json", str(json_path)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert json.loads(json_path.read_text())["frames"] == 1

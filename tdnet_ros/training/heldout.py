@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -180,22 +181,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                       ceiling=args.ceiling, ceiling_align_corners=args.ceiling_align_corners,
                       ceiling_stride=args.ceiling_stride,
                       width=args.width, height=args.height, input_size=args.input_size)
+    if args.json:  # before printing: a reader that stops early (`| head`) still gets the file
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    try:
+        _print_result(result, args)
+    except BrokenPipeError:
+        # The reader closed the pipe (`| head`): not an error of the scoring. Python would
+        # flush stdout again at exit and fail; point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _print_result(result: dict, args: argparse.Namespace) -> None:
     input_height, input_width = result["input_size"]
     print(f"{result['model']}: mIoU {100 * result['miou']:.1f} over {result['frames']} frames "
           f"(seeds {result['seeds']}, {args.width}x{args.height} renders, input {input_height}x{input_width}), "
           f"pixel accuracy {100 * result['pixel_accuracy']:.1f}"
           + ("" if args.ceiling else
-             f", median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)"))
+             f", median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)"),
+          flush=True)
     print(f"  {'class':14s} {'IoU':>5s} {'pixels':>7s}  ground-truth pixels mostly predicted as")
     for name, value in result["iou"].items():
         confused = ", ".join(f"{other} {100 * fraction:.0f} %"
                              for other, fraction in result["confused_with"][name].items())
         print(f"  {name:14s} {'    -' if value is None else f'{100 * value:5.1f}'} "
               f"{100 * result['pixel_share'][name]:6.2f}%  {confused}".rstrip())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
