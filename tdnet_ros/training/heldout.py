@@ -199,15 +199,14 @@ def _print_result(result: dict, args: argparse.Namespace) -> None:
           f"(seeds {result['seeds']}, {args.width}x{args.height} renders, input {input_height}x{input_width}), "
           f"pixel accuracy {100 * result['pixel_accuracy']:.1f}"
           + ("" if args.ceiling else
-             f", median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)"),
-          flush=True)
+             f", median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)"))
     print(f"  {'class':14s} {'IoU':>5s} {'pixels':>7s}  ground-truth pixels mostly predicted as")
     for name, value in result["iou"].items():
         confused = ", ".join(f"{other} {100 * fraction:.0f} %"
                              for other, fraction in result["confused_with"][name].items())
         print(f"  {name:14s} {'    -' if value is None else f'{100 * value:5.1f}'} "
               f"{100 * result['pixel_share'][name]:6.2f}%  {confused}".rstrip())
-    sys.stdout.flush()
+    sys.stdout.flush()  # a closed pipe fails here, inside main's try, not at interpreter exit
 
 
 if __name__ == "__main__":
