@@ -166,6 +166,30 @@ def test_invalid_arguments_are_rejected() -> None:
         next(generate_sequence(0, 2, width=8, height=8))
 
 
+def _bodies_per_class(rare_object_rate: float, seeds: tuple[int, ...]) -> dict[TrainId, int]:
+    """How many bodies of each class the scenes of `seeds` place around their first frame."""
+    counts = dict.fromkeys(TrainId, 0)
+    for seed in seeds:
+        config = StreetConfig(width=64, height=32, rare_object_rate=rare_object_rate)
+        with StreetScene(seed, 1, config) as scene:
+            scene.render(0)  # builds the blocks around the camera
+            for train_id in scene._class_of_body.values():
+                counts[TrainId(train_id)] += 1
+    return counts
+
+
+def test_rare_object_rate_places_more_of_the_rarest_classes() -> None:
+    seeds = (1, 2, 3)
+    usual, more = _bodies_per_class(1.0, seeds), _bodies_per_class(3.0, seeds)
+    for rare in (TrainId.BUS, TrainId.TRUCK, TrainId.MOTORCYCLE, TrainId.BICYCLE, TrainId.RIDER, TrainId.WALL):
+        assert more[rare] > 1.4 * usual[rare], (rare.name, usual[rare], more[rare])
+    assert more[TrainId.CAR] < usual[TrainId.CAR]  # cars give way to buses and trucks
+    # the route and its roads do not depend on the rate
+    assert more[TrainId.ROAD] == usual[TrainId.ROAD] and more[TrainId.SIDEWALK] == usual[TrainId.SIDEWALK]
+    with pytest.raises(ValueError, match="rare_object_rate must be within 1..4, got 0.5"):
+        next(generate_sequence(0, 1, config=StreetConfig(rare_object_rate=0.5)))
+
+
 # --------------------------------------------------------------------------- writers and CLI
 
 

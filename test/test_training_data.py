@@ -260,3 +260,17 @@ def test_missing_sequences_render_in_parallel_as_they_do_one_by_one(tmp_path):
     written = [f.stat().st_mtime_ns for f in files]
     again = GeneratedClips(seeds, frames, size, 2, (1, 1), tmp_path / "parallel")
     assert [f.stat().st_mtime_ns for f in files] == written and len(again) == len(apart)
+
+
+def test_scenes_with_more_rare_objects_are_cached_apart(tmp_path):
+    # the usual scenes and those of data.rare_object_rate never share a cache file
+    seeds, frames, size = [3], 2, (32, 64)
+    usual = GeneratedClips(seeds, frames, size, 2, (1, 1), tmp_path, render_workers=1)
+    more = GeneratedClips(seeds, frames, size, 2, (1, 1), tmp_path, render_workers=1, rare_object_rate=2.5)
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert names == ["street_s3_n2_64x32.npz", "street_s3_n2_64x32_rare2.5.npz"]
+    assert not np.array_equal(usual.labels[0], more.labels[0])
+    from tdnet_ros.training.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=r"data.rare_object_rate must be within 1..4 \(1: the usual scenes\), got 5"):
+        from_dict({"data": {"rare_object_rate": 5}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "MAX_RARE_OBJECT_RATE",
     "Frame",
     "StreetConfig",
     "StreetScene",
@@ -17,6 +18,10 @@ __all__ = [
     "write_cityscapes",
     "write_rosbag",
 ]
+
+# StreetConfig.rare_object_rate's upper bound, here so that configurations can check it
+# without pybullet: beyond it, buses and trucks would crowd the cars out
+MAX_RARE_OBJECT_RATE = 4.0
 
 
 def __getattr__(name: str) -> Any:

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from tdnet_ros.classes import CLASS_COLORS, IGNORE_ID, TrainId
+from tdnet_ros.data import MAX_RARE_OBJECT_RATE
 
 
 @contextmanager
@@ -91,6 +92,11 @@ class StreetConfig:
     people_radius: float = 75.0  # people are placed in blocks closer than this
     far_plane: float = 170.0
     flat_class_colors: bool = False  # draw every object in its class colour, unlit (label checks)
+    # How often the objects of the rarest classes are placed, as a multiple of the usual rate:
+    # buses and trucks among vehicles, parked motorcycles, bicycles at the curb, cyclists, and
+    # parks (with their walls and fences). 1 draws exactly the usual scenes; training data
+    # may ask for more of them (data.rare_object_rate) while held-out scenes keep 1.
+    rare_object_rate: float = 1.0
 
     @property
     def road_half_width(self) -> float:
@@ -109,6 +115,17 @@ class StreetConfig:
             raise ValueError(f"fps must be a positive number, got {self.fps}")
         if not 5.0 <= self.vertical_fov_deg <= 120.0:
             raise ValueError(f"vertical_fov_deg must be within 5..120, got {self.vertical_fov_deg}")
+        if not 1.0 <= self.rare_object_rate <= MAX_RARE_OBJECT_RATE:
+            raise ValueError(
+                f"rare_object_rate must be within 1..{MAX_RARE_OBJECT_RATE:g}, got {self.rare_object_rate}")
+
+    def rare_share(self, usual: float, most: float = 1.0) -> float:
+        """The probability of placing a rare object whose usual probability is `usual`.
+
+        At a rate of 1 it is `usual` exactly, so the random draws, and hence the scenes, are
+        those of the usual setting.
+        """
+        return min(usual * self.rare_object_rate, most)
 
 
 # --------------------------------------------------------------------------- randomness
@@ -549,7 +566,9 @@ class StreetScene:
         """A car, truck or bus standing on the road at ``position`` and heading ``yaw``."""
         # pybullet_data's racecar mesh costs about 2 ms of render time per copy (on screen or
         # not), ten times a primitive car, so it stays rare; the husky (5 ms) is not used.
-        kind = rng.choice(["car", "van", "truck", "bus", "urdf"], p=[0.695, 0.14, 0.07, 0.07, 0.025])
+        heavy = self.config.rare_share(0.07)  # each of truck and bus
+        car = 0.695 - 2 * (heavy - 0.07)  # cars give way to them (0.695 exactly at the usual rate)
+        kind = rng.choice(["car", "van", "truck", "bus", "urdf"], p=[car, 0.14, heavy, heavy, 0.025])
         if kind == "urdf" and not allow_urdf:
             kind = "car"
         paint = _hsv_color(rng, (0, 360), (0.0, 0.9), (0.15, 0.95))
@@ -835,7 +854,7 @@ class StreetScene:
             n = np.array(normal, float)
             along = np.array([-normal[1], normal[0]], float)
             sides.append((n, along, np.array([cx, cy]) + n * size / 2))
-        is_park = rng.random() < 0.22
+        is_park = rng.random() < cfg.rare_share(0.22, 0.5)
         if is_park:
             self._build_park(rng, block, cx, cy, inner, curb)
         else:
@@ -855,7 +874,7 @@ class StreetScene:
                     self._tree(rng, x, y, curb, block)
                 elif choice < 0.7:
                     self._sign(rng, x, y, curb, facing_road + rng.choice([-math.pi / 2, math.pi / 2]), block)
-                elif choice < 0.78:
+                elif choice < 0.78 + (cfg.rare_share(0.08, 0.3) - 0.08):  # above: nothing placed
                     self._two_wheeler(rng, (x, y, curb), math.atan2(along[1], along[0]) + 0.3,
                                       motorcycle=False, owner=block)
                 u += rng.uniform(6.0, 14.0)
@@ -874,7 +893,7 @@ class StreetScene:
                 while u < size - 6.0:  # u: where the next parked vehicle may start
                     if rng.random() < 0.45:
                         yaw = math.atan2(d[1], d[0]) + (0.0 if side > 0 else math.pi) + rng.normal(0, 0.03)
-                        if rng.random() < 0.12:
+                        if rng.random() < cfg.rare_share(0.12, 0.5):
                             body = self._two_wheeler(rng, (0.0, 0.0, 0.0), yaw, motorcycle=True, owner=block)
                         else:
                             body = self._vehicle(rng, (0.0, 0.0, 0.0), yaw, block)
@@ -910,7 +929,7 @@ class StreetScene:
                 start_u = rng.uniform(-size / 2 + 2, size / 2 - 12)
                 span = float(rng.uniform(4, 10)) if rng.random() < 0.75 else 0.0
                 self._walker(rng, walk_line + along * start_u, along, span, curb, group)
-            if rng.random() < 0.15:
+            if rng.random() < cfg.rare_share(0.15, 0.8):
                 self._cyclist(rng, walk_line + along * (-size / 2 + 3), along, size - 6, curb, group)
         return group
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from tdnet_ros.data import MAX_RARE_OBJECT_RATE
+
 from .augment import AugmentConfig
 from .losses import LossWeights
 
@@ -34,6 +36,9 @@ class DataConfig:
     gaps: tuple[int, int] = (1, 2)  # range of frame gaps inside a clip
     cache_dir: str = "outputs/cache"  # generated: rendered sequences are kept here ("" = no cache)
     render_workers: int = 0  # generated: processes rendering missing cached sequences (0: one per core)
+    # generated: training scenes with this many times the usual buses, trucks, motorcycles,
+    # bicycles, cyclists and parks (StreetConfig.rare_object_rate, 1..4); validation keeps 1
+    rare_object_rate: float = 1.0
     # DataLoader workers preparing (augmenting) batches ahead of the step. "auto": one on
     # CUDA, or where the training threads leave a CPU core free; none where they take every
     # core, since a worker would then take cycles from them (2 cores, 256x512 crops: 29.5
@@ -44,6 +49,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.num_workers != "auto" and not (isinstance(self.num_workers, int) and self.num_workers >= 0):
             raise ValueError(f"data.num_workers must be auto or a count of at least 0, got {self.num_workers!r}")
+        if not 1.0 <= self.rare_object_rate <= MAX_RARE_OBJECT_RATE:
+            raise ValueError(f"data.rare_object_rate must be within 1..{MAX_RARE_OBJECT_RATE:g} (1: the usual scenes), "
+                             f"got {self.rare_object_rate}")
 
 
 @dataclass(frozen=True)

@@ -114,18 +114,20 @@ class ClipDataset:
 # -- generated street videos ---------------------------------------------------------------
 
 
-def render_sequence(seed: int, frames: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def render_sequence(seed: int, frames: int, size: tuple[int, int],
+                    rare_object_rate: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One generated street video: images (T, H, W, 3) and labels (T, H, W), uint8."""
-    from tdnet_ros.data import generate_sequence  # pybullet is only needed here
+    from tdnet_ros.data import StreetConfig, generate_sequence  # pybullet is only needed here
 
     height, width = size
-    rendered = list(generate_sequence(seed, frames, width=width, height=height))
+    config = StreetConfig(rare_object_rate=rare_object_rate)
+    rendered = list(generate_sequence(seed, frames, width=width, height=height, config=config))
     return np.stack([f.rgb for f in rendered]), np.stack([f.labels for f in rendered])
 
 
-def _render_into(path: Path, seed: int, frames: int, size: tuple[int, int]) -> None:
+def _render_into(path: Path, seed: int, frames: int, size: tuple[int, int], rare_object_rate: float) -> None:
     """Renders one sequence into the cache file `path` (whole or not at all)."""
-    images, labels = render_sequence(seed, frames, size)
+    images, labels = render_sequence(seed, frames, size, rare_object_rate)
     partial = path.with_name(path.stem + ".partial.npz")
     np.savez(partial, images=images, labels=labels)
     partial.replace(path)
@@ -137,7 +139,8 @@ class GeneratedClips(ClipDataset):
     Sequences are rendered once and kept in memory; with `cache_dir` they are also stored as
     `.npz` files and reused by later runs. Missing cache files are rendered by
     `render_workers` processes at once (0: one per CPU core), since rendering is
-    single-threaded.
+    single-threaded. `rare_object_rate` above 1 renders scenes with more of the rarest
+    classes' objects (`StreetConfig.rare_object_rate`).
     """
 
     def __init__(
@@ -150,13 +153,15 @@ class GeneratedClips(ClipDataset):
         cache_dir: str | Path | None = None,
         num_classes: int = 19,
         render_workers: int = 0,
+        rare_object_rate: float = 1.0,
     ) -> None:
         self.num_classes, self.clip_length, self.gaps = num_classes, clip_length, gaps
         self.images: list[np.ndarray] = []  # per seed: (T, H, W, 3) uint8
         self.labels: list[np.ndarray] = []  # per seed: (T, H, W) uint8
         height, width = size
+        scenes = "" if rare_object_rate == 1.0 else f"_rare{rare_object_rate:g}"
         cached = {
-            seed: Path(cache_dir) / f"street_s{seed}_n{frames}_{width}x{height}.npz" if cache_dir else None
+            seed: Path(cache_dir) / f"street_s{seed}_n{frames}_{width}x{height}{scenes}.npz" if cache_dir else None
             for seed in seeds
         }
         missing = [seed for seed, path in cached.items() if path is not None and not path.is_file()]
@@ -166,14 +171,15 @@ class GeneratedClips(ClipDataset):
             if workers > 1:
                 # spawn: a forked pybullet or torch state is not safe to reuse
                 with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    list(pool.map(_render_into, [cached[s] for s in missing], missing, repeat(frames), repeat(size)))
+                    list(pool.map(_render_into, [cached[s] for s in missing], missing, repeat(frames), repeat(size),
+                                  repeat(rare_object_rate)))
             else:
                 for seed in missing:
-                    _render_into(cached[seed], seed, frames, size)
+                    _render_into(cached[seed], seed, frames, size, rare_object_rate)
         for seed in seeds:
             path = cached[seed]
             if path is None:
-                images, labels = render_sequence(seed, frames, size)
+                images, labels = render_sequence(seed, frames, size, rare_object_rate)
             else:
                 data = np.load(path)
                 images, labels = data["images"], data["labels"]

@@ -107,7 +107,7 @@ def build_datasets(config: TrainConfig, clip_length: int) -> tuple[ClipDataset, 
     if d.kind == "generated":
         cache = d.cache_dir or None
         train = GeneratedClips(d.train_seeds, d.frames, d.size, clip_length, d.gaps, cache, num_classes,
-                               d.render_workers)
+                               d.render_workers, d.rare_object_rate)
         val = GeneratedClips(d.val_seeds, d.val_frames, d.size, clip_length, (1, 1), cache, num_classes,
                              d.render_workers)
     elif d.kind == "cityscapes":
