@@ -282,15 +282,29 @@ def test_snapshots_average_into_a_checkpoint_that_segments(tmp_path, cache_dir):
     assert segmenter.segment(frame).labels.shape == (64, 128)
 
 
-def test_averaging_refuses_a_calibrated_checkpoint_in_one_line(tmp_path, cache_dir, capsys):
+def test_averaging_takes_a_calibrated_checkpoints_offsets_off_and_refuses_bad_sources_in_one_line(
+        tmp_path, cache_dir, capsys):
+    from tdnet_ros.checkpoint import model_from_checkpoint
     from tdnet_ros.training.average import main as average_main
+    from tdnet_ros.training.calibrate import fold_offsets
 
     result = train(tiny_config(tmp_path / "run", cache_dir))
     content = torch.load(result.checkpoint, weights_only=True)
-    torch.save({**content, "calibration": {"offsets": [0.0] * 19}}, tmp_path / "calibrated.pt")
-    assert average_main([str(tmp_path / "mean.pt"), str(result.checkpoint), str(tmp_path / "calibrated.pt")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "calibrated.pt carries calibration offsets" in err
+    # the same weights calibrated: offsets folded into the last convolutions and recorded
+    offsets = torch.linspace(-1.0, 1.0, 19)
+    calibrated = fold_offsets(model_from_checkpoint(content, result.checkpoint), offsets)
+    torch.save({**content, "state_dict": calibrated.state_dict(), "calibration": {"offsets": offsets.tolist()}},
+               tmp_path / "calibrated.pt")
+    assert average_main([str(tmp_path / "mean.pt"), str(result.checkpoint), str(tmp_path / "calibrated.pt")]) == 0
+    assert "calibrated.pt carries class offsets from calibration; they are taken off" in capsys.readouterr().out
+    mean = torch.load(tmp_path / "mean.pt", weights_only=True)
+    assert "calibration" not in mean
+    moved = 0
+    for key, value in mean["state_dict"].items():  # the mean of a model and itself
+        torch.testing.assert_close(value, content["state_dict"][key], msg=key)
+        moved += int(not torch.equal(calibrated.state_dict()[key], content["state_dict"][key]))
+    assert moved > 0  # the calibrated copy differed before its offsets were taken off
+    (tmp_path / "mean.pt").unlink()
     assert average_main([str(tmp_path / "mean.pt"), str(result.checkpoint)]) == 2
     assert "at least two checkpoints" in capsys.readouterr().err
     assert average_main([str(tmp_path / "mean.pt"), str(result.checkpoint), str(tmp_path / "missing.pt")]) == 2

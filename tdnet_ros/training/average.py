@@ -6,8 +6,9 @@
 
 Floating-point tensors (weights and BatchNorm running statistics) are the plain mean;
 integer buffers (BatchNorm's batch counters) come from the last checkpoint, as do the
-training configuration and iteration. Calibrate the averaged model afterwards: a
-calibrated checkpoint is refused, since its class offsets are tuned to its own weights.
+training configuration and iteration. A calibrated source is averaged without its class
+offsets, which are tuned to its own weights only (as `run.init_checkpoint` takes them off):
+calibrate the averaged model afterwards.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import torch
 from tdnet_ros.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint, save_checkpoint, \
     stored_config
 
+from .calibrate import without_offsets
+
 KEEP = ("train_config", "iteration")
 
 
 def average_checkpoints(target: str | Path, sources: Sequence[str | Path]) -> dict[str, torch.Tensor]:
     """Writes `target`, a project checkpoint holding the mean of `sources`' weights, and
     returns its state dict. The sources must be project checkpoints of one model
-    configuration, none of them calibrated."""
+    configuration; calibrated ones are averaged without their class offsets."""
     if len(sources) < 2:
         raise CheckpointError(f"averaging needs at least two checkpoints, got {len(sources)}")
     contents = [read_checkpoint(path) for path in sources]
@@ -36,15 +39,16 @@ def average_checkpoints(target: str | Path, sources: Sequence[str | Path]) -> di
     for path, content in zip(sources, contents):
         if "config" not in content:
             raise CheckpointError(f"checkpoint {path} is not a project checkpoint (no stored model configuration)")
-        if "calibration" in content:
-            raise CheckpointError(f"checkpoint {path} carries calibration offsets: average uncalibrated "
-                                  "checkpoints, then calibrate the result")
         config = stored_config(content, f"checkpoint {path}")
         if first_config is None:
             first_config = config
         elif config != first_config:
             raise CheckpointError(f"checkpoint {path} stores another model configuration than {sources[0]}")
-    states = [content["state_dict"] for content in contents]
+    states = [without_offsets(content, path) for path, content in zip(sources, contents)]
+    for path, content in zip(sources, contents):
+        if "calibration" in content:
+            print(f"{path} carries class offsets from calibration; they are taken off before averaging "
+                  "(calibrate the result)")
     last = states[-1]
     for path, state in zip(sources, states):
         if state.keys() != last.keys():

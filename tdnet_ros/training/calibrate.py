@@ -195,6 +195,16 @@ def fold_offsets(model: TDNet, offsets: torch.Tensor) -> TDNet:
     return model
 
 
+def without_offsets(content: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a project checkpoint (`read_checkpoint(path)`) with the class offsets
+    of its calibration taken off, so that they compute the trained logits again; the
+    weights themselves where it was never calibrated."""
+    if "calibration" not in content:
+        return content["state_dict"]
+    model = model_from_checkpoint(content, path)  # its last convolutions hold the offsets
+    return fold_offsets(model, -torch.tensor(content["calibration"]["offsets"])).state_dict()
+
+
 def generated_data(seeds: Sequence[int], frames: int, width: int, height: int) -> tuple[Iterator[FrameStream], dict]:
     """The generated validation sequences of `seeds` and how the calibration record names them."""
     record = {"seeds": list(seeds), "frames": frames, "render_size": [height, width]}

@@ -27,7 +27,7 @@ from tdnet_ros.preprocess import labels_from_logits
 from tdnet_ros.runtime import cpu_computes_bfloat16, usable_cpu_cores
 
 from .augment import augment_clip, prepare_eval_clip, to_tensor
-from .calibrate import fold_offsets
+from .calibrate import without_offsets
 from .config import TrainConfig
 from .datasets import CAMVID_CLASSES, CAMVID_COLORS, CamVidClips, CityscapesClips, ClipDataset, GeneratedClips
 from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy, student_loss
@@ -365,10 +365,7 @@ def _load_initial_student(student: TDNet, path: str, seed: int) -> None:
     stored = stored_config(content, f"run.init_checkpoint {path}") if "config" in content else None
     target = student.config
     if "calibration" in content and stored is not None:
-        # Taken off in the checkpoint's own model, whose last convolution holds them.
-        calibrated = build_model(stored)
-        load_into(calibrated, state, path)
-        state = fold_offsets(calibrated, -torch.tensor(content["calibration"]["offsets"])).state_dict()
+        state = without_offsets(content, path)
         print(f"run.init_checkpoint: {path} carries class offsets from calibration; training starts without "
               "them (calibrate the trained model again)")
     if stored is not None and stored.base_width < target.base_width:
