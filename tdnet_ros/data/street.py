@@ -874,7 +874,8 @@ class StreetScene:
                     self._tree(rng, x, y, curb, block)
                 elif choice < 0.7:
                     self._sign(rng, x, y, curb, facing_road + rng.choice([-math.pi / 2, math.pi / 2]), block)
-                elif choice < 0.78 + (cfg.rare_share(0.08, 0.3) - 0.08):  # above: nothing placed
+                # 0.78 exactly at the usual rate (0.7 + 0.08 is not); above the bound nothing is placed
+                elif choice < 0.78 + (cfg.rare_share(0.08, 0.3) - 0.08):
                     self._two_wheeler(rng, (x, y, curb), math.atan2(along[1], along[0]) + 0.3,
                                       motorcycle=False, owner=block)
                 u += rng.uniform(6.0, 14.0)

@@ -44,11 +44,10 @@ def average_checkpoints(target: str | Path, sources: Sequence[str | Path]) -> di
             first_config = config
         elif config != first_config:
             raise CheckpointError(f"checkpoint {path} stores another model configuration than {sources[0]}")
-    states = [without_offsets(content, path) for path, content in zip(sources, contents)]
-    for path, content in zip(sources, contents):
         if "calibration" in content:
             print(f"{path} carries class offsets from calibration; they are taken off before averaging "
                   "(calibrate the result)")
+    states = [without_offsets(content, path) for path, content in zip(sources, contents)]
     last = states[-1]
     for path, state in zip(sources, states):
         if state.keys() != last.keys():
