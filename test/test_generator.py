@@ -237,6 +237,18 @@ def test_rosbag_round_trip(tmp_path: Path, storage: str, sequence_seed3: list) -
         assert np.array_equal(label.data.reshape(HEIGHT, WIDTH), labels)
 
 
+def test_cli_rare_object_rate_reaches_the_scene(tmp_path: Path) -> None:
+    # seed 2 at rate 4 places other bodies than at rate 1, so equal labels show the flag arrived
+    out = tmp_path / "ds"
+    assert generate_main(["--seed", "2", "--frames", "1", "--out", str(out), "--width", "64", "--height", "32",
+                          "--rare-object-rate", "4", "--quiet"]) == 0
+    written = cv2.imread(str(next((out / "gtFine").rglob("*_labelTrainIds.png"))), cv2.IMREAD_UNCHANGED)
+    frame_at = {rate: next(generate_sequence(2, 1, 64, 32, config=StreetConfig(rare_object_rate=rate)))
+                for rate in (1.0, 4.0)}
+    assert not np.array_equal(frame_at[1.0][1], frame_at[4.0][1])
+    assert np.array_equal(written, frame_at[4.0][1])
+
+
 def test_cli_writes_bag(tmp_path: Path) -> None:
     bag = tmp_path / "bag"
     assert generate_main(["--seed", "1", "--frames", "2", "--out", str(bag), "--format", "sqlite3",
@@ -253,6 +265,8 @@ def test_cli_writes_bag(tmp_path: Path) -> None:
         (["--seed", "1", "--frames", "2", "--width", "4"], "--width: must be within 16..4096"),
         (["--seed", "1", "--frames", "2", "--format", "avi"], "invalid choice: 'avi'"),
         (["--seed", "1", "--frames", "2", "--fps", "0"], "--fps: must be within 0.1..1000"),
+        (["--seed", "1", "--frames", "2", "--rare-object-rate", "5"], "--rare-object-rate: must be within 1..4"),
+        (["--seed", "1", "--frames", "2", "--rare-object-rate", "nan"], "--rare-object-rate: must be within 1..4"),
         (["--frames", "2"], "the following arguments are required: --seed"),
         (["--seed", "1", "--frames", "2", "--city", "../x"], "--city '../x' must be letters"),
     ],

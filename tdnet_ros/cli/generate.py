@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tdnet_ros.data import MAX_RARE_OBJECT_RATE
 from tdnet_ros.data.writers import STORAGES, DatasetWriteError, check_folder_name
 
 FORMATS = ("cityscapes", *STORAGES)
@@ -66,6 +67,16 @@ def _fps(text: str) -> float:
     return value
 
 
+def _rare_object_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 1.0 <= value <= MAX_RARE_OBJECT_RATE:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be within 1..{MAX_RARE_OBJECT_RATE:g} (1: the usual scenes), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tdnet-generate",
@@ -81,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=_pixels, default=256, help="image height in pixels (default 256)")
     parser.add_argument("--fps", type=_fps, default=10.0,
                         help=f"frame rate of stamps and motion, {FPS_RANGE[0]:g}..{FPS_RANGE[1]:g} (default 10)")
+    parser.add_argument("--rare-object-rate", type=_rare_object_rate, default=1.0,
+                        help="times the usual buses, trucks, two-wheelers, cyclists and parks, "
+                        f"1..{MAX_RARE_OBJECT_RATE:g}, as training's data.rare_object_rate (default 1)")
     parser.add_argument("--split", default="train", help="cityscapes split folder (default train)")
     parser.add_argument("--city", default="synth", help="cityscapes city folder and file prefix (default synth)")
     parser.add_argument("--sequence", type=_non_negative_int, default=None,
@@ -111,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tdnet_ros.data.street import StreetConfig, generate_sequence
     from tdnet_ros.data.writers import write_cityscapes, write_rosbag
 
-    config = replace(StreetConfig(), fps=args.fps)
+    config = replace(StreetConfig(), fps=args.fps, rare_object_rate=args.rare_object_rate)
     frames = generate_sequence(args.seed, args.frames, args.width, args.height, config=config)
     start = time.perf_counter()
     try:
