@@ -173,8 +173,8 @@ def _bodies_per_class(rare_object_rate: float, seeds: tuple[int, ...]) -> dict[T
         config = StreetConfig(width=64, height=32, rare_object_rate=rare_object_rate)
         with StreetScene(seed, 1, config) as scene:
             scene.render(0)  # builds the blocks around the camera
-            for train_id in scene._class_of_body.values():
-                counts[TrainId(train_id)] += 1
+            for train_id, count in scene.bodies_per_class().items():
+                counts[TrainId(train_id)] += count
     return counts
 
 

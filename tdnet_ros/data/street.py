@@ -1111,6 +1111,13 @@ class StreetScene:
         y += math.cos(heading) * sway
         return np.array([x, y, self.camera_height + 0.02 * math.sin(3.1 * t)]), heading
 
+    def bodies_per_class(self) -> dict[int, int]:
+        """How many bodies of each train id the blocks built so far hold (`render` builds them)."""
+        counts: dict[int, int] = {}
+        for train_id in self._class_of_body.values():
+            counts[train_id] = counts.get(train_id, 0) + 1
+        return counts
+
     def render(self, frame: int) -> Frame:
         """Render frame ``frame`` (frames must be rendered in increasing order for streaming to be cheap)."""
         cfg = self.config
