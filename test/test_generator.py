@@ -186,7 +186,7 @@ def test_rare_object_rate_places_more_of_the_rarest_classes() -> None:
     assert more[TrainId.CAR] < usual[TrainId.CAR]  # cars give way to buses and trucks
     # the route and its roads do not depend on the rate
     assert more[TrainId.ROAD] == usual[TrainId.ROAD] and more[TrainId.SIDEWALK] == usual[TrainId.SIDEWALK]
-    with pytest.raises(ValueError, match="rare_object_rate must be within 1..4, got 0.5"):
+    with pytest.raises(ValueError, match=r"rare_object_rate must be within 1..4 \(1: the usual scenes\), got 0.5"):
         next(generate_sequence(0, 1, config=StreetConfig(rare_object_rate=0.5)))
 
 

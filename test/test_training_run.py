@@ -207,6 +207,40 @@ def test_unknown_key_fails_before_training(tmp_path, capsys):
         load_config(config)
 
 
+@pytest.mark.parametrize(
+    ("values", "line"),
+    [
+        ({"optim": {"lr": "abc"}}, "optim.lr must be a number, got 'abc'"),
+        ({"optim": {"iterations": 2.5}}, "optim.iterations must be a whole number, got 2.5"),
+        ({"run": {"progress": 1}}, "run.progress must be true or false, got 1"),
+        ({"augment": {"crop": [256, 512, 3]}}, r"augment.crop must be a list of 2 whole numbers, got \[256, 512, 3\]"),
+        ({"data": {"train_seeds": [1, "a"]}}, r"data.train_seeds must be a list of whole numbers, got \[1, 'a'\]"),
+        ({"run": {"init_checkpoint": 3}}, "run.init_checkpoint must be a string or null, got 3"),
+        ({"model_overrides": [1]}, r"model_overrides must be a mapping, got \[1\]"),
+    ],
+)
+def test_values_of_the_wrong_type_are_named(values, line):
+    with pytest.raises(ConfigError, match=line):
+        from_dict(values)
+
+
+def test_wrong_type_on_the_command_line_is_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train_cli([str(Path(__file__).parents[1] / "config/train_default.yaml"), "--set", "optim.lr=abc",
+                      "--set", f"run.out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"tdnet-train: {Path(__file__).parents[1] / 'config/train_default.yaml'}: optim.lr must be a number, got 'abc'"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "config").glob("train_*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_shipped_training_config_loads(path):
+    config = load_config(path)
+    assert config.optim.iterations >= 1 and config.stage in ("teacher", "student")
+
+
 def test_default_config_is_valid():
     config = load_config(Path(__file__).parents[1] / "config/train_default.yaml")
     assert config.model == "td4-r18-narrow" and config.stage == "student"

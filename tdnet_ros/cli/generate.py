@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tdnet_ros.data import MAX_RARE_OBJECT_RATE
+from tdnet_ros.data import MAX_RARE_OBJECT_RATE, rare_object_rate_problem
 from tdnet_ros.data.writers import STORAGES, DatasetWriteError, check_folder_name
 
 FORMATS = ("cityscapes", *STORAGES)
@@ -72,8 +72,8 @@ def _rare_object_rate(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 1.0 <= value <= MAX_RARE_OBJECT_RATE:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be within 1..{MAX_RARE_OBJECT_RATE:g} (1: the usual scenes), got {text}")
+    if problem := rare_object_rate_problem(value):
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "Frame",
     "StreetConfig",
     "StreetScene",
+    "rare_object_rate_problem",
     "generate_sequence",
     "write_cityscapes",
     "write_rosbag",
@@ -22,6 +23,14 @@ __all__ = [
 # StreetConfig.rare_object_rate's upper bound, here so that configurations can check it
 # without pybullet: beyond it, buses and trucks would crowd the cars out
 MAX_RARE_OBJECT_RATE = 4.0
+
+
+def rare_object_rate_problem(value: float) -> str | None:
+    """What is wrong with `value` as a rare-object rate, worded to follow the setting's name
+    ("must be within ..."), or None where it is within 1..MAX_RARE_OBJECT_RATE."""
+    if 1.0 <= value <= MAX_RARE_OBJECT_RATE:  # false for nan too
+        return None
+    return f"must be within 1..{MAX_RARE_OBJECT_RATE:g} (1: the usual scenes), got {value:g}"
 
 
 def __getattr__(name: str) -> Any:

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from tdnet_ros.classes import CLASS_COLORS, IGNORE_ID, TrainId
-from tdnet_ros.data import MAX_RARE_OBJECT_RATE
+from tdnet_ros.data import rare_object_rate_problem
 
 
 @contextmanager
@@ -115,9 +115,8 @@ class StreetConfig:
             raise ValueError(f"fps must be a positive number, got {self.fps}")
         if not 5.0 <= self.vertical_fov_deg <= 120.0:
             raise ValueError(f"vertical_fov_deg must be within 5..120, got {self.vertical_fov_deg}")
-        if not 1.0 <= self.rare_object_rate <= MAX_RARE_OBJECT_RATE:
-            raise ValueError(
-                f"rare_object_rate must be within 1..{MAX_RARE_OBJECT_RATE:g}, got {self.rare_object_rate}")
+        if problem := rare_object_rate_problem(self.rare_object_rate):
+            raise ValueError(f"rare_object_rate {problem}")
 
     def rare_share(self, usual: float, most: float = 1.0) -> float:
         """The probability of placing a rare object whose usual probability is `usual`.

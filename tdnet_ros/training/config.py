@@ -1,18 +1,21 @@
 """Training configuration: one dataclass per section of the YAML file.
 
-Unknown keys (in any section) fail when the file is read, before anything is trained.
+Unknown keys (in any section) and values of the wrong type fail when the file is read,
+before anything is trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tdnet_ros.data import MAX_RARE_OBJECT_RATE
+from tdnet_ros.data import rare_object_rate_problem
 
 from .augment import AugmentConfig
 from .losses import LossWeights
@@ -49,9 +52,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.num_workers != "auto" and not (isinstance(self.num_workers, int) and self.num_workers >= 0):
             raise ValueError(f"data.num_workers must be auto or a count of at least 0, got {self.num_workers!r}")
-        if not 1.0 <= self.rare_object_rate <= MAX_RARE_OBJECT_RATE:
-            raise ValueError(f"data.rare_object_rate must be within 1..{MAX_RARE_OBJECT_RATE:g} (1: the usual scenes), "
-                             f"got {self.rare_object_rate}")
+        if problem := rare_object_rate_problem(self.rare_object_rate):
+            raise ValueError(f"data.rare_object_rate {problem}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class RunConfig:
     snapshot_interval: int = 0
     progress: bool = True  # tqdm progress bar
     log_interval: int = 10  # iterations between CSV rows
-    init_checkpoint: str = ""  # start from these weights (a project checkpoint, or a teacher's)
+    init_checkpoint: str | None = ""  # start from these weights (a project checkpoint, or a teacher's; "" or null: none)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.amp, bool) or self.amp == "auto"):
@@ -155,18 +157,64 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _section(cls: type, values: Any, where: str) -> Any:
+def _is_kind(value: Any, kind: Any) -> bool:
+    """Whether a value read from YAML fits the field type `kind` (scalars, unions and tuples)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:  # YAML writes 1 for 1.0
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if kind is type(None):
+        return value is None
+    if isinstance(kind, types.UnionType):
+        return any(_is_kind(value, member) for member in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        items = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(items) == 2 and items[1] is Ellipsis:
+            return all(_is_kind(item, items[0]) for item in value)
+        return len(value) == len(items) and all(_is_kind(item, k) for item, k in zip(value, items))
+    if typing.get_origin(kind) is dict:  # its keys are checked where they are used
+        return isinstance(value, dict)
+    return True
+
+
+def _kind_name(kind: Any) -> str:
+    """`kind` in a user's words: "a number", "a list of 2 whole numbers"."""
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", type(None): "null"}
+    if kind in names:
+        return names[kind]
+    if isinstance(kind, types.UnionType):
+        return " or ".join(_kind_name(member) for member in typing.get_args(kind))
+    if typing.get_origin(kind) is dict:
+        return "a mapping"
+    items = typing.get_args(kind)
+    plural = {bool: "true or false values", int: "whole numbers", float: "numbers", str: "strings"}
+    if len(items) == 2 and items[1] is Ellipsis:
+        return f"a list of {plural.get(items[0], 'values')}"
+    return f"a list of {len(items)} {plural.get(items[0], 'values')}"
+
+
+def _section(cls: type, values: Any, source: str, name: str) -> Any:
+    """Section `name` (`cls`) of the configuration `source` from its mapping `values`, each
+    value checked against its field's type."""
+    where = f"{source} section '{name}'"
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(fields)}")
+    kinds = typing.get_type_hints(cls)
     converted = {}
-    defaults = cls()
     for key, value in values.items():
-        default = getattr(defaults, key)
-        if isinstance(default, tuple) and isinstance(value, list):
+        if not _is_kind(value, kinds[key]):
+            raise ConfigError(f"{source}: {name}.{key} must be {_kind_name(kinds[key])}, got {value!r}")
+        if isinstance(value, list):
             value = tuple(value)
         converted[key] = value
     return cls(**converted)
@@ -176,7 +224,8 @@ _SECTIONS = {"data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig,
 
 
 def from_dict(values: dict[str, Any], source: str = "configuration") -> TrainConfig:
-    """Builds a TrainConfig, failing on unknown keys with the section and key named."""
+    """Builds a TrainConfig, failing on unknown keys and on values of the wrong type (a string
+    for a number) with the section and key named."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source} must be a mapping at the top level")
     top = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -184,10 +233,14 @@ def from_dict(values: dict[str, Any], source: str = "configuration") -> TrainCon
     if unknown:
         raise ConfigError(f"unknown key(s) in {source}: {', '.join(unknown)}; known: {', '.join(sorted(top))}")
     kwargs = dict(values)
+    kinds = typing.get_type_hints(TrainConfig)
+    for key, value in kwargs.items():
+        if key not in _SECTIONS and not _is_kind(value, kinds[key]):
+            raise ConfigError(f"{source}: {key} must be {_kind_name(kinds[key])}, got {value!r}")
     try:
         for name, cls in _SECTIONS.items():
             if name in kwargs:
-                kwargs[name] = _section(cls, kwargs[name] or {}, f"{source} section '{name}'")
+                kwargs[name] = _section(cls, kwargs[name] or {}, source, name)
         return TrainConfig(**kwargs)
     except ConfigError:
         raise
