@@ -175,3 +175,65 @@ def test_a_dataset_with_other_classes_or_no_tree_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing Cityscapes folder" in err[0] and str(missing) in err[0]
     assert not (tmp_path / "out.pt").exists()
+
+
+def _recorded_sequences(bag, seeds: tuple[int, ...], frames: int, gap_s: float = 10.0) -> None:
+    """Writes the generated sequences of `seeds` (64x32) one after the other into one recording,
+    each starting `gap_s` after the last one ended."""
+    from tdnet_ros.data import generate_sequence, write_rosbag
+
+    recorded, start = [], 0
+    for seed in seeds:
+        sequence = list(generate_sequence(seed, frames, 64, 32))
+        offset = start - sequence[0].stamp_ns
+        recorded += [(rgb, labels, stamp + offset) for rgb, labels, stamp in sequence]
+        start = recorded[-1][2] + int(gap_s * 1e9)
+    assert write_rosbag(recorded, bag, storage="mcap") == len(recorded)
+
+
+def test_calibration_on_a_recording_matches_the_generated_sequences_it_holds(tmp_path, capsys):
+    # Two sequences in one recording, 10 s apart: the cache must be reset at the gap, as
+    # generated_sequences resets it between seeds, for the logits (and so the offsets) to agree.
+    torch.manual_seed(0)
+    source = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), tmp_path / "tiny.pt")
+    bag = tmp_path / "drive"
+    _recorded_sequences(bag, (3, 5), frames=5)
+    from_bag, from_seeds = tmp_path / "bag.pt", tmp_path / "seeds.pt"
+    assert calibrate.main([str(source), str(from_bag), "--bag", str(bag), "--threads", "1"]) == 0
+    assert f"over 10 frames ({bag}, /camera/image_raw labelled by /camera/labels)" in capsys.readouterr().out
+    assert calibrate.main([str(source), str(from_seeds), "--seeds", "3", "5", "--frames", "5", "--width", "64",
+                           "--height", "32", "--threads", "1"]) == 0
+    recorded, generated = read_checkpoint(from_bag)["calibration"], read_checkpoint(from_seeds)["calibration"]
+    assert (recorded["recording"], recorded["label_topic"], recorded["labelled_frames"]) == (
+        str(bag), "/camera/labels", 10)
+    assert recorded["val_miou_before"] == pytest.approx(generated["val_miou_before"], abs=1e-6)
+    assert recorded["offsets"] == generated["offsets"] and any(recorded["offsets"])
+
+
+def test_calibration_on_a_recording_spreads_max_frames_over_its_labels(tmp_path, capsys):
+    torch.manual_seed(0)
+    source = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), tmp_path / "tiny.pt")
+    bag = tmp_path / "drive"
+    _recorded_sequences(bag, (3,), frames=8)
+    assert calibrate.main([str(source), str(tmp_path / "out.pt"), "--bag", str(bag), "--max-frames", "3",
+                           "--threads", "1"]) == 0
+    assert "over 3 frames" in capsys.readouterr().out  # labels 0, 3 and 6 of 8
+
+
+def test_a_recording_whose_labels_do_not_fit_or_are_missing_is_one_line(tmp_path, capsys):
+    source = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), tmp_path / "tiny.pt")
+    from tdnet_ros.data import generate_sequence
+    from test_evaluation import BagWriter
+
+    bag = tmp_path / "drive"
+    writer = BagWriter(bag)  # tdnet_ros' own writer refuses labels of another size
+    for rgb, labels, stamp in generate_sequence(3, 2, 64, 32):
+        writer.image("/camera/image_raw", stamp, rgb, "rgb8")
+        writer.image("/camera/labels", stamp, np.ascontiguousarray(labels[::2, ::2]), "mono8")
+    writer.close()
+    assert calibrate.main([str(source), str(tmp_path / "out.pt"), "--bag", str(bag)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tdnet calibrate: {bag}: the label map of /camera/image_raw #0 is 32x16, the frame 64x32"]
+    assert calibrate.main([str(source), str(tmp_path / "out.pt"), "--bag", str(bag), "--label-topic", "/gt"]) == 2
+    assert capsys.readouterr().err.startswith(f"tdnet calibrate: label topic '/gt' is not in recording {bag}")
+    assert not (tmp_path / "out.pt").exists()

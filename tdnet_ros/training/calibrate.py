@@ -8,10 +8,13 @@ k's logits moves those decisions without retraining. The offsets are chosen by c
 ascent on the mean IoU of validation frames, then added to the bias of every sub-network's
 last convolution (the head's, or the detail refinement's where it has one): the calibrated
 checkpoint computes logits + b at no cost at run time.
-The frames are generated sequences (`--seeds`: never training seeds, never held-out ones)
-or the labelled frames of a split of one's own Cityscapes or CamVid tree:
+The frames are generated sequences (`--seeds`: never training seeds, never held-out ones),
+the labelled frames of a split of one's own Cityscapes or CamVid tree, or a recording with a
+label topic (mono8 class ids, matched to camera frames by header stamp, as `tdnet-eval` reads it):
 
     python -m tdnet_ros.training.calibrate my_model.pt my_model_calibrated.pt --cityscapes data/cityscapes --split val
+    python -m tdnet_ros.training.calibrate my_model.pt my_model_calibrated.pt --bag my_labelled_drive.mcap \
+        --image-topic /camera/image_raw --label-topic /camera/labels
 
 A constant offset commutes with bilinear upsampling (its weights sum to one), so the search
 scores exactly the labels the segmenter will produce with the calibrated checkpoint.
@@ -20,6 +23,7 @@ scores exactly the labels the segmenter will produce with the calibrated checkpo
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 
 from tdnet_ros.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
+from tdnet_ros.evaluation.bag import BagError
 from tdnet_ros.metrics import ConfusionCounter, iou_per_class, mean_iou
 from tdnet_ros.model import TDNet
 from tdnet_ros.preprocess import upsample_logits
@@ -67,6 +72,61 @@ def dataset_clips(clips: ClipDataset, max_frames: int) -> Iterator[FrameStream]:
     for index in np.linspace(0, len(clips) - 1, count).round().astype(int):
         frames, labels = clips.load_clip(int(index), None)
         yield ((frame, labels[-1] if j == len(frames) - 1 else None) for j, frame in enumerate(frames))
+
+
+def recorded_sequences(path: str | Path, image_topic: str, label_topic: str, max_frames: int,
+                       max_gap_s: float = 0.5, tolerance_ms: float = 1.0) -> tuple[Iterator[FrameStream], int]:
+    """The camera frames of a recording in order, cut into sequences where `tdnet-eval` resets
+    its cache (a stamp gap above `max_gap_s`, a new frame_id, a frame that cannot be read),
+    with a label map on the frames whose label message is within `tolerance_ms` of their
+    stamp: all of them, or every k-th one where more than `max_frames` are labelled. Returns
+    the sequences and how many labels the recording has.
+
+    Raises BagError (an unreadable recording, a missing topic: named with the topics there are).
+    """
+    from tdnet_ros.evaluation.bag import IMAGE_TYPES, DecodeFailure, Recording
+    from tdnet_ros.evaluation.labels import TopicGroundTruth
+    from tdnet_ros.evaluation.offline import StreamTimeline
+
+    recording = Recording(path)
+    recording.open()
+    try:
+        recording.check_topic(image_topic, "image", IMAGE_TYPES)
+        truth = TopicGroundTruth(recording, label_topic, tolerance_ns=int(tolerance_ms * 1e6))
+    except BaseException:
+        recording.close()
+        raise
+    every = max(1, math.ceil(truth.count / max_frames))
+
+    def numbered_frames() -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """(sequence number, RGB, labels or None) for every usable frame."""
+        timeline, sequence, matched = StreamTimeline(max_gap_s), 0, 0
+        try:
+            for frame in recording.images(image_topic):
+                if isinstance(frame.data, DecodeFailure):
+                    sequence += 1
+                    continue
+                skipped, reset = timeline.check(frame.stamp_ns, frame.frame_id)
+                if skipped or reset:
+                    sequence += 1
+                if skipped:
+                    continue
+                labels = truth.lookup(frame.index, frame.stamp_ns).labels
+                if labels is not None:
+                    if labels.shape != frame.data.shape[:2]:
+                        raise DatasetError(f"{path}: the label map of {image_topic} #{frame.index} is "
+                                           f"{labels.shape[1]}x{labels.shape[0]}, the frame "
+                                           f"{frame.data.shape[1]}x{frame.data.shape[0]}")
+                    matched += 1
+                    if (matched - 1) % every:
+                        labels = None
+                yield sequence, frame.data, labels
+        finally:
+            recording.close()
+
+    sequences = (((rgb, labels) for _, rgb, labels in frames)
+                 for _, frames in itertools.groupby(numbered_frames(), key=lambda item: item[0]))
+    return sequences, truth.count
 
 
 def pixel_step(height: int, width: int, max_pixels: int = MAX_PIXELS) -> int:
@@ -224,6 +284,15 @@ def dataset_data(kind: str, root: str | Path, split: str, model: ModelConfig,
     return dataset_clips(clips, max_frames), record
 
 
+def recorded_data(path: str | Path, image_topic: str, label_topic: str,
+                  max_frames: int) -> tuple[Iterator[FrameStream], dict]:
+    """The labelled frames of a recording (`recorded_sequences`) and how the calibration record names them."""
+    sequences, labelled = recorded_sequences(path, image_topic, label_topic, max_frames)
+    record = {"recording": str(path), "image_topic": image_topic, "label_topic": label_topic,
+              "labelled_frames": labelled}
+    return sequences, record
+
+
 def calibrate_checkpoint(
     source: str | Path, target: str | Path, sequences: Iterable[FrameStream], data: dict[str, Any], *,
     limit: float = LIMIT, content: dict[str, Any] | None = None, model: TDNet | None = None, log=print,
@@ -263,6 +332,8 @@ def _describe(data: dict[str, Any]) -> str:
     if "seeds" in data:
         height, width = data["render_size"]
         return f"seeds {data['seeds']}, {width}x{height}"
+    if "recording" in data:
+        return f"{data['recording']}, {data['image_topic']} labelled by {data['label_topic']}"
     return f"{data['dataset']} {data['root']}, split {data['split']}"
 
 
@@ -276,9 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     data.add_argument("--cityscapes", metavar="ROOT",
                       help="a Cityscapes tree (leftImg8bit_sequence/, gtFine/), as training reads it")
     data.add_argument("--camvid", metavar="ROOT", help="a CamVid tree in the SegNet layout plus sequences/")
+    data.add_argument("--bag", metavar="RECORDING",
+                      help="a rosbag2 (MCAP, sqlite3) or ROS 1 bag with a label topic, as tdnet-eval reads it")
     parser.add_argument("--split", default="val", help="the dataset split to calibrate on (--cityscapes, --camvid)")
+    parser.add_argument("--image-topic", default="/camera/image_raw", help="camera topic (--bag)")
+    parser.add_argument("--label-topic", default="/camera/labels",
+                        help="label topic, mono8 class ids matched by header stamp (--bag)")
     parser.add_argument("--max-frames", type=int, default=200,
-                        help="labelled dataset frames used, evenly spread (--cityscapes, --camvid)")
+                        help="labelled frames used, evenly spread (--cityscapes, --camvid, --bag)")
     parser.add_argument("--frames", type=int, default=40, help="frames per generated sequence")
     parser.add_argument("--width", type=int, default=512, help="render width (default 512, as tdnet-generate)")
     parser.add_argument("--height", type=int, default=256, help="render height (default 256)")
@@ -295,13 +371,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = model_from_checkpoint(content, args.source)
         if args.seeds:
             sequences, record = generated_data(args.seeds, args.frames, args.width, args.height)
+        elif args.bag:
+            sequences, record = recorded_data(args.bag, args.image_topic, args.label_topic, args.max_frames)
         else:
             kind = "cityscapes" if args.cityscapes else "camvid"
             sequences, record = dataset_data(kind, args.cityscapes or args.camvid, args.split, model.config,
                                              args.max_frames)
         calibrate_checkpoint(args.source, args.target, sequences, record, limit=args.limit, content=content,
                              model=model)
-    except (CheckpointError, DatasetError) as error:
+    except (CheckpointError, DatasetError, BagError) as error:
         print(f"tdnet calibrate: {error}", file=sys.stderr)
         return 2
     return 0
