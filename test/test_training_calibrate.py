@@ -237,3 +237,29 @@ def test_a_recording_whose_labels_do_not_fit_or_are_missing_is_one_line(tmp_path
     assert calibrate.main([str(source), str(tmp_path / "out.pt"), "--bag", str(bag), "--label-topic", "/gt"]) == 2
     assert capsys.readouterr().err.startswith(f"tdnet calibrate: label topic '/gt' is not in recording {bag}")
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_calibration_on_a_recording_skips_the_frames_tdnet_eval_skips(tmp_path):
+    # seed 3's frames with a black copy of frame 1 (same stamp) and an unreadable frame after
+    # it: both skipped, the calibration is that of seed 3's frames alone
+    from tdnet_ros.data import generate_sequence
+    from test_evaluation import BagWriter
+
+    torch.manual_seed(0)
+    source = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), tmp_path / "tiny.pt")
+    bag = tmp_path / "drive"
+    writer = BagWriter(bag)
+    for index, (rgb, labels, stamp) in enumerate(generate_sequence(3, 5, 64, 32)):
+        writer.image("/camera/image_raw", stamp, rgb, "rgb8")
+        writer.image("/camera/labels", stamp, labels, "mono8")
+        if index == 1:
+            writer.image("/camera/image_raw", stamp, np.zeros_like(rgb), "rgb8")
+            writer.image("/camera/image_raw", stamp + 1000, rgb, "weird42")
+    writer.close()
+    from_bag, from_seeds = tmp_path / "bag.pt", tmp_path / "seeds.pt"
+    assert calibrate.main([str(source), str(from_bag), "--bag", str(bag), "--threads", "1"]) == 0
+    assert calibrate.main([str(source), str(from_seeds), "--seeds", "3", "--frames", "5", "--width", "64",
+                           "--height", "32", "--threads", "1"]) == 0
+    recorded, generated = read_checkpoint(from_bag)["calibration"], read_checkpoint(from_seeds)["calibration"]
+    assert recorded["val_miou_before"] == pytest.approx(generated["val_miou_before"], abs=1e-6)
+    assert recorded["offsets"] == generated["offsets"]

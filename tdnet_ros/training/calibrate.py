@@ -77,8 +77,8 @@ def dataset_clips(clips: ClipDataset, max_frames: int) -> Iterator[FrameStream]:
 def recorded_sequences(path: str | Path, image_topic: str, label_topic: str, max_frames: int,
                        max_gap_s: float = 0.5, tolerance_ms: float = 1.0) -> tuple[Iterator[FrameStream], int]:
     """The camera frames of a recording in order, cut into sequences where `tdnet-eval` resets
-    its cache (a stamp gap above `max_gap_s`, a new frame_id, a frame that cannot be read),
-    with a label map on the frames whose label message is within `tolerance_ms` of their
+    its cache (a stamp gap above `max_gap_s`, a new frame_id) and without the frames it skips
+    (unreadable, no stamp, a stamp that goes back or repeats), with a label map on the frames whose label message is within `tolerance_ms` of their
     stamp: all of them, or every k-th one where more than `max_frames` are labelled. Returns
     the sequences and how many labels the recording has.
 
@@ -104,13 +104,12 @@ def recorded_sequences(path: str | Path, image_topic: str, label_topic: str, max
         try:
             for frame in recording.images(image_topic):
                 if isinstance(frame.data, DecodeFailure):
-                    sequence += 1
                     continue
                 skipped, reset = timeline.check(frame.stamp_ns, frame.frame_id)
-                if skipped or reset:
-                    sequence += 1
-                if skipped:
+                if skipped:  # no stamp, or one that goes back or repeats
                     continue
+                if reset:
+                    sequence += 1
                 labels = truth.lookup(frame.index, frame.stamp_ns).labels
                 if labels is not None:
                     if labels.shape != frame.data.shape[:2]:
