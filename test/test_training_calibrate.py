@@ -177,7 +177,7 @@ def test_a_dataset_with_other_classes_or_no_tree_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "out.pt").exists()
 
 
-def _recorded_sequences(bag, seeds: tuple[int, ...], frames: int, gap_s: float = 10.0) -> None:
+def _record_sequences(bag, seeds: tuple[int, ...], frames: int, gap_s: float = 10.0) -> None:
     """Writes the generated sequences of `seeds` (64x32) one after the other into one recording,
     each starting `gap_s` after the last one ended."""
     from tdnet_ros.data import generate_sequence, write_rosbag
@@ -191,19 +191,25 @@ def _recorded_sequences(bag, seeds: tuple[int, ...], frames: int, gap_s: float =
     assert write_rosbag(recorded, bag, storage="mcap") == len(recorded)
 
 
+def _calibrations_of(source, bag, seeds: list[str], frames: int, tmp_path) -> tuple[dict, dict]:
+    """The calibration records of `source` on the recording `bag` and on the generated
+    sequences of `seeds` (`frames` each, 64x32)."""
+    from_bag, from_seeds = tmp_path / "bag.pt", tmp_path / "seeds.pt"
+    assert calibrate.main([str(source), str(from_bag), "--bag", str(bag), "--threads", "1"]) == 0
+    assert calibrate.main([str(source), str(from_seeds), "--seeds", *seeds, "--frames", str(frames), "--width", "64",
+                           "--height", "32", "--threads", "1"]) == 0
+    return read_checkpoint(from_bag)["calibration"], read_checkpoint(from_seeds)["calibration"]
+
+
 def test_calibration_on_a_recording_matches_the_generated_sequences_it_holds(tmp_path, capsys):
     # Two sequences in one recording, 10 s apart: the cache must be reset at the gap, as
     # generated_sequences resets it between seeds, for the logits (and so the offsets) to agree.
     torch.manual_seed(0)
     source = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), tmp_path / "tiny.pt")
     bag = tmp_path / "drive"
-    _recorded_sequences(bag, (3, 5), frames=5)
-    from_bag, from_seeds = tmp_path / "bag.pt", tmp_path / "seeds.pt"
-    assert calibrate.main([str(source), str(from_bag), "--bag", str(bag), "--threads", "1"]) == 0
+    _record_sequences(bag, (3, 5), frames=5)
+    recorded, generated = _calibrations_of(source, bag, ["3", "5"], 5, tmp_path)
     assert f"over 10 frames ({bag}, /camera/image_raw labelled by /camera/labels)" in capsys.readouterr().out
-    assert calibrate.main([str(source), str(from_seeds), "--seeds", "3", "5", "--frames", "5", "--width", "64",
-                           "--height", "32", "--threads", "1"]) == 0
-    recorded, generated = read_checkpoint(from_bag)["calibration"], read_checkpoint(from_seeds)["calibration"]
     assert (recorded["recording"], recorded["label_topic"], recorded["labelled_frames"]) == (
         str(bag), "/camera/labels", 10)
     assert recorded["val_miou_before"] == pytest.approx(generated["val_miou_before"], abs=1e-6)
@@ -214,7 +220,7 @@ def test_calibration_on_a_recording_spreads_max_frames_over_its_labels(tmp_path,
     torch.manual_seed(0)
     source = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), tmp_path / "tiny.pt")
     bag = tmp_path / "drive"
-    _recorded_sequences(bag, (3,), frames=8)
+    _record_sequences(bag, (3,), frames=8)
     assert calibrate.main([str(source), str(tmp_path / "out.pt"), "--bag", str(bag), "--max-frames", "3",
                            "--threads", "1"]) == 0
     assert "over 3 frames" in capsys.readouterr().out  # labels 0, 3 and 6 of 8
@@ -256,10 +262,6 @@ def test_calibration_on_a_recording_skips_the_frames_tdnet_eval_skips(tmp_path):
             writer.image("/camera/image_raw", stamp, np.zeros_like(rgb), "rgb8")
             writer.image("/camera/image_raw", stamp + 1000, rgb, "weird42")
     writer.close()
-    from_bag, from_seeds = tmp_path / "bag.pt", tmp_path / "seeds.pt"
-    assert calibrate.main([str(source), str(from_bag), "--bag", str(bag), "--threads", "1"]) == 0
-    assert calibrate.main([str(source), str(from_seeds), "--seeds", "3", "--frames", "5", "--width", "64",
-                           "--height", "32", "--threads", "1"]) == 0
-    recorded, generated = read_checkpoint(from_bag)["calibration"], read_checkpoint(from_seeds)["calibration"]
+    recorded, generated = _calibrations_of(source, bag, ["3"], 5, tmp_path)
     assert recorded["val_miou_before"] == pytest.approx(generated["val_miou_before"], abs=1e-6)
     assert recorded["offsets"] == generated["offsets"]

@@ -56,11 +56,15 @@ def _frame_count(text: str) -> int:
     return value
 
 
-def _fps(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _fps(text: str) -> float:
+    value = _number(text)
     low, high = FPS_RANGE
     if not low <= value <= high:  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"must be within {low:g}..{high:g} frames per second, got {text}")
@@ -68,10 +72,7 @@ def _fps(text: str) -> float:
 
 
 def _rare_object_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if problem := rare_object_rate_problem(value):
         raise argparse.ArgumentTypeError(problem)
     return value

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -1112,10 +1113,7 @@ class StreetScene:
 
     def bodies_per_class(self) -> dict[int, int]:
         """How many bodies of each train id the blocks built so far hold (`render` builds them)."""
-        counts: dict[int, int] = {}
-        for train_id in self._class_of_body.values():
-            counts[train_id] = counts.get(train_id, 0) + 1
-        return counts
+        return dict(Counter(self._class_of_body.values()))
 
     def render(self, frame: int) -> Frame:
         """Render frame ``frame`` (frames must be rendered in increasing order for streaming to be cheap)."""

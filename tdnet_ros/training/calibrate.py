@@ -74,60 +74,6 @@ def dataset_clips(clips: ClipDataset, max_frames: int) -> Iterator[FrameStream]:
         yield ((frame, labels[-1] if j == len(frames) - 1 else None) for j, frame in enumerate(frames))
 
 
-def recorded_sequences(path: str | Path, image_topic: str, label_topic: str, max_frames: int,
-                       max_gap_s: float = 0.5, tolerance_ms: float = 1.0) -> tuple[Iterator[FrameStream], int]:
-    """The camera frames of a recording in order, cut into sequences where `tdnet-eval` resets
-    its cache (a stamp gap above `max_gap_s`, a new frame_id) and without the frames it skips
-    (unreadable, no stamp, a stamp that goes back or repeats), with a label map on the frames whose label message is within `tolerance_ms` of their
-    stamp: all of them, or every k-th one where more than `max_frames` are labelled. Returns
-    the sequences and how many labels the recording has.
-
-    Raises BagError (an unreadable recording, a missing topic: named with the topics there are).
-    """
-    from tdnet_ros.evaluation.bag import IMAGE_TYPES, DecodeFailure, Recording
-    from tdnet_ros.evaluation.labels import TopicGroundTruth
-    from tdnet_ros.evaluation.offline import StreamTimeline
-
-    recording = Recording(path)
-    recording.open()
-    try:
-        recording.check_topic(image_topic, "image", IMAGE_TYPES)
-        truth = TopicGroundTruth(recording, label_topic, tolerance_ns=int(tolerance_ms * 1e6))
-    except BaseException:
-        recording.close()
-        raise
-    every = max(1, math.ceil(truth.count / max_frames))
-
-    def numbered_frames() -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        """(sequence number, RGB, labels or None) for every usable frame."""
-        timeline, sequence, matched = StreamTimeline(max_gap_s), 0, 0
-        try:
-            for frame in recording.images(image_topic):
-                if isinstance(frame.data, DecodeFailure):
-                    continue
-                skipped, reset = timeline.check(frame.stamp_ns, frame.frame_id)
-                if skipped:  # no stamp, or one that goes back or repeats
-                    continue
-                if reset:
-                    sequence += 1
-                labels = truth.lookup(frame.index, frame.stamp_ns).labels
-                if labels is not None:
-                    if labels.shape != frame.data.shape[:2]:
-                        raise DatasetError(f"{path}: the label map of {image_topic} #{frame.index} is "
-                                           f"{labels.shape[1]}x{labels.shape[0]}, the frame "
-                                           f"{frame.data.shape[1]}x{frame.data.shape[0]}")
-                    matched += 1
-                    if (matched - 1) % every:
-                        labels = None
-                yield sequence, frame.data, labels
-        finally:
-            recording.close()
-
-    sequences = (((rgb, labels) for _, rgb, labels in frames)
-                 for _, frames in itertools.groupby(numbered_frames(), key=lambda item: item[0]))
-    return sequences, truth.count
-
-
 def pixel_step(height: int, width: int, max_pixels: int = MAX_PIXELS) -> int:
     """The smallest s for which one pixel in each s x s block of the frame leaves at most `max_pixels`."""
     step = 1
@@ -283,12 +229,61 @@ def dataset_data(kind: str, root: str | Path, split: str, model: ModelConfig,
     return dataset_clips(clips, max_frames), record
 
 
-def recorded_data(path: str | Path, image_topic: str, label_topic: str,
-                  max_frames: int) -> tuple[Iterator[FrameStream], dict]:
-    """The labelled frames of a recording (`recorded_sequences`) and how the calibration record names them."""
-    sequences, labelled = recorded_sequences(path, image_topic, label_topic, max_frames)
+def recorded_data(path: str | Path, image_topic: str, label_topic: str, max_frames: int, max_gap_s: float = 0.5,
+                  tolerance_ms: float = 1.0) -> tuple[Iterator[FrameStream], dict]:
+    """The camera frames of a recording in order and how the calibration record names them.
+
+    The frames are cut into sequences where `tdnet-eval` resets its cache (a stamp gap above
+    `max_gap_s`, a new frame_id), and the frames it skips (unreadable, no stamp, a stamp that
+    goes back or repeats) are left out. Frames whose label message is within `tolerance_ms`
+    of their stamp carry its label map: all of them, or every k-th one where more than
+    `max_frames` are labelled.
+
+    Raises BagError (an unreadable recording, a missing topic: named with the topics there are).
+    """
+    from tdnet_ros.evaluation.bag import IMAGE_TYPES, DecodeFailure, Recording
+    from tdnet_ros.evaluation.labels import TopicGroundTruth
+    from tdnet_ros.evaluation.offline import StreamTimeline
+
+    recording = Recording(path)
+    recording.open()
+    try:
+        recording.check_topic(image_topic, "image", IMAGE_TYPES)
+        truth = TopicGroundTruth(recording, label_topic, tolerance_ns=int(tolerance_ms * 1e6))
+    except BaseException:
+        recording.close()
+        raise
+    every = max(1, math.ceil(truth.count / max_frames))
+
+    def numbered_frames() -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """(sequence number, RGB, labels or None) for every usable frame; closes the recording."""
+        timeline, sequence, matched = StreamTimeline(max_gap_s), 0, 0
+        try:
+            for frame in recording.images(image_topic):
+                if isinstance(frame.data, DecodeFailure):
+                    continue
+                skipped, reset = timeline.check(frame.stamp_ns, frame.frame_id)
+                if skipped:  # no stamp, or one that goes back or repeats
+                    continue
+                if reset:
+                    sequence += 1
+                labels = truth.lookup(frame.index, frame.stamp_ns).labels
+                if labels is not None:
+                    if labels.shape != frame.data.shape[:2]:
+                        raise DatasetError(f"{path}: the label map of {image_topic} #{frame.index} is "
+                                           f"{labels.shape[1]}x{labels.shape[0]}, the frame "
+                                           f"{frame.data.shape[1]}x{frame.data.shape[0]}")
+                    matched += 1
+                    if (matched - 1) % every:
+                        labels = None
+                yield sequence, frame.data, labels
+        finally:
+            recording.close()
+
+    sequences = (((rgb, labels) for _, rgb, labels in frames)
+                 for _, frames in itertools.groupby(numbered_frames(), key=lambda item: item[0]))
     record = {"recording": str(path), "image_topic": image_topic, "label_topic": label_topic,
-              "labelled_frames": labelled}
+              "labelled_frames": truth.count}
     return sequences, record
 
 
