@@ -29,6 +29,8 @@ class ModelConfig:
     # Hidden channels of the stride-4 detail refinement (model.DetailRefinement), which corrects
     # the head's stride-8 logits from layer1's features; 0 (the published model): none.
     detail_channels: int = 0
+    # 3x3 layers of that refinement: the first fuses, the rest are residual blocks (1: none)
+    detail_depth: int = 1
     num_classes: int = 19
     input_size: tuple[int, int] = (769, 1537)  # (height, width) the model was trained at
     # How the stride-8 logits are upsampled to the input size: as the model was trained.
@@ -120,6 +122,7 @@ _INT_RANGES = {
     "pyramid_groups": (1, 64),
     "cache_stride": (1, 64),
     "detail_channels": (0, 4096),
+    "detail_depth": (1, 16),
     "num_classes": (1, 65535),  # label images are mono16 above 255 classes
 }
 

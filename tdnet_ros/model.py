@@ -234,21 +234,24 @@ class Head(nn.Sequential):
 
 class DetailRefinement(nn.Module):
     """Stride-4 logits: the head's stride-8 logits upsampled 2x plus a correction computed from
-    them and layer1's stride-4 features (3x3 conv + BN + ReLU + 1x1 conv).
+    them and layer1's stride-4 features (3x3 conv + BN + ReLU, `depth - 1` residual blocks,
+    1x1 conv).
 
     Thin classes (poles, people, fences, riders) are narrower than a stride-8 cell, so no
     stride-8 output can draw them (`heldout --ceiling`); layer1 still resolves them. The
     correction's last conv starts at zero, so a refinement added to a trained model leaves
-    what it computes unchanged until training moves it.
+    what it computes unchanged until training moves it; likewise each residual block starts
+    as the identity, so blocks added to a trained refinement leave it unchanged.
     """
 
-    def __init__(self, low_channels: int, hidden: int, num_classes: int) -> None:
+    def __init__(self, low_channels: int, hidden: int, num_classes: int, depth: int = 1) -> None:
         super().__init__()
         self.fuse = nn.Sequential(
             nn.Conv2d(low_channels + num_classes, hidden, 3, padding=1, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
         )
+        self.blocks = nn.Sequential(*(DetailBlock(hidden) for _ in range(depth - 1)))
         self.classifier = nn.Conv2d(hidden, num_classes, 1)
 
     def start_at_zero(self) -> None:
@@ -258,7 +261,22 @@ class DetailRefinement(nn.Module):
     def forward(self, logits: torch.Tensor, layer1: torch.Tensor, align_corners: bool) -> torch.Tensor:
         coarse = F.interpolate(logits, size=layer1.shape[-2:], mode="bilinear",
                                align_corners=align_corners)  # (B, K, h, w) -> (B, K, 2h, 2w)
-        return coarse + self.classifier(self.fuse(torch.cat([layer1, coarse], dim=1)))
+        return coarse + self.classifier(self.blocks(self.fuse(torch.cat([layer1, coarse], dim=1))))
+
+
+class DetailBlock(nn.Module):
+    """x -> relu(x + BN(3x3 conv at dilation 2 of x)): widens the refinement's view by 4 cells
+    (16 input pixels) a block. The BN scale starts at zero, so a new block is the identity on
+    the (non-negative) features it follows."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=2, dilation=2, bias=False)
+        self.norm = nn.BatchNorm2d(channels)
+        nn.init.zeros_(self.norm.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.norm(self.conv(x)))
 
 
 class SubNetwork(nn.Module):
@@ -276,7 +294,8 @@ class SubNetwork(nn.Module):
         self.layer_norm = LayerNorm2d(config.feature_size)
         self.head = Head(config.value_channels, config.head_reduction, config.num_classes)
         self.detail = (
-            DetailRefinement(config.base_width * config.expansion, config.detail_channels, config.num_classes)
+            DetailRefinement(config.base_width * config.expansion, config.detail_channels, config.num_classes,
+                             config.detail_depth)
             if config.detail_channels else None
         )
 

@@ -255,13 +255,17 @@ def test_onnx_float16_export_keeps_attention_in_float32(tmp_path):
 # -- artefact keys and the build command --------------------------------------------------
 
 
-def test_onnx_step_of_a_model_with_the_detail_refinement_matches_eager(tmp_path):
+@pytest.mark.parametrize("depth", [1, 3])
+def test_onnx_step_of_a_model_with_the_detail_refinement_matches_eager(tmp_path, depth):
     """The stride-4 refinement (odd input size, so layer1 is not twice the stride-8 map's
-    size exactly) exports into the step and returns its stride-4 logits."""
+    size exactly), with and without residual blocks, exports into the step and returns its
+    stride-4 logits."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8))
+    model = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8, detail_depth=depth))
     for path in model.paths:
         torch.nn.init.normal_(path.detail.classifier.weight, std=0.1)  # not the zero start
+        for block in path.detail.blocks:
+            torch.nn.init.normal_(block.norm.weight, std=0.5)  # nor the identity start
     segmenter = Segmenter(model, input_size=(129, 257))
     file = export_step(segmenter.model, 2, True, (129, 257), tmp_path / "path2_warm.onnx")
     inputs = example_inputs(segmenter.model, (129, 257), True, seed=4)

@@ -193,6 +193,29 @@ def test_detail_refinement_starts_at_the_upsampled_logits_and_then_refines_them(
         assert (refined.step(x, 1, None).logits - expected).abs().max() > 1e-2
 
 
+def test_deeper_refinement_starts_as_the_shallower_one_and_round_trips(tmp_path):
+    """Residual blocks added to a refinement (detail_depth) start as the identity: with the
+    shallower model's weights the deeper one computes the same logits. Once a block's scale is
+    trained away from zero they differ, and such a model survives a checkpoint unchanged."""
+    torch.manual_seed(0)
+    shallow = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8))
+    for path in shallow.paths:
+        torch.nn.init.normal_(path.detail.classifier.weight, std=0.1)
+    deep = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8, detail_depth=3))
+    deep.load_state_dict({**deep.state_dict(), **shallow.state_dict()})
+    x = torch.randn(1, 3, 128, 256)
+    with torch.no_grad():
+        expected = shallow.step(x, 2, None).logits
+        torch.testing.assert_close(deep.step(x, 2, None).logits, expected, rtol=0, atol=1e-6)
+        torch.nn.init.normal_(deep.paths[2].detail.blocks[1].norm.weight, std=1.0)
+        assert (deep.step(x, 2, None).logits - expected).abs().max() > 1e-2
+    path = save_checkpoint(deep, tmp_path / "deep.pt")
+    frame = random_frames(1)[0]
+    segmenter = Segmenter.from_checkpoint(path)
+    assert segmenter.config.detail_depth == 3
+    assert np.array_equal(segmenter.segment(frame).labels, Segmenter(deep).segment(frame).labels)
+
+
 def test_class_offsets_fold_into_the_detail_refinement(tmp_path):
     """Calibration's offsets shift a refined model's output logits by exactly the offsets, and
     such a checkpoint segments frames at their own size through the segmenter."""

@@ -256,6 +256,25 @@ def test_init_checkpoint_without_the_detail_refinement_starts_a_refined_student_
     assert read_checkpoint(refined.checkpoint)["config"]["detail_channels"] == 8
 
 
+def test_init_checkpoint_with_a_shallower_refinement_adds_identity_blocks(tmp_path, cache_dir, capsys):
+    """A run with model_overrides.detail_depth above the checkpoint's loads its refinement
+    unchanged; the new residual blocks start as the identity (their BN scale at zero)."""
+    refined = {"detail_channels": 8, "name": "td4-tiny-s4"}
+    shallow = train(tiny(tmp_path / "shallow", cache_dir, model_overrides=refined))
+    stored = read_checkpoint(shallow.checkpoint)["state_dict"]
+    deep = train(tiny(tmp_path / "deep", cache_dir, optim={"iterations": 1, "lr": 0.0, "weight_decay": 0.0},
+                      run={"init_checkpoint": str(shallow.checkpoint)},
+                      model_overrides={**refined, "detail_depth": 3, "name": "td4-tiny-s4d3"}))
+    assert "has a detail refinement of depth 1; the student's 2 more blocks start as the identity" in \
+        capsys.readouterr().out
+    parameters = dict(deep.model.named_parameters())
+    for key, value in stored.items():
+        if key in parameters:
+            torch.testing.assert_close(parameters[key].detach(), value, rtol=0, atol=0, msg=key)
+    assert all(not parameters[f"paths.{i}.detail.blocks.{b}.norm.weight"].any() for i in range(4) for b in range(2))
+    assert read_checkpoint(deep.checkpoint)["config"]["detail_depth"] == 3
+
+
 def test_detail_lr_scale_multiplies_only_the_refinements_step(tmp_path, cache_dir):
     """One SGD step from the same weights on the same data: the refinement's parameters move
     10x as far with optim.detail_lr_scale 10, every other parameter exactly as far."""

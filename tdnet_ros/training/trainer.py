@@ -374,10 +374,16 @@ def _load_initial_student(student: TDNet, path: str, seed: int) -> None:
         except ValueError as error:
             raise CheckpointError(f"run.init_checkpoint {path} cannot be widened to {target.name!r}: {error}") from None
         print(f"run.init_checkpoint: {path} widened from base_width {stored.base_width} to {target.base_width}")
-    if target.detail_channels and (stored is None or not stored.detail_channels):
-        # The new refinement keeps its zero start: the student computes what the checkpoint does.
-        state = {**{k: v for k, v in student.state_dict().items() if ".detail." in k}, **state}
-        print(f"run.init_checkpoint: {path} has no detail refinement; the student's starts at zero")
+    # A refinement, or refinement blocks, the checkpoint lacks keep their start (a zero
+    # correction, identity blocks): the student computes what the checkpoint does.
+    new_detail = {k: v for k, v in student.state_dict().items() if ".detail." in k and k not in state}
+    if new_detail:
+        state = {**new_detail, **state}
+        if stored is None or not stored.detail_channels:
+            print(f"run.init_checkpoint: {path} has no detail refinement; the student's starts at zero")
+        else:
+            print(f"run.init_checkpoint: {path} has a detail refinement of depth {stored.detail_depth}; "
+                  f"the student's {target.detail_depth - stored.detail_depth} more blocks start as the identity")
     load_into(student, fit_layer_norms(state, student), path)
 
 
