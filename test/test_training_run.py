@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from tdnet_ros.checkpoint import read_checkpoint
+from tdnet_ros.checkpoint import read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
 from tdnet_ros.data import generate_sequence
+from tdnet_ros.model import build_model
 from tdnet_ros.segmenter import Segmenter
 from tdnet_ros.cli.train import main as train_cli
 from tdnet_ros.training.config import ConfigError, TrainConfig, from_dict, load_config
@@ -355,8 +357,8 @@ def test_bundled_default_model_matches_its_hash():
     assert path.stat().st_size <= 20 * 1024 * 1024
     assert (models / "default.pt.sha256").read_text().split()[0] == file_sha256(path)
     segmenter = Segmenter.default()
-    assert segmenter.config.name == "td4-r18-narrow-s4" and segmenter.config.input_size == (512, 1024)
-    assert segmenter.config.detail_channels == 32
+    assert segmenter.config.name == "td4-r18-narrow" and segmenter.config.input_size == (512, 1024)
+    assert segmenter.config.detail_channels == 0  # dropped in sitting 41 (README)
 
 
 def test_the_stride_8_ceiling_loses_objects_narrower_than_a_cell_and_keeps_wide_ones():
@@ -424,3 +426,41 @@ def test_held_out_scoring_stops_quietly_when_its_reader_closes_the_pipe(tmp_path
         os.close(write_end)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert json.loads(json_path.read_text())["frames"] == 1
+
+
+def test_export_without_detail_keeps_the_stride8_logits_and_the_offsets(tmp_path):
+    """--without-detail drops the stride-4 refinement: the exported model's stride-8 logits,
+    upsampled 2x as the refinement upsamples them, equal the refined model's output with the
+    layer1-dependent part of its correction switched off (its last conv's kernel zeroed, so
+    only its bias, here holding calibration offsets, is left)."""
+    from tdnet_ros.training.calibrate import fold_offsets
+    from tdnet_ros.training.export import main as export_main
+
+    torch.manual_seed(0)
+    refined = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8, detail_depth=2))
+    for path in refined.paths:
+        torch.nn.init.normal_(path.detail.classifier.weight, std=0.1)
+        torch.nn.init.normal_(path.detail.blocks[0].norm.weight, std=0.5)
+    fold_offsets(refined, torch.linspace(-1.0, 1.0, refined.config.num_classes))
+    source = save_checkpoint(refined, tmp_path / "refined.pt")
+    assert export_main([str(source), str(tmp_path / "plain.pt"), "--without-detail", "td4-tiny-plain"]) == 0
+    plain = Segmenter.from_checkpoint(tmp_path / "plain.pt").model
+    assert plain.config.detail_channels == 0 and plain.config.name == "td4-tiny-plain"
+    for path in refined.paths:
+        torch.nn.init.zeros_(path.detail.classifier.weight)
+    x = torch.randn(1, 3, 128, 256)
+    with torch.no_grad():
+        for index in range(refined.config.num_paths):
+            coarse = plain.step(x, index, None).logits  # (1, K, 16, 32)
+            expected = refined.step(x, index, None).logits  # (1, K, 32, 64)
+            got = F.interpolate(coarse, size=expected.shape[-2:], mode="bilinear", align_corners=False)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_export_without_detail_of_a_model_without_one_is_one_line(tmp_path, capsys):
+    from tdnet_ros.training.export import main as export_main
+
+    source = save_checkpoint(build_model(ModelConfig.from_name("td4-tiny")), tmp_path / "plain.pt")
+    assert export_main([str(source), str(tmp_path / "out.pt"), "--without-detail", "x"]) == 2
+    assert capsys.readouterr().err.strip() == f"export: {source} has no detail refinement to drop"
+    assert not (tmp_path / "out.pt").exists()

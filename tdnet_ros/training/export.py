@@ -3,30 +3,54 @@ configuration only (no optimizer), written atomically, with its SHA-256 next to 
 
     python -m tdnet_ros.training.export outputs/train_default/model.pt tdnet_ros/models/default.pt
     python -m tdnet_ros.training.export outputs/train_wide/model.pt tdnet_ros/models/default.pt --float16-kernels
+    python -m tdnet_ros.training.export outputs/detail/model_cal16.pt tdnet_ros/models/default.pt --without-detail
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tdnet_ros.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
+from tdnet_ros.model import TDNet, build_model
 
 # the provenance a shipped checkpoint keeps (calibrate keeps the same)
 KEEP = ("train_config", "val_miou", "iteration", "calibration", "averaged_from")
 
 
-def export(source: str | Path, target: str | Path, *, float16_kernels: bool = False, **extra) -> str:
+def without_detail(model: TDNet, name: str) -> TDNet:
+    """The model less its stride-4 detail refinement, as variant `name`: it outputs the head's
+    stride-8 logits plus the refinement's constant part, its last conv's bias (which holds any
+    calibration offsets), folded into the head's last conv. What is lost is the correction
+    computed from layer1, and the 2x bilinear step before the segmenter's own upsampling."""
+    plain = build_model(dataclasses.replace(model.config, detail_channels=0, detail_depth=1, name=name))
+    state = {k: v for k, v in model.state_dict().items() if ".detail." not in k}
+    for i, path in enumerate(model.paths):
+        head_bias = f"paths.{i}.head.{len(path.head) - 1}.bias"
+        state[head_bias] = state[head_bias] + path.detail.classifier.bias.detach()
+    plain.load_state_dict(state, strict=True)
+    return plain
+
+
+def export(source: str | Path, target: str | Path, *, float16_kernels: bool = False,
+           without_detail_as: str | None = None, **extra) -> str:
     """Writes `target` (loadable by Segmenter.from_checkpoint) and `<target>.sha256`; returns the hash.
 
     float16_kernels: store the convolution kernels (nearly all of the weights) in float16,
     which halves the file; loading casts them back to the model's float32. BatchNorm,
     LayerNorm and bias tensors stay float32 (running variances can be too small for float16).
+    without_detail_as: drop the stride-4 detail refinement (see without_detail) and name the
+    variant so.
     """
     content = read_checkpoint(source)
     model = load_model(source)
+    if without_detail_as is not None:
+        if not model.config.detail_channels:
+            raise ValueError(f"{source} has no detail refinement to drop")
+        model = without_detail(model, without_detail_as)
     kept = {k: content[k] for k in KEEP if k in content}
     state = model.state_dict()
     if float16_kernels:
@@ -43,8 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("target", help="file to write, e.g. tdnet_ros/models/default.pt")
     parser.add_argument("--float16-kernels", action="store_true",
                         help="store the convolution kernels in float16 (half the size; loaded back as float32)")
+    parser.add_argument("--without-detail", metavar="NAME",
+                        help="drop the stride-4 detail refinement (stride-8 output), naming the variant NAME")
     args = parser.parse_args(argv)
-    digest = export(args.source, args.target, float16_kernels=args.float16_kernels)
+    try:
+        digest = export(args.source, args.target, float16_kernels=args.float16_kernels,
+                        without_detail_as=args.without_detail)
+    except ValueError as error:
+        print(f"export: {error}", file=sys.stderr)
+        return 2
     size = Path(args.target).stat().st_size
     print(f"{args.target}: {size / 1e6:.2f} MB, sha256 {digest}")
     return 0
