@@ -162,8 +162,8 @@ VARIANTS: dict[str, ModelConfig] = {
         value_channels=512,
         head_reduction=2,
     ),
-    # Narrow TD4 (ResNet-18 layout at 1/4 width). The bundled default model is this variant
-    # plus the stride-4 detail refinement (detail_channels=32, named td4-r18-narrow-s4).
+    # Narrow TD4 (ResNet-18 layout at 1/4 width): the bundled default model's architecture,
+    # at a 1024x512 input.
     "td4-r18-narrow": ModelConfig(
         name="td4-r18-narrow",
         base_width=16,
