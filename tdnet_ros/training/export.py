@@ -3,7 +3,7 @@ configuration only (no optimizer), written atomically, with its SHA-256 next to 
 
     python -m tdnet_ros.training.export outputs/train_default/model.pt tdnet_ros/models/default.pt
     python -m tdnet_ros.training.export outputs/train_wide/model.pt tdnet_ros/models/default.pt --float16-kernels
-    python -m tdnet_ros.training.export outputs/detail/model_cal16.pt tdnet_ros/models/default.pt --without-detail td4-r18-narrow
+    python -m tdnet_ros.training.export outputs/detail/model.pt outputs/plain.pt --without-detail td4-r18-narrow
 """
 
 from __future__ import annotations
