@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from tdnet_ros.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
 from tdnet_ros.model import TDNet, build_model
 
@@ -27,11 +29,10 @@ def without_detail(model: TDNet, name: str) -> TDNet:
     calibration offsets), folded into the head's last conv. What is lost is the correction
     computed from layer1, and the 2x bilinear step before the segmenter's own upsampling."""
     plain = build_model(dataclasses.replace(model.config, detail_channels=0, detail_depth=1, name=name))
-    state = {k: v for k, v in model.state_dict().items() if ".detail." not in k}
-    for i, path in enumerate(model.paths):
-        head_bias = f"paths.{i}.head.{len(path.head) - 1}.bias"
-        state[head_bias] = state[head_bias] + path.detail.classifier.bias.detach()
-    plain.load_state_dict(state, strict=True)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".detail." not in k}, strict=True)
+    with torch.no_grad():
+        for refined, stride8 in zip(model.paths, plain.paths):
+            stride8.classifier.bias.add_(refined.detail.classifier.bias)  # the head's last conv here
     return plain
 
 
