@@ -355,7 +355,10 @@ def test_bundled_default_model_matches_its_hash():
     models = Path(__file__).parents[1] / "tdnet_ros/models"
     path = models / "default.pt"
     assert path.stat().st_size <= 20 * 1024 * 1024
-    assert (models / "default.pt.sha256").read_text().split()[0] == file_sha256(path)
+    digest = file_sha256(path)
+    assert (models / "default.pt.sha256").read_text().split()[0] == digest
+    # the README's section on the bundled model quotes the digest in full
+    assert f"`{digest}`" in (Path(__file__).parents[1] / "README.md").read_text()
     segmenter = Segmenter.default()
     assert segmenter.config.name == "td4-r18-narrow" and segmenter.config.input_size == (512, 1024)
     assert segmenter.config.detail_channels == 0  # dropped in sitting 41 (README)
