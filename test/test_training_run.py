@@ -265,6 +265,19 @@ def test_export_and_held_out_scoring(tmp_path, cache_dir):
     assert abs(sum(scores["pixel_share"].values()) - 1.0) < 1e-9
     assert all(0.0 < f <= 1.0 for others in scores["confused_with"].values() for f in others.values())
 
+    # each frame four times (a still scene for td4): against the segmenter run by hand
+    from tdnet_ros.metrics import SegmentationScores
+
+    segmenter, still = Segmenter.from_checkpoint(str(tmp_path / "shipped.pt")), SegmentationScores(19)
+    paths = []
+    for frame in generate_sequence(5, 3, width=128, height=64):
+        results = [segmenter.segment(frame.rgb) for _ in range(4)]
+        paths.append([r.path for r in results])
+        still.update(results[-1].labels.astype(np.int64), frame.labels.astype(np.int64))
+    assert paths == [[0, 1, 2, 3]] * 3  # every sub-network has seen the frame by its last run
+    repeated = evaluate([5], 3, checkpoint=str(tmp_path / "shipped.pt"), width=128, height=64, repeat=4)
+    assert repeated["repeat"] == 4 and repeated["miou"] == pytest.approx(still.mean_iou, abs=1e-12)
+
 
 def test_export_with_float16_kernels_halves_the_file_and_segments_alike(tmp_path, cache_dir):
     from tdnet_ros.training.export import main as export_main
@@ -411,6 +424,12 @@ def test_held_out_scoring_refuses_a_bad_input_size(capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert "--input-size" in err and "'wide'" in err and "Traceback" not in err
+    for wrong in (["--checkpoint", "x.pt", "--repeat", "0"], ["--ceiling", "64x128", "--repeat", "4"]):
+        with pytest.raises(SystemExit) as stopped:
+            heldout_main([*wrong, "--seeds", "2001"])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert "--repeat must be at least 1, and above 1 only with --checkpoint" in err and "Traceback" not in err
 
 
 def test_held_out_scoring_stops_quietly_when_its_reader_closes_the_pipe(tmp_path):

@@ -55,7 +55,7 @@ def ideal_logits(labels: np.ndarray, input_size: tuple[int, int], num_classes: i
 def evaluate(
     seeds: Sequence[int], frames: int, *, checkpoint: str | None = None, teacher: str | None = None,
     ceiling: tuple[int, int] | None = None, ceiling_align_corners: bool = False, ceiling_stride: int = 8,
-    width: int = 512, height: int = 256, input_size: InputSize = None,
+    width: int = 512, height: int = 256, input_size: InputSize = None, repeat: int = 1,
 ) -> dict:
     """Scores a student checkpoint (or a teacher, or the ideal output of stride `ceiling_stride`
     at input size `ceiling`, its logits upsampled with `ceiling_align_corners`) on the
@@ -63,17 +63,27 @@ def evaluate(
 
     `width` x `height` is the render size; a student runs at `input_size` (None: its
     checkpoint's training size, as the node does) and is scored at the render size.
+
+    `repeat` > 1 (students only) gives the student each frame that many times in a row and
+    scores its last output. From as many repeats as it has sub-networks on, every cached
+    frame is the current one: what the model scores on a still scene, so the difference to
+    `repeat=1` is what motion between the cached frames costs. The latency counts all the
+    runs of a frame.
     """
     from tdnet_ros.data import generate_sequence
     from tdnet_ros.segmenter import Segmenter
 
     if sum(x is not None for x in (checkpoint, teacher, ceiling)) != 1:
         raise ValueError("give exactly one of checkpoint, teacher and ceiling")
+    if repeat < 1 or (repeat > 1 and checkpoint is None):
+        raise ValueError("repeat must be at least 1, and above 1 only for a student checkpoint")
     if checkpoint is not None:
         segmenter = Segmenter.from_checkpoint(checkpoint, input_size=input_size)
         num_classes = segmenter.num_classes
 
         def run(frame) -> np.ndarray:
+            for _ in range(repeat - 1):
+                segmenter.segment(frame.rgb)
             return segmenter.segment(frame.rgb).labels
     elif teacher is not None:
         net = load_teacher(teacher)
@@ -111,6 +121,7 @@ def evaluate(
         "input_size": (list(segmenter.model_input_size((height, width))) if checkpoint is not None
                        else list(ceiling or (height, width))),
         "frames": scores.frames,
+        "repeat": repeat,
         "miou": scores.mean_iou,
         "pixel_accuracy": scores.pixel_accuracy,
         "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(names, scores.iou)},
@@ -165,11 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input-size", type=input_size_argument, default=None, metavar="HxW|frame",
                         help="student's input size (default: its checkpoint's training size, as in the node)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="with --checkpoint: give each frame N times in a row and score the last output "
+                             "(N >= the sub-networks: the model on a still scene; default 1)")
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--compare-precision", choices=("bfloat16", "float16"),
                         help="instead: this precision's labels against float32 on the first seed, and both latencies")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.repeat < 1 or (args.repeat > 1 and not args.checkpoint):
+        parser.error("--repeat must be at least 1, and above 1 only with --checkpoint")
     if args.compare_precision:
         if not args.checkpoint:
             parser.error("--compare-precision needs --checkpoint")
@@ -180,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate(args.seeds, args.frames, checkpoint=args.checkpoint, teacher=args.teacher,
                       ceiling=args.ceiling, ceiling_align_corners=args.ceiling_align_corners,
                       ceiling_stride=args.ceiling_stride,
-                      width=args.width, height=args.height, input_size=args.input_size)
+                      width=args.width, height=args.height, input_size=args.input_size, repeat=args.repeat)
     if args.json:  # before printing: a reader that stops early (`| head`) still gets the file
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -198,6 +214,7 @@ def _print_result(result: dict, args: argparse.Namespace) -> None:
     print(f"{result['model']}: mIoU {100 * result['miou']:.1f} over {result['frames']} frames "
           f"(seeds {result['seeds']}, {args.width}x{args.height} renders, input {input_height}x{input_width}), "
           f"pixel accuracy {100 * result['pixel_accuracy']:.1f}"
+          + (f", each frame given {result['repeat']} times" if result["repeat"] > 1 else "")
           + ("" if args.ceiling else
              f", median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)"))
     print(f"  {'class':14s} {'IoU':>5s} {'pixels':>7s}  ground-truth pixels mostly predicted as")
