@@ -31,6 +31,9 @@ class ModelConfig:
     detail_channels: int = 0
     # 3x3 layers of that refinement: the first fuses, the rest are residual blocks (1: none)
     detail_depth: int = 1
+    # Channels of the head's hidden features the refinement also reads (projected by a 1x1
+    # conv at stride 8, then upsampled beside the logits); 0: it reads the logits alone.
+    detail_guide_channels: int = 0
     num_classes: int = 19
     input_size: tuple[int, int] = (769, 1537)  # (height, width) the model was trained at
     # How the stride-8 logits are upsampled to the input size: as the model was trained.
@@ -63,6 +66,8 @@ class ModelConfig:
             or any(len(c) != 3 or any(not isinstance(v, int) or not 0 <= v <= 255 for v in c) for c in self.class_colors)
         ):
             raise ValueError(f"class_colors must be {self.num_classes} [r, g, b] triples in 0..255")
+        if self.detail_guide_channels and not self.detail_channels:
+            raise ValueError("detail_guide_channels needs a detail refinement (detail_channels above 0)")
         if self.block not in ("basic", "bottleneck"):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
         if self.feature_channels % (4 * self.pyramid_groups):
@@ -123,6 +128,7 @@ _INT_RANGES = {
     "cache_stride": (1, 64),
     "detail_channels": (0, 4096),
     "detail_depth": (1, 16),
+    "detail_guide_channels": (0, 4096),
     "num_classes": (1, 65535),  # label images are mono16 above 255 classes
 }
 

@@ -221,6 +221,13 @@ def fit_layer_norms(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 class Head(nn.Sequential):
     """3x3 conv + BN + ReLU + dropout + 1x1 conv to class logits."""
 
+    def hidden_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features before the last 1x1 conv, and the logits."""
+        hidden = x
+        for layer in list(self)[:-1]:
+            hidden = layer(hidden)
+        return hidden, self[-1](hidden)
+
     def __init__(self, in_channels: int, reduction: int, num_classes: int) -> None:
         hidden = in_channels // reduction
         super().__init__(
@@ -235,7 +242,9 @@ class Head(nn.Sequential):
 class DetailRefinement(nn.Module):
     """Stride-4 logits: the head's stride-8 logits upsampled 2x plus a correction computed from
     them and layer1's stride-4 features (3x3 conv + BN + ReLU, `depth - 1` residual blocks,
-    1x1 conv).
+    1x1 conv). With `guide_channels`, the correction also reads the head's hidden features,
+    projected to that many channels at stride 8 (1x1 conv) and upsampled: they say more about
+    what is near a cell than its 19 logits do.
 
     Thin classes (poles, people, fences, riders) are narrower than a stride-8 cell, so no
     stride-8 output can draw them (`heldout --ceiling`); layer1 still resolves them. The
@@ -244,10 +253,12 @@ class DetailRefinement(nn.Module):
     as the identity, so blocks added to a trained refinement leave it unchanged.
     """
 
-    def __init__(self, low_channels: int, hidden: int, num_classes: int, depth: int = 1) -> None:
+    def __init__(self, low_channels: int, hidden: int, num_classes: int, depth: int = 1,
+                 head_channels: int = 0, guide_channels: int = 0) -> None:
         super().__init__()
+        self.guide = nn.Conv2d(head_channels, guide_channels, 1, bias=False) if guide_channels else None
         self.fuse = nn.Sequential(
-            nn.Conv2d(low_channels + num_classes, hidden, 3, padding=1, bias=False),
+            nn.Conv2d(low_channels + num_classes + guide_channels, hidden, 3, padding=1, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
         )
@@ -258,10 +269,16 @@ class DetailRefinement(nn.Module):
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, logits: torch.Tensor, layer1: torch.Tensor, align_corners: bool) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, layer1: torch.Tensor, align_corners: bool,
+                head_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """`head_hidden`: the head's (B, C_h, h, w) features before its last conv; needed with a guide."""
         coarse = F.interpolate(logits, size=layer1.shape[-2:], mode="bilinear",
                                align_corners=align_corners)  # (B, K, h, w) -> (B, K, 2h, 2w)
-        return coarse + self.classifier(self.blocks(self.fuse(torch.cat([layer1, coarse], dim=1))))
+        low = [layer1, coarse]
+        if self.guide is not None:
+            low.append(F.interpolate(self.guide(head_hidden), size=layer1.shape[-2:], mode="bilinear",
+                                     align_corners=align_corners))  # (B, G, h, w) -> (B, G, 2h, 2w)
+        return coarse + self.classifier(self.blocks(self.fuse(torch.cat(low, dim=1))))
 
 
 class DetailBlock(nn.Module):
@@ -295,7 +312,8 @@ class SubNetwork(nn.Module):
         self.head = Head(config.value_channels, config.head_reduction, config.num_classes)
         self.detail = (
             DetailRefinement(config.base_width * config.expansion, config.detail_channels, config.num_classes,
-                             config.detail_depth)
+                             config.detail_depth, config.value_channels // config.head_reduction,
+                             config.detail_guide_channels)
             if config.detail_channels else None
         )
 
@@ -382,9 +400,13 @@ class TDNet(nn.Module):
                 combined = value + self.propagate(path, cached, query, value.shape)
             head_input = net.layer_norm(combined, window)
         with timer("head"):
-            logits = net.head(head_input.to(self.conv_dtype))
-            if net.detail is not None:
-                logits = net.detail(logits, layer1, self.config.upsample_align_corners)
+            if net.detail is not None and net.detail.guide is not None:
+                hidden, logits = net.head.hidden_and_logits(head_input.to(self.conv_dtype))
+                logits = net.detail(logits, layer1, self.config.upsample_align_corners, hidden)
+            else:
+                logits = net.head(head_input.to(self.conv_dtype))
+                if net.detail is not None:
+                    logits = net.detail(logits, layer1, self.config.upsample_align_corners)
         return StepOutput(logits, cache_entry, layer3 if with_layer3 else None)
 
     def propagate(

@@ -255,13 +255,14 @@ def test_onnx_float16_export_keeps_attention_in_float32(tmp_path):
 # -- artefact keys and the build command --------------------------------------------------
 
 
-@pytest.mark.parametrize("depth", [1, 3])
-def test_onnx_step_of_a_model_with_the_detail_refinement_matches_eager(tmp_path, depth):
+@pytest.mark.parametrize("depth, guide", [(1, 0), (3, 0), (1, 4)])
+def test_onnx_step_of_a_model_with_the_detail_refinement_matches_eager(tmp_path, depth, guide):
     """The stride-4 refinement (odd input size, so layer1 is not twice the stride-8 map's
-    size exactly), with and without residual blocks, exports into the step and returns its
-    stride-4 logits."""
+    size exactly), with and without residual blocks, and reading the head's hidden features,
+    exports into the step and returns its stride-4 logits."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8, detail_depth=depth))
+    model = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8, detail_depth=depth,
+                                              detail_guide_channels=guide))
     for path in model.paths:
         torch.nn.init.normal_(path.detail.classifier.weight, std=0.1)  # not the zero start
         for block in path.detail.blocks:

@@ -43,6 +43,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     variant("classes-1", lambda c: c["config"].update(num_classes=-1))
     variant("width2e17", lambda c: c["config"].update(base_width=2**17))
     variant("depth0", lambda c: c["config"].update(detail_depth=0))
+    variant("guide-alone", lambda c: c["config"].update(detail_guide_channels=8))
     (root / "text.pt").write_text("not a checkpoint at all # Unsupported operand")
     made["text"] = root / "text.pt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": RunsCode()}, root / "code.pt")
@@ -58,6 +59,7 @@ EXPECTED = {
     "classes-1": "num_classes must be within 1..65535, got -1",
     "width2e17": "base_width must be within 1..1024, got 131072",
     "depth0": "detail_depth must be within 1..16, got 0",
+    "guide-alone": "detail_guide_channels needs a detail refinement (detail_channels above 0)",
     "text": "is not a checkpoint (not a PyTorch file, or a damaged one)",
     "code": "is not a checkpoint (it holds Python objects other than tensors and plain data, which are never loaded)",
 }

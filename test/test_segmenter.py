@@ -175,13 +175,16 @@ def test_project_checkpoint_round_trip(tmp_path):
     assert np.array_equal(a, b)
 
 
-def test_detail_refinement_starts_at_the_upsampled_logits_and_then_refines_them():
-    """A model with the stride-4 refinement computes, before training, the same weights'
-    stride-8 logits upsampled 2x (F.interpolate as the reference); once its correction is not
-    zero, its logits differ, at stride 4."""
+@pytest.mark.parametrize("guide", [0, 4])
+def test_detail_refinement_starts_at_the_upsampled_logits_and_then_refines_them(guide):
+    """A model with the stride-4 refinement (reading the logits alone, or the head's hidden
+    features too) computes, before training, the same weights' stride-8 logits upsampled 2x
+    (F.interpolate as the reference); once its correction is not zero, its logits differ, at
+    stride 4."""
     torch.manual_seed(0)
     plain = build_model(ModelConfig.from_name("td4-tiny"))
-    refined = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8))
+    refined = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8, detail_guide_channels=guide))
+    assert (refined.paths[1].detail.guide is not None) == bool(guide)
     refined.load_state_dict({**refined.state_dict(), **plain.state_dict()})
     x = torch.randn(1, 3, 128, 256)
     with torch.no_grad():
@@ -191,6 +194,10 @@ def test_detail_refinement_starts_at_the_upsampled_logits_and_then_refines_them(
         torch.testing.assert_close(fine, expected, rtol=0, atol=1e-6)
         torch.nn.init.normal_(refined.paths[1].detail.classifier.weight, std=0.1)
         assert (refined.step(x, 1, None).logits - expected).abs().max() > 1e-2
+        if guide:  # the head's hidden features reach the correction through the guide
+            before = refined.step(x, 1, None).logits
+            torch.nn.init.normal_(refined.paths[1].detail.guide.weight, std=1.0)
+            assert (refined.step(x, 1, None).logits - before).abs().max() > 1e-2
 
 
 def test_deeper_refinement_starts_as_the_shallower_one_and_round_trips(tmp_path):

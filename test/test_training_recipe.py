@@ -237,16 +237,19 @@ def test_init_checkpoint_of_a_narrower_student_is_widened_to_the_configured_widt
     assert wide_stem.shape[0] == 12
 
 
+@pytest.mark.parametrize("guide", [0, 4])
 def test_init_checkpoint_without_the_detail_refinement_starts_a_refined_student_from_its_weights(
-        tmp_path, cache_dir, capsys):
-    """A run with model_overrides.detail_channels starts from a checkpoint that has no
-    refinement: its weights load unchanged and the refinement's correction starts at zero
-    (so the student computes what the checkpoint did, upsampled; test_segmenter checks that)."""
+        tmp_path, cache_dir, capsys, guide):
+    """A run with model_overrides.detail_channels (with or without a guide from the head's
+    hidden features) starts from a checkpoint that has no refinement: its weights load
+    unchanged and the refinement's correction starts at zero (so the student computes what
+    the checkpoint did, upsampled; test_segmenter checks that)."""
     plain = train(tiny(tmp_path / "plain", cache_dir))
     stored = read_checkpoint(plain.checkpoint)["state_dict"]
     refined = train(tiny(tmp_path / "refined", cache_dir, optim={"iterations": 1, "lr": 0.0, "weight_decay": 0.0},
                          run={"init_checkpoint": str(plain.checkpoint)},
-                         model_overrides={"detail_channels": 8, "name": "td4-tiny-s4"}))
+                         model_overrides={"detail_channels": 8, "detail_guide_channels": guide,
+                                          "name": "td4-tiny-s4"}))
     assert "has no detail refinement; the student's starts at zero" in capsys.readouterr().out
     parameters = dict(refined.model.named_parameters())
     for key, value in stored.items():
@@ -254,6 +257,8 @@ def test_init_checkpoint_without_the_detail_refinement_starts_a_refined_student_
             torch.testing.assert_close(parameters[key].detach(), value, rtol=0, atol=0, msg=key)
     assert all(not parameters[f"paths.{i}.detail.classifier.weight"].any() for i in range(4))
     assert read_checkpoint(refined.checkpoint)["config"]["detail_channels"] == 8
+    assert read_checkpoint(refined.checkpoint)["config"]["detail_guide_channels"] == guide
+    assert ("paths.0.detail.guide.weight" in parameters) == bool(guide)
 
 
 def test_init_checkpoint_with_a_shallower_refinement_adds_identity_blocks(tmp_path, cache_dir, capsys):
