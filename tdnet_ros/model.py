@@ -221,13 +221,6 @@ def fit_layer_norms(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 class Head(nn.Sequential):
     """3x3 conv + BN + ReLU + dropout + 1x1 conv to class logits."""
 
-    def hidden_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The features before the last 1x1 conv, and the logits."""
-        hidden = x
-        for layer in list(self)[:-1]:
-            hidden = layer(hidden)
-        return hidden, self[-1](hidden)
-
     def __init__(self, in_channels: int, reduction: int, num_classes: int) -> None:
         hidden = in_channels // reduction
         super().__init__(
@@ -237,6 +230,13 @@ class Head(nn.Sequential):
             nn.Dropout2d(0.1),
             nn.Conv2d(hidden, num_classes, 1),
         )
+
+    def hidden_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features before the last 1x1 conv, and the logits."""
+        hidden = x
+        for layer in list(self)[:-1]:
+            hidden = layer(hidden)
+        return hidden, self[-1](hidden)
 
 
 class DetailRefinement(nn.Module):
@@ -271,7 +271,7 @@ class DetailRefinement(nn.Module):
 
     def forward(self, logits: torch.Tensor, layer1: torch.Tensor, align_corners: bool,
                 head_hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """`head_hidden`: the head's (B, C_h, h, w) features before its last conv; needed with a guide."""
+        """`head_hidden`: the head's (B, C_h, h, w) features before its last conv (read with a guide)."""
         coarse = F.interpolate(logits, size=layer1.shape[-2:], mode="bilinear",
                                align_corners=align_corners)  # (B, K, h, w) -> (B, K, 2h, 2w)
         low = [layer1, coarse]
@@ -400,13 +400,11 @@ class TDNet(nn.Module):
                 combined = value + self.propagate(path, cached, query, value.shape)
             head_input = net.layer_norm(combined, window)
         with timer("head"):
-            if net.detail is not None and net.detail.guide is not None:
+            if net.detail is None:
+                logits = net.head(head_input.to(self.conv_dtype))
+            else:
                 hidden, logits = net.head.hidden_and_logits(head_input.to(self.conv_dtype))
                 logits = net.detail(logits, layer1, self.config.upsample_align_corners, hidden)
-            else:
-                logits = net.head(head_input.to(self.conv_dtype))
-                if net.detail is not None:
-                    logits = net.detail(logits, layer1, self.config.upsample_align_corners)
         return StepOutput(logits, cache_entry, layer3 if with_layer3 else None)
 
     def propagate(
