@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tdnet_ros.checkpoint import read_checkpoint, save_checkpoint
+from tdnet_ros.checkpoint import load_model, read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
 from tdnet_ros.data import generate_sequence
 from tdnet_ros.model import build_model
@@ -450,24 +450,28 @@ def test_held_out_scoring_stops_quietly_when_its_reader_closes_the_pipe(tmp_path
     assert json.loads(json_path.read_text())["frames"] == 1
 
 
-def test_export_without_detail_keeps_the_stride8_logits_and_the_offsets(tmp_path):
-    """--without-detail drops the stride-4 refinement: the exported model's stride-8 logits,
-    upsampled 2x as the refinement upsamples them, equal the refined model's output with the
-    layer1-dependent part of its correction switched off (its last conv's kernel zeroed, so
-    only its bias, here holding calibration offsets, is left)."""
+@pytest.mark.parametrize("guide", [0, 4])
+def test_export_without_detail_keeps_the_stride8_logits_and_the_offsets(tmp_path, guide):
+    """--without-detail drops the stride-4 refinement (its guide from the head's hidden
+    features too): the exported model's stride-8 logits, upsampled 2x as the refinement
+    upsamples them, equal the refined model's output with the layer1-dependent part of its
+    correction switched off (its last conv's kernel zeroed, so only its bias, here holding
+    calibration offsets, is left)."""
     from tdnet_ros.training.calibrate import fold_offsets
     from tdnet_ros.training.export import main as export_main
 
     torch.manual_seed(0)
-    refined = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8, detail_depth=2))
+    refined = build_model(ModelConfig.from_name("td4-tiny", detail_channels=8, detail_depth=2,
+                                                detail_guide_channels=guide))
     for path in refined.paths:
         torch.nn.init.normal_(path.detail.classifier.weight, std=0.1)
         torch.nn.init.normal_(path.detail.blocks[0].norm.weight, std=0.5)
     fold_offsets(refined, torch.linspace(-1.0, 1.0, refined.config.num_classes))
     source = save_checkpoint(refined, tmp_path / "refined.pt")
     assert export_main([str(source), str(tmp_path / "plain.pt"), "--without-detail", "td4-tiny-plain"]) == 0
-    plain = Segmenter.from_checkpoint(tmp_path / "plain.pt").model
+    plain = load_model(tmp_path / "plain.pt")  # as stored: no BatchNorm folding to blur the comparison
     assert plain.config.detail_channels == 0 and plain.config.name == "td4-tiny-plain"
+    assert plain.config.detail_guide_channels == 0
     for path in refined.paths:
         torch.nn.init.zeros_(path.detail.classifier.weight)
     x = torch.randn(1, 3, 128, 256)

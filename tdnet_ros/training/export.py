@@ -28,7 +28,8 @@ def without_detail(model: TDNet, name: str) -> TDNet:
     stride-8 logits plus the refinement's constant part, its last conv's bias (which holds any
     calibration offsets), folded into the head's last conv. What is lost is the correction
     computed from layer1, and the 2x bilinear step before the segmenter's own upsampling."""
-    plain = build_model(dataclasses.replace(model.config, detail_channels=0, detail_depth=1, name=name))
+    plain = build_model(dataclasses.replace(model.config, detail_channels=0, detail_depth=1, detail_guide_channels=0,
+                                            name=name))
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".detail." not in k}, strict=True)
     with torch.no_grad():
         for refined, stride8 in zip(model.paths, plain.paths):
