@@ -176,29 +176,55 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int], *, align_corner
         return rows @ wide  # (B, K, H/s, W/s)
 
 
+def interpolation_size(size: tuple[int, int], out_size: tuple[int, int] | None) -> tuple[int, int]:
+    """Where the logits are interpolated for a frame of `out_size` run at the model input `size`.
+
+    A frame no larger than the input in either dimension (a 512x256 camera enlarged to a
+    1024x512 input): at the frame's own size, so that every frame pixel samples the logits
+    at its own centre. Taking the labels at the input size and then every second one (nearest
+    resampling) would shift them by a quarter of a frame pixel, for four times the work.
+    A larger frame (the published Cityscapes setting): at the input size, the published
+    pipeline's order, and K maps at the model's size rather than at the camera's.
+    """
+    if out_size is not None and out_size[0] <= size[0] and out_size[1] <= size[1]:
+        return (int(out_size[0]), int(out_size[1]))
+    return (int(size[0]), int(size[1]))
+
+
+def logits_at_frame(logits: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int], *,
+                    align_corners: bool) -> torch.Tensor:
+    """(B, K, h, w) stride-8 logits -> (B, K, H', W') at the frame's `out_size`, sampled where
+    :func:`labels_from_logits` takes its labels (their argmax is its labels)."""
+    target = interpolation_size(size, out_size)
+    upsampled = upsample_logits(logits, target, align_corners=align_corners)  # (B, K, *target)
+    if target == tuple(out_size):
+        return upsampled
+    return F.interpolate(upsampled, tuple(out_size), mode="nearest")  # (B, K, H', W')
+
+
 def labels_from_logits(
     logits: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int] | None = None, *,
     align_corners: bool,
 ) -> torch.Tensor:
     """Class ids of (1, K, h, w) logits, on the logits' device.
 
-    The logits are upsampled bilinearly to `size` (the model input), with `align_corners`
-    as the model was trained (ModelConfig.upsample_align_corners), and their argmax is
-    resized nearest to `out_size` (the frame's; cv2 INTER_NEAREST's geometry): the
-    published pipeline's order, with K maps interpolated at the model's size rather than
-    the camera's.
+    The logits are upsampled bilinearly (with `align_corners` as the model was trained,
+    ModelConfig.upsample_align_corners) to the frame's `out_size` where that is no larger
+    than the model input `size`, else to `size`, whose argmax is then resized nearest to
+    `out_size` (cv2 INTER_NEAREST's geometry); see :func:`interpolation_size`.
 
     Returns:
         (H, W) uint8 labels (int32 above 255 classes) at `out_size` (default `size`).
     """
-    upsampled = upsample_logits(logits, size, align_corners=align_corners)  # (1, K, H, W)
+    target = interpolation_size(size, out_size)
+    upsampled = upsample_logits(logits, target, align_corners=align_corners)  # (1, K, *target)
     # max(dim).indices is argmax (the first of tied maxima too), but PyTorch's CPU argmax over
     # a dimension that is not the last runs several times slower: 1024x512, 19 classes
-    labels = upsampled.max(dim=1, keepdim=True).indices  # (1, 1, H, W)
+    labels = upsampled.max(dim=1, keepdim=True).indices  # (1, 1, *target)
     small_ids = logits.shape[1] <= 255
     # nearest resampling takes uint8 or floats (exact for ids below 2**24), not int64
     labels = labels.to(torch.uint8 if small_ids else torch.float32)
-    if out_size is not None and tuple(out_size) != tuple(size):
+    if out_size is not None and tuple(out_size) != target:
         labels = F.interpolate(labels, tuple(out_size), mode="nearest")  # (1, 1, H', W')
     return labels[0, 0] if small_ids else labels[0, 0].to(torch.int32)
 

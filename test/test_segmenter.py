@@ -440,6 +440,43 @@ def test_labels_resize_on_device_matches_cv2_nearest(size, out_size, num_classes
     np.testing.assert_array_equal(resized, expected)
 
 
+def test_a_frame_smaller_than_the_input_samples_the_logits_at_its_own_pixel_centres():
+    """A 64-pixel-wide frame run at a 128-wide input (16 feature cells of 4 frame pixels).
+    The class-1 margin is a ramp crossing zero at frame x = 32.4, so pixel 32 (centre 32.5)
+    is class 1. Labels taken at the input size and then every second one (nearest) sample
+    x = 32.25 there and call it class 0: a quarter-pixel shift."""
+    from tdnet_ros.preprocess import labels_from_logits, labels_to_numpy
+
+    centres = 4 * torch.arange(16, dtype=torch.float64) + 2  # each feature cell's centre in frame pixels
+    margin = (centres - 32.4).expand(2, 16)  # (h, w): the same ramp on every row
+    logits = torch.stack([torch.zeros_like(margin), margin])[None]  # (1, 2, 2, 16)
+    labels = labels_to_numpy(labels_from_logits(logits, (16, 128), (8, 64), align_corners=False))
+    expected = (np.arange(64) + 0.5 > 32.4).astype(np.uint8)
+    np.testing.assert_array_equal(labels[:, 2:62], np.broadcast_to(expected[2:62], (8, 60)))  # the ramp is exact inside
+    import cv2
+
+    at_input = labels_to_numpy(labels_from_logits(logits, (16, 128), align_corners=False))
+    assert cv2.resize(at_input, (64, 8), interpolation=cv2.INTER_NEAREST)[0, 32] == 0  # what the old order gave
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("size, out_size", [((96, 192), (40, 90)), ((96, 192), (96, 192)), ((64, 128), (200, 300))])
+def test_frame_logits_are_where_the_labels_are_taken(size, out_size, align_corners):
+    """Calibration scores the logits at the frame's pixels (logits_at_frame); their argmax is
+    the segmenter's labels, and a frame no larger than the input gets F.interpolate's
+    bilinear logits at its own size."""
+    from tdnet_ros.preprocess import labels_from_logits, labels_to_numpy, logits_at_frame
+
+    logits = torch.randn(1, 19, size[0] // 8, size[1] // 8, generator=torch.Generator().manual_seed(1))
+    at_frame = logits_at_frame(logits, size, out_size, align_corners=align_corners)
+    assert at_frame.shape == (1, 19, *out_size)
+    labels = labels_to_numpy(labels_from_logits(logits, size, out_size, align_corners=align_corners))
+    np.testing.assert_array_equal(at_frame.argmax(1)[0].numpy(), labels)
+    if out_size[0] <= size[0] and out_size[1] <= size[1]:
+        direct = F.interpolate(logits, out_size, mode="bilinear", align_corners=align_corners)
+        torch.testing.assert_close(at_frame, direct, rtol=1e-5, atol=1e-5)
+
+
 def test_labels_follow_the_upsampling_the_model_was_trained_with():
     """The published checkpoints upsample their logits with align_corners=True, this
     project's trainer with False: the segmenter takes each model's own, from its config."""

@@ -39,7 +39,7 @@ from tdnet_ros.config import ModelConfig
 from tdnet_ros.evaluation.bag import BagError
 from tdnet_ros.metrics import ConfusionCounter, iou_per_class, mean_iou
 from tdnet_ros.model import TDNet
-from tdnet_ros.preprocess import upsample_logits
+from tdnet_ros.preprocess import logits_at_frame
 
 from .datasets import CamVidClips, CityscapesClips, ClipDataset, DatasetError
 from .export import KEEP
@@ -107,9 +107,8 @@ def collect_logits(
             if len(sizes) > 1:
                 raise DatasetError(f"labelled frames of {len(sizes)} sizes ({sorted(sizes)}): calibration needs one")
             step = pixel_step(height, width, max_pixels)
-            upsampled = upsample_logits(result.logits[None].float(), segmenter.model_input_size((height, width)),
-                                        align_corners=align_corners)
-            at_frame = F.interpolate(upsampled, (height, width), mode="nearest")[0]  # (K, height, width)
+            at_frame = logits_at_frame(result.logits[None].float(), segmenter.model_input_size((height, width)),
+                                       (height, width), align_corners=align_corners)[0]  # (K, height, width)
             first = step // 2  # the centre of each step x step block
             # copies, so that the whole frame's logits and labels are not kept alive by a view
             logits.append(at_frame[:, first::step, first::step].contiguous())

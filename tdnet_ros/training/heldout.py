@@ -189,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compare_precision:
         if not args.checkpoint:
             parser.error("--compare-precision needs --checkpoint")
+        if args.repeat > 1:
+            # the comparison runs each frame once; a repeat would be silently ignored
+            parser.error("--repeat does not apply to --compare-precision (it runs each frame once)")
         result = precision_agreement(args.checkpoint, args.compare_precision, args.seeds[0], args.frames,
                                      args.width, args.height, args.input_size)
         print(json.dumps(result))
