@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -216,15 +217,33 @@ def labels_from_logits(
     Returns:
         (H, W) uint8 labels (int32 above 255 classes) at `out_size` (default `size`).
     """
-    target = interpolation_size(size, out_size)
-    upsampled = upsample_logits(logits, target, align_corners=align_corners)  # (1, K, *target)
+    return labels_from_scales([(logits, size)], out_size or size, align_corners=align_corners)
+
+
+def labels_from_scales(
+    outputs: Sequence[tuple[torch.Tensor, tuple[int, int]]], out_size: tuple[int, int], *, align_corners: bool,
+) -> torch.Tensor:
+    """Class ids of one frame run at one or several input sizes (multi-scale inference).
+
+    `outputs` holds (logits (1, K, h, w), input size) pairs, the first at the base input
+    size. One: as :func:`labels_from_logits`. Several: each one's softmax probabilities,
+    interpolated where the base size's labels are taken, are averaged, and the labels are
+    their argmax (resized nearest to `out_size` as in :func:`labels_from_logits`).
+    """
+    target = interpolation_size(outputs[0][1], out_size)
+    if len(outputs) == 1:
+        scores = upsample_logits(outputs[0][0], target, align_corners=align_corners)  # (1, K, *target)
+    else:
+        # a sum rather than a mean: the argmax is the same
+        scores = sum(torch.softmax(upsample_logits(logits, target, align_corners=align_corners), dim=1)
+                     for logits, _ in outputs)  # (1, K, *target)
     # max(dim).indices is argmax (the first of tied maxima too), but PyTorch's CPU argmax over
     # a dimension that is not the last runs several times slower: 1024x512, 19 classes
-    labels = upsampled.max(dim=1, keepdim=True).indices  # (1, 1, *target)
-    small_ids = logits.shape[1] <= 255
+    labels = scores.max(dim=1, keepdim=True).indices  # (1, 1, *target)
+    small_ids = scores.shape[1] <= 255
     # nearest resampling takes uint8 or floats (exact for ids below 2**24), not int64
     labels = labels.to(torch.uint8 if small_ids else torch.float32)
-    if out_size is not None and tuple(out_size) != target:
+    if tuple(out_size) != target:
         labels = F.interpolate(labels, tuple(out_size), mode="nearest")  # (1, 1, H', W')
     return labels[0, 0] if small_ids else labels[0, 0].to(torch.int32)
 

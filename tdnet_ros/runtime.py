@@ -29,6 +29,8 @@ PREPROCESS = ("cv2", "device")
 AUTO = "auto"
 #: Range of each side of a fixed input size (the model configuration's own limits).
 MIN_INPUT_SIDE, MAX_INPUT_SIDE = 16, 8192
+#: Range of a multi-scale inference scale (RuntimeConfig.scales).
+MIN_SCALE, MAX_SCALE = 0.25, 4.0
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _SIZE_PATTERN = re.compile(r"^([1-9]\d*)x([1-9]\d*)$")
@@ -57,6 +59,44 @@ def parse_input_size(text: str) -> InputSize:
     return height, width
 
 
+def scales_problem(scales: Any, backend: str = AUTO) -> str | None:
+    """What is wrong with multi-scale `scales` (run with `backend`), in one sentence, or None."""
+    if (not isinstance(scales, tuple) or not scales
+            or any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in scales)):
+        return f"scales must be a non-empty list of numbers, got {scales!r}"
+    if scales[0] != 1.0:
+        return f"scales must start with 1.0 (the input size itself), got {list(scales)}"
+    if any(not MIN_SCALE <= s <= MAX_SCALE for s in scales):
+        return f"scales {list(scales)}: each must be within {MIN_SCALE}..{MAX_SCALE}"
+    if len(set(scales)) != len(scales):
+        return f"scales {list(scales)} repeats a scale"
+    if len(scales) > 1 and backend in ("onnx", "tensorrt"):
+        return (f"scales {list(scales)} need the eager, compile or cuda-graph backend: prebuilt {backend} "
+                "steps are built for one input size")
+    return None
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """The input size (height, width) at `scale` times `size`, each side rounded."""
+    return tuple(min(MAX_INPUT_SIDE, max(MIN_INPUT_SIDE, round(side * scale))) for side in size)  # type: ignore[return-value]
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """"1.0 1.5" or "1.0,1.5" -> (1.0, 1.5); "" -> (1.0,).
+
+    Raises:
+        ValueError: not numbers, or not acceptable scales (see scales_problem).
+    """
+    try:
+        scales = tuple(float(part) for part in text.replace(",", " ").split()) or (1.0,)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a list of numbers (e.g. 1.0 1.5)") from None
+    problem = scales_problem(scales)
+    if problem:
+        raise ValueError(problem)
+    return scales
+
+
 def input_size_text(size: InputSize) -> str:
     if size is None:
         return ""
@@ -73,6 +113,10 @@ class RuntimeConfig:
     fallback: str = AUTO  # where the backend cannot run: auto (cuda-graph on CUDA, else eager) | FALLBACKS
     preprocess: str = AUTO  # auto (device on CUDA, cv2 on the CPU) | cv2 | device
     input_size: InputSize = None  # None: the model's training size | (height, width) | "frame"
+    # Multi-scale inference: each frame also runs at these multiples of the input size (one
+    # feature cache each), and the labels are the argmax of the scales' mean probabilities.
+    # (1.0,): one scale, the TDNet of the paper.
+    scales: tuple[float, ...] = (1.0,)
     engine_dir: str = ""  # prebuilt ONNX files / TensorRT engines (tdnet-build-engines)
     batch_cameras: bool = True  # streams at the same sub-network step run as one batch
     channels_last: bool = True  # memory format of the convolutions
@@ -82,6 +126,8 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if isinstance(self.input_size, list):
             object.__setattr__(self, "input_size", tuple(self.input_size))
+        if isinstance(self.scales, list):
+            object.__setattr__(self, "scales", tuple(self.scales))
         problem = self.problem()
         if problem:
             raise (DeviceError if problem.startswith("unknown device") else ValueError)(problem)
@@ -104,7 +150,7 @@ class RuntimeConfig:
         if isinstance(size, tuple) and not (
                 len(size) == 2 and all(isinstance(s, int) and MIN_INPUT_SIDE <= s <= MAX_INPUT_SIDE for s in size)):
             return f"input_size {size!r}: (height, width) with sides within {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}"
-        return None
+        return scales_problem(self.scales, self.backend)
 
     def replace(self, **changes: Any) -> "RuntimeConfig":
         return dataclasses.replace(self, **changes)
@@ -191,6 +237,14 @@ def input_size_argument(text: str) -> InputSize:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def scales_argument(text: str) -> tuple[float, ...]:
+    """argparse type of multi-scale inference scales: '1 1.5' or '1,1.5'."""
+    try:
+        return parse_scales(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def fixed_size_argument(text: str) -> tuple[int, int]:
     """argparse type of a fixed HEIGHTxWIDTH size (e.g. --size 769x1537)."""
     size = input_size_argument(text)
@@ -200,7 +254,7 @@ def fixed_size_argument(text: str) -> tuple[int, int]:
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, defaults: RuntimeConfig = RuntimeConfig()) -> None:
-    """--device, --precision, --backend, --fallback, --preprocess, --input-size, --engine-dir."""
+    """--device, --precision, --backend, --fallback, --preprocess, --input-size, --scales, --engine-dir."""
     group = parser.add_argument_group("runtime (as the node's parameters of the same names)")
     group.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     group.add_argument("--precision", default=defaults.precision, choices=PRECISIONS)
@@ -212,6 +266,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, defaults: RuntimeConf
                        help="where frames are resized and normalized (default: %(default)s)")
     group.add_argument("--input-size", default=input_size_text(defaults.input_size), metavar="HxW|frame",
                        help="network input size (default: the model's training size)")
+    group.add_argument("--scales", type=scales_argument, default=defaults.scales, metavar="'1 S2 ...'",
+                       help="multi-scale inference: also run each frame at these multiples of the input size "
+                            "and average the probabilities, e.g. '1 1.5' (default: 1, one scale)")
     group.add_argument("--engine-dir", default=defaults.engine_dir,
                        help="prebuilt ONNX files / TensorRT engines (tdnet-build-engines)")
 
@@ -226,6 +283,10 @@ def runtime_from_arguments(args: argparse.Namespace, **changes: Any) -> RuntimeC
         input_size = parse_input_size(args.input_size or "")
     except ValueError as error:
         raise ValueError(f"--input-size: {error}") from None
+    scales = tuple(args.scales)
+    problem = scales_problem(scales, args.backend)  # with --backend onnx or tensorrt
+    if problem:
+        raise ValueError(f"--scales: {problem}")
     return RuntimeConfig(device=args.device, precision=args.precision, backend=args.backend,
                          fallback=args.fallback, preprocess=args.preprocess, input_size=input_size,
-                         engine_dir=str(args.engine_dir or ""), **changes)
+                         scales=scales, engine_dir=str(args.engine_dir or ""), **changes)

@@ -27,13 +27,13 @@ from .preprocess import (
     Normalizer,
     check_frame,
     check_normalized,
-    labels_from_logits,
+    labels_from_scales,
     labels_to_numpy,
     resize_frame,
 )
 from . import runtime
 from .runtime import DeviceError, RuntimeConfig, resolve_device  # noqa: F401 (resolve_device: re-exported)
-from .runtime import cpu_computes_bfloat16
+from .runtime import cpu_computes_bfloat16, scaled_size
 from .timing import StageTimes
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class _Stream:
     input_size: tuple[int, int]
     preprocessor: DevicePreprocessor | None  # device preprocessing: its own pinned staging buffer
     cuda_stream: torch.cuda.Stream | None  # CUDA: its uploads, preprocessing and downloads
+    scale: float = 1.0  # multi-scale inference: the multiple of the stream's input size this state runs
 
 
 #: What `Segmenter(model)` runs with when no RuntimeConfig is given (its documented
@@ -70,12 +71,12 @@ LIBRARY_DEFAULTS = RuntimeConfig(device="cpu", backend="eager", fallback="eager"
 
 def runtime_with(runtime: RuntimeConfig | None = None, **options: Any) -> RuntimeConfig:
     """`runtime` (default LIBRARY_DEFAULTS) with Segmenter's keyword options applied:
-    device, precision, backend, preprocess, input_size, channels_last, fold_batch_norm and
+    device, precision, backend, preprocess, input_size, scales, channels_last, fold_batch_norm and
     backend_options ({engine_dir, compile_options, fallback})."""
     base = runtime or LIBRARY_DEFAULTS
     backend_options = dict(options.pop("backend_options", None) or {})
-    unknown = set(options) - {"device", "precision", "backend", "preprocess", "input_size", "channels_last",
-                              "fold_batch_norm"}
+    unknown = set(options) - {"device", "precision", "backend", "preprocess", "input_size", "scales",
+                              "channels_last", "fold_batch_norm"}
     unknown |= set(backend_options) - {"engine_dir", "compile_options", "fallback"}
     if unknown:
         raise TypeError(f"unknown segmenter option(s): {', '.join(sorted(unknown))}")
@@ -151,6 +152,10 @@ class Segmenter:
             own training size (exact for published checkpoints), (height, width) for another
             fixed size, or "frame" to run at each frame's own size. Sizes other than the
             training size resize the LayerNorm's affine parameters to the feature map.
+        scales: multi-scale inference, e.g. (1.0, 1.5): each frame also runs at these
+            multiples of the input size, each scale with its own feature cache, and the
+            labels are the argmax of the scales' mean softmax probabilities (more accurate,
+            at the sum of the scales' costs). Default (1.0,): one scale.
         channels_last: use the channels-last memory format (faster convolutions on CPU and GPU).
         fold_batch_norm: fold BatchNorm layers into the convolutions (on a copy of the model).
         backend: how each step runs: "eager" (default), "compile" (torch.compile),
@@ -193,6 +198,7 @@ class Segmenter:
         self.model = model.eval().to(self.device, memory_format=memory_format).set_precision(self.dtype)
         self.config: ModelConfig = model.config
         self.input_size = self.runtime.input_size
+        self.scales = self.runtime.scales
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self._normalize = Normalizer(self.device, self.dtype, channels_last)
         self.preprocess = self.runtime.preprocess
@@ -273,9 +279,10 @@ class Segmenter:
     def reset(self, stream: str | None = None) -> None:
         """Forgets the temporal state of one stream, or of all streams."""
         with self._lock:
-            for name, state in self._streams.items():
-                if stream is None or name == stream:
-                    state.cache.reset()
+            names = self._streams if stream is None else self._scale_keys(stream)
+            for name in names:
+                if name in self._streams:
+                    self._streams[name].cache.reset()
 
     def warm_up(
         self, frame_size: tuple[int, int] | None = None, streams: tuple[str, ...] = ("default",), batched: bool = True,
@@ -289,20 +296,24 @@ class Segmenter:
         between the streams' steps: when it says True, warm-up ends there."""
         if frame_size is None and self.input_size == "frame":
             raise ValueError("warm_up needs frame_size when the segmenter runs at each frame's own size")
-        size = self.model_input_size(frame_size or (0, 0))
-        x = torch.zeros(1, 3, *size, device=self.device, dtype=self.dtype)  # (1, 3, H, W)
-        x = x.contiguous(memory_format=self._normalize.memory_format)
+        base = self.model_input_size(frame_size or (0, 0))
+        stopped = should_stop or (lambda: False)
         with self._lock, torch.inference_mode():
-            states = [self._stream_state(stream, size) for stream in streams]
-            for stream, state in zip(streams, states):
-                if should_stop is not None and should_stop():
-                    break
-                self._runner.prepare(x, [state.cache], [stream])
-            if batched and len(streams) > 1 and not (should_stop is not None and should_stop()):
-                batch = x.expand(len(streams), -1, -1, -1).contiguous(memory_format=self._normalize.memory_format)
-                self._runner.prepare(batch, [state.cache for state in states], list(streams))  # (B, 3, H, W)
-            for state in states:
-                state.cache.reset()
+            for scale_index, scale in enumerate(self.scales):
+                size = scaled_size(base, scale)
+                x = torch.zeros(1, 3, *size, device=self.device, dtype=self.dtype)  # (1, 3, H, W)
+                x = x.contiguous(memory_format=self._normalize.memory_format)
+                keys = [self._scale_keys(stream)[scale_index] for stream in streams]
+                states = [self._stream_state(key, size, scale) for key in keys]
+                for key, state in zip(keys, states):
+                    if stopped():
+                        break
+                    self._runner.prepare(x, [state.cache], [key])
+                if batched and len(keys) > 1 and not stopped():
+                    batch = x.expand(len(keys), -1, -1, -1).contiguous(memory_format=self._normalize.memory_format)
+                    self._runner.prepare(batch, [state.cache for state in states], keys)  # (B, 3, H, W)
+                for state in states:
+                    state.cache.reset()
 
     def segment(self, frame: np.ndarray, stream: str = "default") -> SegmentResult:
         """Segments one HxWx3 uint8 RGB frame; labels come back at the frame's resolution."""
@@ -332,19 +343,24 @@ class Segmenter:
             inputs = {}
             with times("preprocess"):
                 for stream, frame in checked.items():
-                    size = self.model_input_size(frame.shape[:2])
-                    state = self._stream_state(stream, size)
-                    with self._on_stream(state):
-                        if state.preprocessor is not None:
-                            inputs[stream] = state.preprocessor(frame, size)
-                        else:
-                            inputs[stream] = self._normalize(resize_frame(frame, size))
+                    base = self.model_input_size(frame.shape[:2])
+                    for key, scale in zip(self._scale_keys(stream), self.scales):
+                        size = scaled_size(base, scale)
+                        state = self._stream_state(key, size, scale)
+                        with self._on_stream(state):
+                            if state.preprocessor is not None:
+                                inputs[key] = state.preprocessor(frame, size)
+                            else:
+                                inputs[key] = self._normalize(resize_frame(frame, size))
             out_sizes = {stream: frame.shape[:2] for stream, frame in checked.items()}
             return self._run(inputs, out_sizes, times, start)
 
     def segment_normalized(self, x: torch.Tensor, stream: str = "default") -> SegmentResult:
         """Segments a (1, 3, H, W) float32 tensor already normalized at the model input size."""
         start = time.perf_counter()
+        if len(self.scales) > 1:
+            raise ValueError(f"segment_normalized runs one input size; this segmenter runs scales {list(self.scales)}: "
+                             "give it frames (segment)")
         size = None if self.input_size == "frame" else self.model_input_size((0, 0))
         x = check_normalized(x, size)
         times = StageTimes(self.device)
@@ -361,48 +377,56 @@ class Segmenter:
         times: StageTimes,
         start: float,
     ) -> dict[str, SegmentResult]:
-        """Runs the streams' preprocessed (1, 3, H, W) inputs, batching those at the same step.
+        """Runs the preprocessed (1, 3, H, W) inputs, batching those at the same step.
 
-        Called with the lock held, after `_stream_state` for each stream at its input's size.
+        `inputs` holds each stream's input at every scale, under `_scale_keys(stream)`;
+        `out_sizes` each stream's frame size. Called with the lock held, after
+        `_stream_state` for each key at its input's size.
         """
         groups: dict[tuple[tuple[int, int], int, bool], list[str]] = {}
-        for stream, x in inputs.items():
-            cache = self._streams[stream].cache
+        for key, x in inputs.items():
+            cache = self._streams[key].cache
             step = (tuple(x.shape[-2:]), cache.next_path, cache.warm)
-            groups.setdefault(step, []).append(stream)
+            groups.setdefault(step, []).append(key)
         compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        labels: dict[str, torch.Tensor] = {}
+        scale_outputs: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}  # key -> (logits (1, K, h, w), input size)
         outputs: dict[str, tuple[torch.Tensor, int, bool, bool, int]] = {}
         finite: dict[str, torch.Tensor] = {}
         for (size, path, _), members in groups.items():
-            states = [self._streams[stream] for stream in members]
-            for stream, state in zip(members, states):
-                self._hand_over(inputs[stream], state.cuda_stream, compute)
-            x = inputs[members[0]] if len(members) == 1 else torch.cat([inputs[s] for s in members])  # (B, 3, H, W)
+            states = [self._streams[key] for key in members]
+            for key, state in zip(members, states):
+                self._hand_over(inputs[key], state.cuda_stream, compute)
+            x = inputs[members[0]] if len(members) == 1 else torch.cat([inputs[k] for k in members])  # (B, 3, H, W)
             resets = [state.cache.frames_written == 0 for state in states]
             logits, warm = self._runner.run(x, path, [state.cache for state in states], members, times)
             logits = logits.float()  # (B, K, h, w)
             finite_rows = torch.isfinite(logits).flatten(1).all(1)  # (B,)
-            with times("postprocess"):
-                for row, (stream, state) in enumerate(zip(members, states)):
-                    self._hand_over(logits, compute, state.cuda_stream)
-                    with self._on_stream(state):
-                        labels[stream] = labels_from_logits(
-                            logits[row : row + 1], size, out_sizes[stream],
-                            align_corners=self.config.upsample_align_corners)
-                    outputs[stream] = (logits[row], path, warm, resets[row], len(members))
-                    finite[stream] = finite_rows[row]
+            for row, key in enumerate(members):
+                scale_outputs[key] = (logits[row : row + 1], size)
+                outputs[key] = (logits[row], path, warm, resets[row], len(members))
+                finite[key] = finite_rows[row]
+        labels: dict[str, torch.Tensor] = {}
+        with times("postprocess"):
+            for stream, out_size in out_sizes.items():
+                keys = self._scale_keys(stream)
+                state = self._streams[stream]
+                for key in keys:
+                    self._hand_over(scale_outputs[key][0], compute, state.cuda_stream)
+                with self._on_stream(state):
+                    labels[stream] = labels_from_scales([scale_outputs[key] for key in keys], out_size,
+                                                        align_corners=self.config.upsample_align_corners)
         on_host = {}
         with times("postprocess"):  # downloads: the other streams' work goes on meanwhile
-            for stream in inputs:
+            for stream in out_sizes:
                 with self._on_stream(self._streams[stream]):
                     on_host[stream] = labels_to_numpy(labels[stream])
         timings = dict(times.ms, total=(time.perf_counter() - start) * 1e3)
         results = {}
-        for stream in inputs:  # in the order given
+        for stream in out_sizes:  # in the order given
             logits, path, warm, reset, batch_size = outputs[stream]
+            all_finite = all(bool(finite[key]) for key in self._scale_keys(stream))
             results[stream] = SegmentResult(on_host[stream], logits, path, dict(timings), warm, reset, batch_size,
-                                            bool(finite[stream]))
+                                            all_finite)
         return results
 
     @staticmethod
@@ -420,7 +444,11 @@ class Segmenter:
     def _on_stream(state: _Stream) -> AbstractContextManager:
         return torch.cuda.stream(state.cuda_stream) if state.cuda_stream is not None else nullcontext()
 
-    def _stream_state(self, stream: str, input_size: tuple[int, int]) -> _Stream:
+    def _scale_keys(self, stream: str) -> list[str]:
+        """Names of the stream's states, one per scale: the stream's own name at scale 1."""
+        return [stream] + [f"{stream} ×{scale:g}" for scale in self.scales[1:]]
+
+    def _stream_state(self, stream: str, input_size: tuple[int, int], scale: float = 1.0) -> _Stream:
         """The stream's state, (re)allocated on its first frame and when its input size changes."""
         state = self._streams.get(stream)
         if state is not None and state.input_size == input_size:
@@ -436,8 +464,9 @@ class Segmenter:
             input_size,
             DevicePreprocessor(self.device, self.dtype, channels_last) if self.preprocess == "device" else None,
             (state.cuda_stream if state is not None else torch.cuda.Stream(self.device)) if cuda else None,
+            scale,
         )
         return state
 
     def streams(self) -> list[str]:
-        return list(self._streams)
+        return [name for name, state in self._streams.items() if state.scale == 1.0]

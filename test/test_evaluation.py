@@ -607,3 +607,18 @@ def test_node_cache_resets_are_the_nodes_own_count():
     # Warm-up timings may not reach the evaluator: the count is the node's running total.
     assert node_cache_resets({1: {"cache_resets": 1}, 2: {"cache_resets": 1}, 3: {"cache_resets": 2}}) == 2
     assert node_cache_resets({}) is None
+
+
+def test_live_mode_passes_the_runtime_to_the_node_as_its_parameters():
+    """The node gets every runtime setting that differs from its own default; its scales as a
+    double array (rcl refuses a list of mixed ints and doubles, test_node_lifecycle parses it)."""
+    from tdnet_ros.evaluation.live import LiveSettings, node_arguments
+    from tdnet_ros.runtime import RuntimeConfig
+
+    runtime = RuntimeConfig(device="cpu", input_size=(256, 512), scales=(1.0, 1.5))
+    arguments = node_arguments(LiveSettings(image_topic="/camera/image_raw", runtime=runtime), "/live/image")
+    pairs = [arguments[i + 1] for i, argument in enumerate(arguments) if argument == "-p"]
+    assert {"device:=cpu", "input_size:=256x512", "scales:=[1.0, 1.5]"} <= set(pairs)
+    assert arguments[:2] == ["-r", "image:=/live/image"]
+    one_scale = node_arguments(LiveSettings(image_topic="/camera/image_raw", runtime=RuntimeConfig(device="cpu")), "/x")
+    assert not any(argument.startswith("scales") for argument in one_scale)

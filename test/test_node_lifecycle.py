@@ -78,6 +78,11 @@ def test_configuration_errors_stop_the_node_with_one_clear_error(checkpoint: Pat
                         ["parameter 'backend': 'trt' is not one of auto, eager, compile, cuda-graph, onnx, tensorrt"]),
         "bad input size": (["-p", f"checkpoint:={checkpoint}", "-p", "input_size:=720p"],
                            ["parameter 'input_size': '720p' is not empty, HEIGHTxWIDTH"]),
+        "scales not from 1": (["-p", f"checkpoint:={checkpoint}", "-p", "scales:=[1.5]"],
+                              ["parameter 'scales': scales must start with 1.0"]),
+        "scales with prebuilt steps": (["-p", f"checkpoint:={checkpoint}", "-p", "backend:=onnx",
+                                        "-p", "scales:=[1.0, 1.5]"],
+                                       ["parameter 'scales': scales [1.0, 1.5] need the eager, compile or cuda-graph"]),
         "class table of another size": (
             ["-p", f"checkpoint:={checkpoint}", "-p", f"class_table:={small_table}"],
             [f"class table '{small_table}'", "0..18"]),
@@ -112,6 +117,46 @@ def test_missing_engines_fall_back_with_one_warning_before_ready(checkpoint: Pat
         code, _ = node.stop()
         assert code == 0, log
     finally:
+        node.kill()
+
+
+def test_multi_scale_labels_arrive_as_the_core_computes_them(checkpoint: Path, tmp_path: Path) -> None:
+    """`scales: [1, 2]` (an integer array in YAML, taken as doubles): the node runs each
+    frame at both scales, says so when ready, and publishes the labels of the core's
+    multi-scale segmenter."""
+    from tdnet_ros.segmenter import Segmenter
+
+    domain = pick_domain_id()
+    node = NodeProcess(["-p", f"checkpoint:={checkpoint}", "-p", "device:=cpu", "-p", "scales:=[1, 2]",
+                        "-p", "use_cv_bridge:=false"],
+                       domain_id=domain, log_path=tmp_path / "node.log")
+    reference = Segmenter.from_checkpoint(checkpoint, device="cpu", scales=(1.0, 2.0))
+    received = {}
+
+    def endpoints(client: GraphClient) -> list:
+        received["labels"] = client.subscribe(Image, "segmentation/labels")
+        received["publisher"] = client.publisher(Image, "image", qos_profile_sensor_data)
+        return [received["publisher"]]
+
+    try:
+        client = connect("scales_client", domain, node, endpoints)
+        try:
+            (ready,) = [line for line in node.log().splitlines() if "ready:" in line]
+            assert "input 128x256 at scales 1 2" in ready, ready
+            stamp = time.time_ns()
+            for index in range(3):
+                rgb = frame(40 + index, 96, 200)
+                stamp += 100_000_000
+                expected = reference.segment(rgb).labels
+                received["publisher"].publish(make_image(rgb, stamp_ns=stamp, frame_id="camera"))
+                message = received["labels"].wait_for(lambda m: stamp_ns(m.header.stamp) == stamp, 30.0)
+                assert message is not None, node.log()[-3000:]
+                labels = np.frombuffer(bytes(message.data), np.uint8).reshape(96, message.step)[:, :200]
+                np.testing.assert_array_equal(labels, expected)
+        finally:
+            client.close()
+    finally:
+        node.stop()
         node.kill()
 
 

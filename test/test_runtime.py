@@ -21,6 +21,7 @@ from tdnet_ros.runtime import (
     add_runtime_arguments,
     cpu_computes_bfloat16,
     parse_input_size,
+    parse_scales,
     runtime_from_arguments,
 )
 from tdnet_ros.segmenter import LIBRARY_DEFAULTS, LoadError, load_segmenter
@@ -92,6 +93,19 @@ def test_input_size_text() -> None:
             parse_input_size(bad)
 
 
+def test_scales_are_refused_naming_what_is_wrong() -> None:
+    assert parse_scales("") == (1.0,) and parse_scales("1 1.5") == parse_scales("1,1.5") == (1.0, 1.5)
+    for text, message in (("1 big", "not a list of numbers"), ("1.5", "must start with 1.0"),
+                          ("1 1.5 1.5", "repeats a scale"), ("1 8", "within 0.25..4.0")):
+        with pytest.raises(ValueError, match=message):
+            parse_scales(text)
+    with pytest.raises(ValueError, match="need the eager, compile or cuda-graph backend: prebuilt tensorrt"):
+        RuntimeConfig(backend="tensorrt", scales=(1.0, 1.5))
+    with pytest.raises(ValueError, match="non-empty list of numbers"):
+        RuntimeConfig(scales=())
+    assert RuntimeConfig(scales=[1.0, 0.5]).scales == (1.0, 0.5)  # a list (from YAML) becomes a tuple
+
+
 def test_command_line_flags_build_the_same_configuration() -> None:
     parser = argparse.ArgumentParser()
     add_runtime_arguments(parser, RuntimeConfig(device="cpu"))
@@ -100,6 +114,10 @@ def test_command_line_flags_build_the_same_configuration() -> None:
                                                          precision="bfloat16")
     with pytest.raises(ValueError, match="--input-size"):
         runtime_from_arguments(parser.parse_args(["--input-size", "big"]))
+    args = parser.parse_args(["--scales", "1 1.25"])
+    assert runtime_from_arguments(args) == RuntimeConfig(device="cpu", scales=(1.0, 1.25))
+    with pytest.raises(ValueError, match="--scales: scales \\[1.0, 1.25\\] need the eager"):
+        runtime_from_arguments(parser.parse_args(["--scales", "1 1.25", "--backend", "onnx"]))
 
 
 def test_segmenter_takes_a_runtime_configuration_or_its_documented_keywords() -> None:

@@ -477,6 +477,42 @@ def test_frame_logits_are_where_the_labels_are_taken(size, out_size, align_corne
         torch.testing.assert_close(at_frame, direct, rtol=1e-5, atol=1e-5)
 
 
+def test_multi_scale_labels_are_the_argmax_of_the_scales_mean_probabilities():
+    """scales (1, 1.5): each scale keeps its own cache and sub-network schedule, exactly as a
+    segmenter run at that input size alone; the labels are the argmax of the two scales'
+    softmax probabilities, each bilinear at the frame's size (F.interpolate here)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("td4-tiny"))  # input 128x256
+    both = Segmenter(model, scales=(1.0, 1.5))
+    alone = {1.0: Segmenter(model), 1.5: Segmenter(model, input_size=(192, 384))}
+    frames = random_frames(6, 96, 200)
+    differs = False
+    for index, frame in enumerate(frames):
+        result = both.segment(frame, "cam")
+        probabilities = 0
+        for scale, segmenter in alone.items():
+            single = segmenter.segment(frame, "cam")
+            assert single.path == result.path == index % 4
+            probabilities = probabilities + torch.softmax(
+                F.interpolate(single.logits[None], (96, 200), mode="bilinear", align_corners=False), dim=1)
+            if scale == 1.0:
+                torch.testing.assert_close(result.logits, single.logits)  # the base scale's
+                differs |= bool((single.labels != result.labels).any())
+        np.testing.assert_array_equal(result.labels, probabilities.argmax(1)[0].numpy().astype(np.uint8))
+    assert differs  # the second scale changed some labels
+    assert both.streams() == ["cam"]
+    both.reset("cam")
+    assert both.segment(frames[0], "cam").cache_reset and both.segment(frames[1], "cam").path == 1
+    with pytest.raises(ValueError, match="segment_normalized runs one input size"):
+        both.segment_normalized(torch.zeros(1, 3, 128, 256), "cam")
+    batched, separate = Segmenter(model, scales=(1.0, 1.5)), Segmenter(model, scales=(1.0, 1.5))
+    for first, second in zip(frames[:3], frames[3:]):
+        results = batched.segment_batch({"left": first, "right": second})
+        assert results["left"].batch_size == 2  # the two cameras' steps ran together
+        for stream, frame in (("left", first), ("right", second)):
+            np.testing.assert_array_equal(results[stream].labels, separate.segment(frame, stream).labels)
+
+
 def test_labels_follow_the_upsampling_the_model_was_trained_with():
     """The published checkpoints upsample their logits with align_corners=True, this
     project's trainer with False: the segmenter takes each model's own, from its config."""

@@ -431,10 +431,20 @@ def test_held_out_scoring_refuses_a_bad_input_size(capsys):
         err = capsys.readouterr().err
         assert "--repeat must be at least 1, and above 1 only with --checkpoint" in err and "Traceback" not in err
     with pytest.raises(SystemExit) as stopped:
+        heldout_main(["--ceiling", "64x128", "--seeds", "2001", "--scales", "1 1.5"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "--scales applies only with --checkpoint" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as stopped:
+        heldout_main(["--checkpoint", "x.pt", "--seeds", "2001", "--scales", "1 1.5", "--compare-precision", "bfloat16"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "--repeat and --scales do not apply to --compare-precision" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as stopped:
         heldout_main(["--checkpoint", "x.pt", "--seeds", "2001", "--repeat", "4", "--compare-precision", "bfloat16"])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert "--repeat does not apply to --compare-precision" in err and "Traceback" not in err
+    assert "--repeat and --scales do not apply to --compare-precision" in err and "Traceback" not in err
 
 
 def test_held_out_scoring_stops_quietly_when_its_reader_closes_the_pipe(tmp_path):

@@ -109,6 +109,16 @@ def test_tdnet_demo_bad_input_size_names_the_flag(tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "demo").exists()
 
 
+def test_tdnet_demo_bad_scales_name_the_flag(tmp_path, capsys):
+    from tdnet_ros.cli.demo import main as demo
+
+    with pytest.raises(SystemExit) as caught:
+        demo(["--scales", "2", "--out", str(tmp_path / "demo")])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and "argument --scales: scales must start with 1.0" in err
+    assert "Traceback" not in err and not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize("command", ["tdnet-demo", "tdnet-eval", "tdnet-bench"])
 def test_help_texts_show_every_default(command):
     result = subprocess.run([str(Path(sys.executable).parent / command), "--help"], capture_output=True, text=True)

@@ -1,6 +1,6 @@
 """The one-command demo: a generated street sequence played live into the node.
 
-    tdnet-demo [--out DIR] [--frames N] [--seed S] [--rate R] [--checkpoint P] [--input-size HxW]
+    tdnet-demo [--out DIR] [--frames N] [--seed S] [--rate R] [--checkpoint P] [--input-size HxW] [--scales '1 S2']
 
 1. generates a short street video with ground truth (fixed seed, never used in training)
    and writes it as an MCAP rosbag2;
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..data import generate_sequence, write_rosbag
 from ..data.writers import IMAGE_TOPIC, LABEL_TOPIC
-from ..runtime import RuntimeConfig, input_size_argument, input_size_text
+from ..runtime import RuntimeConfig, input_size_argument, input_size_text, scales_argument
 from ..segmenter import DEFAULT_MODEL_PATH, LoadError, load_segmenter
 from . import evaluate as evaluation_cli
 
@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input-size", type=input_size_argument, default=None, metavar="HxW|frame",
                         help="the node's network input size (default: the model's training size; "
                              "'frame' or a smaller HxW drops fewer frames on a CPU, at some accuracy)")
+    parser.add_argument("--scales", type=scales_argument, default=(1.0,), metavar="'1 S2 ...'",
+                        help="the node's multi-scale inference, e.g. '1 1.5' (default: 1, one scale; more "
+                             "scales are more accurate and drop more frames on a CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.frames < 2:
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tdnet-demo: error: no bundled default model at {DEFAULT_MODEL_PATH}; pass --checkpoint", file=sys.stderr)
         return 2
     try:
-        check_model(args.checkpoint, RuntimeConfig(device=args.device, input_size=args.input_size))
+        check_model(args.checkpoint, RuntimeConfig(device=args.device, input_size=args.input_size, scales=args.scales))
     except LoadError as error:
         print(f"tdnet-demo: error: {error.named('--' + error.setting)}", file=sys.stderr)
         return 2
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluation_args += ["--checkpoint", args.checkpoint]
     if args.input_size:
         evaluation_args += ["--input-size", input_size_text(args.input_size)]
+    if args.scales != (1.0,):
+        evaluation_args += ["--scales", " ".join(f"{scale:g}" for scale in args.scales)]
     if args.no_progress:
         evaluation_args.append("--no-progress")
     status = evaluation_cli.main(evaluation_args)

@@ -393,6 +393,8 @@ def node_arguments(settings: LiveSettings, live_topic: str) -> list[str]:
                         ("engine_dir", runtime.engine_dir)):
         if value != "":
             arguments += ["-p", f"{name}:={value}"]
+    if runtime.scales != (1.0,):
+        arguments += ["-p", f"scales:=[{', '.join(repr(float(scale)) for scale in runtime.scales)}]"]
     if settings.checkpoint:
         arguments += ["-p", f"checkpoint:={settings.checkpoint}"]
     if settings.model:

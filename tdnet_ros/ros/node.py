@@ -412,7 +412,9 @@ class SegmenterNode(LifecycleNode):
 
     def _input_size_text(self) -> str:
         size = self.segmenter.input_size or self.segmenter.config.input_size
-        return size if isinstance(size, str) else f"{size[0]}x{size[1]}"
+        text = size if isinstance(size, str) else f"{size[0]}x{size[1]}"
+        scales = self.segmenter.scales
+        return text if len(scales) == 1 else f"{text} at scales {' '.join(f'{scale:g}' for scale in scales)}"
 
     def _publisher_reliabilities(self, topic: str) -> list[Any]:
         return [info.qos_profile.reliability for info in self.get_publishers_info_by_topic(topic)]

@@ -35,7 +35,7 @@ from tdnet_ros.classes import CLASS_NAMES
 from tdnet_ros.config import feature_size_for
 from tdnet_ros.metrics import SegmentationScores, top_confusions
 from tdnet_ros.preprocess import labels_from_logits
-from tdnet_ros.runtime import InputSize, fixed_size_argument, input_size_argument
+from tdnet_ros.runtime import InputSize, fixed_size_argument, input_size_argument, scales_argument
 
 from .augment import to_tensor
 from .teacher import load_teacher
@@ -56,13 +56,16 @@ def evaluate(
     seeds: Sequence[int], frames: int, *, checkpoint: str | None = None, teacher: str | None = None,
     ceiling: tuple[int, int] | None = None, ceiling_align_corners: bool = False, ceiling_stride: int = 8,
     width: int = 512, height: int = 256, input_size: InputSize = None, repeat: int = 1,
+    scales: tuple[float, ...] = (1.0,),
 ) -> dict:
     """Scores a student checkpoint (or a teacher, or the ideal output of stride `ceiling_stride`
     at input size `ceiling`, its logits upsampled with `ceiling_align_corners`) on the
     generated sequences of `seeds`.
 
     `width` x `height` is the render size; a student runs at `input_size` (None: its
-    checkpoint's training size, as the node does) and is scored at the render size.
+    checkpoint's training size, as the node does) and is scored at the render size; with
+    `scales` it runs at each of those multiples of it (multi-scale inference, Segmenter's
+    `scales`).
 
     `repeat` > 1 (students only) gives the student each frame that many times in a row and
     scores its last output. From as many repeats as it has sub-networks on, every cached
@@ -77,8 +80,10 @@ def evaluate(
         raise ValueError("give exactly one of checkpoint, teacher and ceiling")
     if repeat < 1 or (repeat > 1 and checkpoint is None):
         raise ValueError("repeat must be at least 1, and above 1 only for a student checkpoint")
+    if tuple(scales) != (1.0,) and checkpoint is None:
+        raise ValueError("scales apply only to a student checkpoint")
     if checkpoint is not None:
-        segmenter = Segmenter.from_checkpoint(checkpoint, input_size=input_size)
+        segmenter = Segmenter.from_checkpoint(checkpoint, input_size=input_size, scales=tuple(scales))
         num_classes = segmenter.num_classes
 
         def run(frame) -> np.ndarray:
@@ -122,6 +127,7 @@ def evaluate(
                        else list(ceiling or (height, width))),
         "frames": scores.frames,
         "repeat": repeat,
+        "scales": list(scales),
         "miou": scores.mean_iou,
         "pixel_accuracy": scores.pixel_accuracy,
         "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(names, scores.iou)},
@@ -179,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="with --checkpoint: give each frame N times in a row and score the last output "
                              "(N >= the sub-networks: the model on a still scene; default 1)")
+    parser.add_argument("--scales", type=scales_argument, default=(1.0,), metavar="'1 S2 ...'",
+                        help="with --checkpoint: multi-scale inference, each frame also run at these multiples "
+                             "of the input size, probabilities averaged, e.g. '1 1.5' (default: 1, one scale)")
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--compare-precision", choices=("bfloat16", "float16"),
                         help="instead: this precision's labels against float32 on the first seed, and both latencies")
@@ -186,12 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.repeat < 1 or (args.repeat > 1 and not args.checkpoint):
         parser.error("--repeat must be at least 1, and above 1 only with --checkpoint")
+    if args.scales != (1.0,) and not args.checkpoint:
+        parser.error("--scales applies only with --checkpoint")
     if args.compare_precision:
         if not args.checkpoint:
             parser.error("--compare-precision needs --checkpoint")
-        if args.repeat > 1:
-            # the comparison runs each frame once; a repeat would be silently ignored
-            parser.error("--repeat does not apply to --compare-precision (it runs each frame once)")
+        if args.repeat > 1 or args.scales != (1.0,):
+            # the comparison runs each frame once, at one scale: these would be silently ignored
+            parser.error("--repeat and --scales do not apply to --compare-precision (one run of each frame)")
         result = precision_agreement(args.checkpoint, args.compare_precision, args.seeds[0], args.frames,
                                      args.width, args.height, args.input_size)
         print(json.dumps(result))
@@ -199,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate(args.seeds, args.frames, checkpoint=args.checkpoint, teacher=args.teacher,
                       ceiling=args.ceiling, ceiling_align_corners=args.ceiling_align_corners,
                       ceiling_stride=args.ceiling_stride,
-                      width=args.width, height=args.height, input_size=args.input_size, repeat=args.repeat)
+                      width=args.width, height=args.height, input_size=args.input_size, repeat=args.repeat,
+                      scales=args.scales)
     if args.json:  # before printing: a reader that stops early (`| head`) still gets the file
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -218,6 +230,7 @@ def _print_result(result: dict, args: argparse.Namespace) -> None:
           f"(seeds {result['seeds']}, {args.width}x{args.height} renders, input {input_height}x{input_width}), "
           f"pixel accuracy {100 * result['pixel_accuracy']:.1f}"
           + (f", each frame given {result['repeat']} times" if result["repeat"] > 1 else "")
+          + (f", scales {' '.join(f'{s:g}' for s in result['scales'])}" if len(result["scales"]) > 1 else "")
           + ("" if args.ceiling else
              f", median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)"))
     print(f"  {'class':14s} {'IoU':>5s} {'pixels':>7s}  ground-truth pixels mostly predicted as")
