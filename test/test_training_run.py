@@ -498,6 +498,36 @@ def test_export_without_detail_keeps_the_stride8_logits_and_the_offsets(tmp_path
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_export_at_another_input_size_runs_there_as_the_source_would(tmp_path, capsys):
+    """--input-size makes another size the model's own: run by default at 160x320, the
+    exported model gives the source's labels and logits when the source is run at 160x320
+    (its LayerNorms resized by the forward pass); the stored LayerNorms have the new shape."""
+    from tdnet_ros.training.export import main as export_main
+
+    torch.manual_seed(0)
+    source_model = build_model(ModelConfig.from_name("td4-tiny"))  # input 128x256
+    for path in source_model.paths:
+        torch.nn.init.normal_(path.layer_norm.weight, 1.0, 0.3)  # not flat: a wrong resize would show
+        torch.nn.init.normal_(path.layer_norm.bias, 0.0, 0.3)
+    source = save_checkpoint(source_model, tmp_path / "source.pt")
+    assert export_main([str(source), str(tmp_path / "wide.pt"), "--input-size", "160x320"]) == 0
+    exported = load_model(tmp_path / "wide.pt")
+    assert exported.config.input_size == (160, 320) and exported.paths[0].layer_norm.weight.shape == (20, 40)
+    at_size = Segmenter.from_checkpoint(source, input_size=(160, 320))
+    by_default = Segmenter.from_checkpoint(tmp_path / "wide.pt")
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        frame = rng.integers(0, 256, (90, 170, 3), dtype=np.uint8)
+        a, b = at_size.segment(frame), by_default.segment(frame)
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(b.labels, a.labels)
+    with pytest.raises(SystemExit) as stopped:
+        export_main([str(source), str(tmp_path / "x.pt"), "--input-size", "wide"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "--input-size" in err and "Traceback" not in err
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_export_without_detail_of_a_model_without_one_is_one_line(tmp_path, capsys):
     from tdnet_ros.training.export import main as export_main
 

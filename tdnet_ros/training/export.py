@@ -4,6 +4,7 @@ configuration only (no optimizer), written atomically, with its SHA-256 next to 
     python -m tdnet_ros.training.export outputs/train_default/model.pt tdnet_ros/models/default.pt
     python -m tdnet_ros.training.export outputs/train_wide/model.pt tdnet_ros/models/default.pt --float16-kernels
     python -m tdnet_ros.training.export outputs/detail/model.pt outputs/plain.pt --without-detail td4-r18-narrow
+    python -m tdnet_ros.training.export tdnet_ros/models/default.pt outputs/at640.pt --input-size 640x1280
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 
 from tdnet_ros.checkpoint import file_sha256, load_model, read_checkpoint, save_checkpoint
-from tdnet_ros.model import TDNet, build_model
+from tdnet_ros.model import TDNet, build_model, fit_layer_norms
+from tdnet_ros.runtime import fixed_size_argument
 
 # the provenance a shipped checkpoint keeps (calibrate keeps the same)
 KEEP = ("train_config", "val_miou", "iteration", "calibration", "averaged_from")
@@ -37,8 +39,18 @@ def without_detail(model: TDNet, name: str) -> TDNet:
     return plain
 
 
+def at_input_size(model: TDNet, input_size: tuple[int, int]) -> TDNet:
+    """The model with `input_size` as its own (ModelConfig.input_size: the size the segmenter
+    runs it at by default). Its LayerNorms' affine parameters are resized to the new feature
+    map as the forward pass resizes them at another input size, so at `input_size` it
+    computes exactly what the original computes when run at that size."""
+    resized = build_model(dataclasses.replace(model.config, input_size=tuple(input_size)))
+    resized.load_state_dict(fit_layer_norms(model.state_dict(), resized), strict=True)
+    return resized
+
+
 def export(source: str | Path, target: str | Path, *, float16_kernels: bool = False,
-           without_detail_as: str | None = None, **extra) -> str:
+           without_detail_as: str | None = None, input_size: tuple[int, int] | None = None, **extra) -> str:
     """Writes `target` (loadable by Segmenter.from_checkpoint) and `<target>.sha256`; returns the hash.
 
     float16_kernels: store the convolution kernels (nearly all of the weights) in float16,
@@ -46,6 +58,7 @@ def export(source: str | Path, target: str | Path, *, float16_kernels: bool = Fa
     LayerNorm and bias tensors stay float32 (running variances can be too small for float16).
     without_detail_as: drop the stride-4 detail refinement (see without_detail) and name the
     variant so.
+    input_size: the input size the model is run at by default from now on (see at_input_size).
     """
     content = read_checkpoint(source)
     model = load_model(source)
@@ -53,6 +66,8 @@ def export(source: str | Path, target: str | Path, *, float16_kernels: bool = Fa
         if not model.config.detail_channels:
             raise ValueError(f"{source} has no detail refinement to drop")
         model = without_detail(model, without_detail_as)
+    if input_size is not None:
+        model = at_input_size(model, input_size)
     kept = {k: content[k] for k in KEEP if k in content}
     state = model.state_dict()
     if float16_kernels:
@@ -71,10 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="store the convolution kernels in float16 (half the size; loaded back as float32)")
     parser.add_argument("--without-detail", metavar="NAME",
                         help="drop the stride-4 detail refinement (stride-8 output), naming the variant NAME")
+    parser.add_argument("--input-size", type=fixed_size_argument, metavar="HxW",
+                        help="the input size the segmenter runs the model at by default (its LayerNorms fitted "
+                             "to it); default: the source's")
     args = parser.parse_args(argv)
     try:
         digest = export(args.source, args.target, float16_kernels=args.float16_kernels,
-                        without_detail_as=args.without_detail)
+                        without_detail_as=args.without_detail, input_size=args.input_size)
     except ValueError as error:
         print(f"export: {error}", file=sys.stderr)
         return 2
