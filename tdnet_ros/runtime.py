@@ -78,7 +78,8 @@ def scales_problem(scales: Any, backend: str = AUTO) -> str | None:
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     """The input size (height, width) at `scale` times `size`, each side rounded."""
-    return tuple(min(MAX_INPUT_SIDE, max(MIN_INPUT_SIDE, round(side * scale))) for side in size)  # type: ignore[return-value]
+    height, width = (min(MAX_INPUT_SIDE, max(MIN_INPUT_SIDE, round(side * scale))) for side in size)
+    return height, width
 
 
 def parse_scales(text: str) -> tuple[float, ...]:

@@ -373,7 +373,8 @@ def test_bundled_default_model_matches_its_hash():
     # the README's section on the bundled model quotes the digest in full
     assert f"`{digest}`" in (Path(__file__).parents[1] / "README.md").read_text()
     segmenter = Segmenter.default()
-    assert segmenter.config.name == "td4-r18-narrow" and segmenter.config.input_size == (512, 1024)
+    # run at 640x1280 since session 31, chosen on validation seeds (README)
+    assert segmenter.config.name == "td4-r18-narrow" and segmenter.config.input_size == (640, 1280)
     assert segmenter.config.detail_channels == 0  # dropped in sitting 41 (README)
 
 

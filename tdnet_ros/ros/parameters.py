@@ -120,7 +120,7 @@ _SPECS: dict[str, _Spec] = {
     "scales": _Spec(
         "Multi-scale inference: each frame also runs at these multiples of the input size (its "
         "own feature cache per scale) and the labels are the argmax of the mean probabilities. "
-        "[1.0] = one scale; e.g. [1.0, 1.5] is more accurate at about 3.25x the compute. "
+        "[1.0] = one scale; e.g. [1.0, 1.5] with input_size 512x1024 is the most accurate setting measured (README). "
         "Not with the onnx or tensorrt backends (their steps are built for one input size).",
         read_only=True,
     ),
