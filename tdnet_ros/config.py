@@ -35,7 +35,9 @@ class ModelConfig:
     # conv at stride 8, then upsampled beside the logits); 0: it reads the logits alone.
     detail_guide_channels: int = 0
     num_classes: int = 19
-    input_size: tuple[int, int] = (769, 1537)  # (height, width) the model was trained at
+    # (height, width) the model runs at by default: the size it was trained at, unless exported
+    # at another (training.export --input-size; the bundled model: trained at 512x1024, run at 640x1280)
+    input_size: tuple[int, int] = (769, 1537)
     # How the stride-8 logits are upsampled to the input size: as the model was trained.
     # The published checkpoints use align_corners=True; this project's trainer trains with
     # False (the feature cells' own geometry), which a checkpoint stored without the field

@@ -43,7 +43,7 @@ class DeviceError(ValueError):
 
 
 def parse_input_size(text: str) -> InputSize:
-    """"" -> None (the model's training size), "frame", or "HEIGHTxWIDTH" -> (h, w).
+    """"" -> None (the model's own input size), "frame", or "HEIGHTxWIDTH" -> (h, w).
 
     Raises:
         ValueError: anything else, or a side outside MIN_INPUT_SIDE..MAX_INPUT_SIDE.
@@ -113,7 +113,7 @@ class RuntimeConfig:
     backend: str = AUTO  # auto (cuda-graph on CUDA, eager on the CPU) | one of BACKENDS
     fallback: str = AUTO  # where the backend cannot run: auto (cuda-graph on CUDA, else eager) | FALLBACKS
     preprocess: str = AUTO  # auto (device on CUDA, cv2 on the CPU) | cv2 | device
-    input_size: InputSize = None  # None: the model's training size | (height, width) | "frame"
+    input_size: InputSize = None  # None: the model's own input size | (height, width) | "frame"
     # Multi-scale inference: each frame also runs at these multiples of the input size (one
     # feature cache each), and the labels are the argmax of the scales' mean probabilities.
     # (1.0,): one scale, the TDNet of the paper.
@@ -266,7 +266,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, defaults: RuntimeConf
     group.add_argument("--preprocess", default=defaults.preprocess, choices=(AUTO, *PREPROCESS),
                        help="where frames are resized and normalized (default: %(default)s)")
     group.add_argument("--input-size", default=input_size_text(defaults.input_size), metavar="HxW|frame",
-                       help="network input size (default: the model's training size)")
+                       help="network input size (default: the model's own input size)")
     group.add_argument("--scales", type=scales_argument, default=defaults.scales, metavar="'1 S2 ...'",
                        help="multi-scale inference: also run each frame at these multiples of the input size "
                             "and average the probabilities, e.g. '1 1.5' (default: 1, one scale)")

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default="", help="checkpoint for the node (empty: the bundled model)")
     parser.add_argument("--device", default="cpu", help="the node's device: cpu, cuda, cuda:N or auto")
     parser.add_argument("--input-size", type=input_size_argument, default=None, metavar="HxW|frame",
-                        help="the node's network input size (default: the model's training size; "
+                        help="the node's network input size (default: the model's own input size; "
                              "'frame' or a smaller HxW drops fewer frames on a CPU, at some accuracy)")
     parser.add_argument("--scales", type=scales_argument, default=(1.0,), metavar="'1 S2 ...'",
                         help="the node's multi-scale inference, e.g. '1 1.5' (default: 1, one scale; more "

@@ -34,7 +34,7 @@ class NodeConfig:
     backend: str = "auto"  # auto (cuda-graph on CUDA, eager on the CPU) | eager | compile | cuda-graph | onnx | tensorrt
     engine_dir: str = ""  # prebuilt ONNX files / TensorRT engines (tdnet-build-engines)
     preprocess: str = "auto"  # auto (device on CUDA, cv2 on the CPU) | cv2 | device
-    input_size: str = ""  # "" = the model's training size | HEIGHTxWIDTH | frame
+    input_size: str = ""  # "" = the model's own input size | HEIGHTxWIDTH | frame
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale inference: [1.0, 1.5]
     batch_cameras: bool = True  # cameras at the same sub-network step run as one batch
     class_table: str = ""  # YAML class table overriding the checkpoint's names/colours
@@ -113,7 +113,7 @@ _SPECS: dict[str, _Spec] = {
         choices=(runtime.AUTO, *runtime.PREPROCESS),
     ),
     "input_size": _Spec(
-        "Size frames are resized to for the network: empty = the model's training size, "
+        "Size frames are resized to for the network: empty = the model's own input size, "
         "HEIGHTxWIDTH (e.g. 544x960), or frame (each frame's own size).",
         read_only=True,
     ),
