@@ -98,6 +98,11 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
+def scales_text(scales: tuple[float, ...]) -> str:
+    """(1.0, 1.5) -> "1 1.5": what parse_scales and the --scales flags read."""
+    return " ".join(f"{scale:g}" for scale in scales)
+
+
 def input_size_text(size: InputSize) -> str:
     if size is None:
         return ""

@@ -406,9 +406,10 @@ class Segmenter:
                 outputs[key] = (logits[row], path, warm, resets[row], len(members))
                 finite[key] = finite_rows[row]
         labels: dict[str, torch.Tensor] = {}
+        keys_of = {stream: self._scale_keys(stream) for stream in out_sizes}
         with times("postprocess"):
             for stream, out_size in out_sizes.items():
-                keys = self._scale_keys(stream)
+                keys = keys_of[stream]
                 state = self._streams[stream]
                 for key in keys:
                     self._hand_over(scale_outputs[key][0], compute, state.cuda_stream)
@@ -424,7 +425,7 @@ class Segmenter:
         results = {}
         for stream in out_sizes:  # in the order given
             logits, path, warm, reset, batch_size = outputs[stream]
-            all_finite = all(bool(finite[key]) for key in self._scale_keys(stream))
+            all_finite = all(bool(finite[key]) for key in keys_of[stream])  # read last: a CUDA sync
             results[stream] = SegmentResult(on_host[stream], logits, path, dict(timings), warm, reset, batch_size,
                                             all_finite)
         return results

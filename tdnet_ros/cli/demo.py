@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..data import generate_sequence, write_rosbag
 from ..data.writers import IMAGE_TOPIC, LABEL_TOPIC
-from ..runtime import RuntimeConfig, input_size_argument, input_size_text, scales_argument
+from ..runtime import RuntimeConfig, input_size_argument, input_size_text, scales_argument, scales_text
 from ..segmenter import DEFAULT_MODEL_PATH, LoadError, load_segmenter
 from . import evaluate as evaluation_cli
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.input_size:
         evaluation_args += ["--input-size", input_size_text(args.input_size)]
     if args.scales != (1.0,):
-        evaluation_args += ["--scales", " ".join(f"{scale:g}" for scale in args.scales)]
+        evaluation_args += ["--scales", scales_text(args.scales)]
     if args.no_progress:
         evaluation_args.append("--no-progress")
     status = evaluation_cli.main(evaluation_args)

@@ -56,6 +56,7 @@ from tdnet_ros.image_encoding import ImageLimits, decode_image
 from tdnet_ros.masks import Renderer
 from tdnet_ros.preprocess import check_frame
 from tdnet_ros.reset_rule import ResetSettings
+from tdnet_ros.runtime import scales_text
 from tdnet_ros.ros.camera import Camera, camera_status, output_namespaces, reliability_name
 from tdnet_ros.ros.interfaces import load_messages
 from tdnet_ros.ros.outputs import CameraOutputs, FrameJob, OutputPublishers, PreparedFrame, destroy_publishers
@@ -414,7 +415,7 @@ class SegmenterNode(LifecycleNode):
         size = self.segmenter.input_size or self.segmenter.config.input_size
         text = size if isinstance(size, str) else f"{size[0]}x{size[1]}"
         scales = self.segmenter.scales
-        return text if len(scales) == 1 else f"{text} at scales {' '.join(f'{scale:g}' for scale in scales)}"
+        return text if len(scales) == 1 else f"{text} at scales {scales_text(scales)}"
 
     def _publisher_reliabilities(self, topic: str) -> list[Any]:
         return [info.qos_profile.reliability for info in self.get_publishers_info_by_topic(topic)]

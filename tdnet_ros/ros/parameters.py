@@ -235,9 +235,14 @@ def _descriptor(name: str, default: Any) -> ParameterDescriptor:
             IntegerRange(from_value=spec.int_range[0], to_value=spec.int_range[1], step=1)
         ]
     if isinstance(default, list):
-        floats = bool(default) and isinstance(default[0], float)
-        descriptor.type = ParameterType.PARAMETER_DOUBLE_ARRAY if floats else ParameterType.PARAMETER_STRING_ARRAY
+        descriptor.type = (ParameterType.PARAMETER_DOUBLE_ARRAY if _is_double_array(default)
+                           else ParameterType.PARAMETER_STRING_ARRAY)
     return descriptor
+
+
+def _is_double_array(default: Any) -> bool:
+    """Whether a NodeConfig default is a list of doubles (the others are lists of strings)."""
+    return isinstance(default, list) and bool(default) and isinstance(default[0], float)
 
 
 def check_value(name: str, value: Any) -> Optional[str]:
@@ -368,13 +373,12 @@ def declare_parameters(node: Node) -> NodeConfig:
     overrides = getattr(node, "_parameter_overrides", {})  # rclpy: values from files and -p
     for item in fields(NodeConfig):
         given = overrides.get(item.name)
-        if isinstance(item.default, float) and given is not None and given.type_ == Parameter.Type.INTEGER:
-            # `overlay_alpha: 1` in YAML is an integer: a double parameter takes it.
-            overrides[item.name] = Parameter(item.name, Parameter.Type.DOUBLE, float(given.value))
-        if item.name == "scales" and given is not None and given.type_ == Parameter.Type.INTEGER_ARRAY:
-            # `scales: [1, 2]` in YAML is an integer array: a double array takes it.
-            overrides[item.name] = Parameter(item.name, Parameter.Type.DOUBLE_ARRAY, [float(v) for v in given.value])
         default = getattr(config, item.name)
+        # Integers in YAML for doubles (`overlay_alpha: 1`, `scales: [1, 2]`): the double parameter takes them.
+        if isinstance(default, float) and given is not None and given.type_ == Parameter.Type.INTEGER:
+            overrides[item.name] = Parameter(item.name, Parameter.Type.DOUBLE, float(given.value))
+        if _is_double_array(default) and given is not None and given.type_ == Parameter.Type.INTEGER_ARRAY:
+            overrides[item.name] = Parameter(item.name, Parameter.Type.DOUBLE_ARRAY, [float(v) for v in given.value])
         try:
             parameter = node.declare_parameter(
                 item.name, default, _descriptor(item.name, default)

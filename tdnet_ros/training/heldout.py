@@ -35,7 +35,7 @@ from tdnet_ros.classes import CLASS_NAMES
 from tdnet_ros.config import feature_size_for
 from tdnet_ros.metrics import SegmentationScores, top_confusions
 from tdnet_ros.preprocess import labels_from_logits
-from tdnet_ros.runtime import InputSize, fixed_size_argument, input_size_argument, scales_argument
+from tdnet_ros.runtime import InputSize, fixed_size_argument, input_size_argument, scales_argument, scales_text
 
 from .augment import to_tensor
 from .teacher import load_teacher
@@ -63,7 +63,7 @@ def evaluate(
     generated sequences of `seeds`.
 
     `width` x `height` is the render size; a student runs at `input_size` (None: its
-    checkpoint's training size, as the node does) and is scored at the render size; with
+    checkpoint's own input size, as the node does) and is scored at the render size; with
     `scales` it runs at each of those multiples of it (multi-scale inference, Segmenter's
     `scales`).
 
@@ -230,7 +230,7 @@ def _print_result(result: dict, args: argparse.Namespace) -> None:
           f"(seeds {result['seeds']}, {args.width}x{args.height} renders, input {input_height}x{input_width}), "
           f"pixel accuracy {100 * result['pixel_accuracy']:.1f}"
           + (f", each frame given {result['repeat']} times" if result["repeat"] > 1 else "")
-          + (f", scales {' '.join(f'{s:g}' for s in result['scales'])}" if len(result["scales"]) > 1 else "")
+          + (f", scales {scales_text(result['scales'])}" if len(result["scales"]) > 1 else "")
           + ("" if args.ceiling else
              f", median latency {result['latency_ms_median']:.1f} ms/frame ({result['threads']} thread)"))
     print(f"  {'class':14s} {'IoU':>5s} {'pixels':>7s}  ground-truth pixels mostly predicted as")
