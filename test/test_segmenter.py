@@ -513,6 +513,32 @@ def test_multi_scale_labels_are_the_argmax_of_the_scales_mean_probabilities():
             np.testing.assert_array_equal(results[stream].labels, separate.segment(frame, stream).labels)
 
 
+def test_multi_scale_at_each_frames_own_size_scales_that_size():
+    """input_size "frame" with scales (1, 1.5): each stream's base scale runs at its frame's
+    own size and the second at 1.5 times it, exactly as segmenters fixed at those two sizes
+    do, for two cameras of different sizes side by side."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("td4-tiny"))
+    both = Segmenter(model, input_size="frame", scales=(1.0, 1.5))
+    cameras = {"small": random_frames(3, 96, 200), "large": random_frames(3, 128, 256)}
+    alone = {name: (Segmenter(model, input_size=frames[0].shape[:2]),
+                    Segmenter(model, input_size=(round(1.5 * frames[0].shape[0]), round(1.5 * frames[0].shape[1]))))
+             for name, frames in cameras.items()}
+    for index in range(3):
+        results = both.segment_batch({name: frames[index] for name, frames in cameras.items()})
+        for name, frames in cameras.items():
+            frame = frames[index]
+            base, larger = (segmenter.segment(frame, name) for segmenter in alone[name])
+            assert base.logits.shape[-2:] == tuple(side // 8 for side in frame.shape[:2])
+            torch.testing.assert_close(results[name].logits, base.logits)  # the base scale's
+            probabilities = sum(torch.softmax(F.interpolate(single.logits[None], frame.shape[:2], mode="bilinear",
+                                                            align_corners=False), dim=1) for single in (base, larger))
+            np.testing.assert_array_equal(results[name].labels, probabilities.argmax(1)[0].numpy().astype(np.uint8))
+    assert sorted(both.streams()) == ["large", "small"]
+    with pytest.raises(ValueError, match="warm_up needs frame_size"):
+        both.warm_up()
+
+
 def test_labels_follow_the_upsampling_the_model_was_trained_with():
     """The published checkpoints upsample their logits with align_corners=True, this
     project's trainer with False: the segmenter takes each model's own, from its config."""
