@@ -199,6 +199,31 @@ def test_the_training_curve_is_drawn_from_the_log(tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
+def test_the_shipped_line_is_drawn_from_the_training_log(tmp_path, capsys):
+    from tdnet_ros.training.curve import SHIPPED_TABLE_HEADER, ShippedModel, main as curve, read_shipped
+
+    log = tmp_path / "log.md"
+    log.write_text(f"# log\n\n{SHIPPED_TABLE_HEADER} what it changed |\n| --- | --- | --- | --- |\n"
+                   "| before 1 | 19 | 25.6 | the old model |\n| 1 | ≈97 | 31.4 | the recipe |\n"
+                   "| 10 | 0 | 52.0 | calibrated |\n\nAfter the table.\n")
+    assert read_shipped(log) == [ShippedModel("before 1", 19.0, 25.6, "the old model"),
+                                 ShippedModel("1", 97.0, 31.4, "the recipe"), ShippedModel("10", 0.0, 52.0, "calibrated")]
+    assert curve(["--shipped", str(log), "--out", str(tmp_path / "line.png")]) == 0
+    assert (tmp_path / "line.png").stat().st_size > 1000
+    # The repository's own training log parses, sittings in order.
+    rows = read_shipped(Path(__file__).resolve().parents[1] / "docs" / "training-log.md")
+    numbers = [int(row.sitting) for row in rows[1:]]
+    assert rows[0].sitting == "before 1" and numbers == sorted(numbers) and len(numbers) > 10
+    log.write_text(f"{SHIPPED_TABLE_HEADER} what |\n| --- | --- | --- | --- |\n| 2 | about an hour | 35.4 | x |\n")
+    with pytest.raises(SystemExit) as caught:
+        curve(["--shipped", str(log), "--out", str(tmp_path / "bad.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert caught.value.code == 2 and "about an hour" in err[-1] and "Traceback" not in "".join(err)
+    with pytest.raises(SystemExit):
+        curve([str(tmp_path / "log.csv"), "--shipped", str(log), "--out", str(tmp_path / "both.png")])
+    assert "not both" in capsys.readouterr().err
+
+
 def test_weights_continue_at_another_input_size():
     # The spatial LayerNorm's parameters are resized when a checkpoint continues at a new
     # input size; the model then computes exactly what the old one computes at that size.
