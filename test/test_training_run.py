@@ -14,13 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tdnet_ros.checkpoint import load_model, read_checkpoint, save_checkpoint
+from tdnet_ros.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
 from tdnet_ros.data import generate_sequence
 from tdnet_ros.model import build_model
 from tdnet_ros.segmenter import Segmenter
 from tdnet_ros.cli.train import main as train_cli
 from tdnet_ros.training.config import ConfigError, TrainConfig, from_dict, load_config
+from tdnet_ros.training.teacher import ScaledTDNetTeacher, load_distillation_teacher
 from tdnet_ros.training.trainer import _batches, _student_config, _TrainView, build_datasets, learning_rate, train
 
 TINY = {
@@ -135,6 +136,10 @@ def test_teacher_then_distilled_student(tmp_path, cache_dir):
     train(no_kd)
     assert "loss_kd_full" not in _log(tmp_path / "no_kd")[-1]
 
+    # a grouped teacher runs at the clip's size only
+    with pytest.raises(CheckpointError, match=r"teacher_scales \[1.0, 1.5\] apply to a TDNet"):
+        load_distillation_teacher(teacher.checkpoint, (1.0, 1.5))
+
     # held-out scoring of the teacher, against its logits upsampled by F.interpolate here
     from tdnet_ros.metrics import SegmentationScores
     from tdnet_ros.training.augment import to_tensor
@@ -149,6 +154,41 @@ def test_teacher_then_distilled_student(tmp_path, cache_dir):
         reference.update(logits.argmax(1)[0].numpy().astype(np.int64), frame.labels.astype(np.int64))
     scores = evaluate([5], 2, teacher=str(teacher.checkpoint), width=128, height=64)
     assert scores["frames"] == 2 and scores["miou"] == pytest.approx(reference.mean_iou, abs=1e-9)
+
+
+def test_a_tdnet_teacher_teaches_its_multi_scale_probabilities():
+    """ScaledTDNetTeacher: at scale 1 its output's softmax is the model's own on the clip; at
+    (1, 1.5) it is the mean of that and the model's on the clip enlarged 1.5x (frames by
+    F.interpolate here), each brought to the student's logit size."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("td4-tiny")).eval()
+    clip = [torch.randn(2, 3, 64, 128) for _ in range(4)]  # N x (B, 3, h, w)
+    with torch.no_grad():
+        own = model.forward_clip(clip, 1)[-1].logits  # (2, 19, 8, 16)
+        enlarged = model.forward_clip([F.interpolate(f, (96, 192), mode="bilinear") for f in clip], 1)[-1].logits
+    one = ScaledTDNetTeacher(model, (1.0,))(clip, 1, (8, 16))
+    torch.testing.assert_close(torch.softmax(one, 1), torch.softmax(own, 1), rtol=1e-5, atol=1e-6)
+    two = ScaledTDNetTeacher(model, (1.0, 1.5))(clip, 1, (8, 16))
+    expected = (torch.softmax(own, 1) + torch.softmax(F.interpolate(enlarged, (8, 16), mode="bilinear"), 1)) / 2
+    torch.testing.assert_close(torch.softmax(two, 1), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(torch.softmax(two, 1), torch.softmax(one, 1), atol=1e-3)  # the second scale counts
+
+
+def test_a_student_distils_a_tdnet_checkpoint_at_two_scales(tmp_path, cache_dir, capsys):
+    start = train(tiny_config(tmp_path / "start", cache_dir)).checkpoint
+    student = tiny_config(tmp_path / "student", cache_dir).replace(
+        teacher_checkpoint=str(start), teacher_scales=[1.0, 1.5], loss={"kd_full": 1.0, "kd_group": 0.0})
+    assert student.teacher_scales == (1.0, 1.5)
+    train(student)
+    row = _log(tmp_path / "student")[-1]
+    assert float(row["loss_kd_full"]) > 0 and "loss_kd_group" not in row
+    with pytest.raises(ValueError, match="loss.kd_group needs a grouped teacher"):
+        train(student.replace(loss={"kd_group": 0.5}))
+    with pytest.raises(ConfigError, match=r"teacher_scales must be distinct numbers within 0.25..4.0, got \[1.0, 1.0\]"):
+        student.replace(teacher_scales=[1.0, 1.0])
+    with pytest.raises(CheckpointError, match="neither a grouped teacher nor a TDNet checkpoint"):
+        torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+        load_distillation_teacher(tmp_path / "other.pt", (1.0,))
 
 
 def test_reused_freed_memory_keeps_a_freed_large_block_for_reuse():

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from tdnet_ros.data import rare_object_rate_problem
+from tdnet_ros.runtime import MAX_SCALE, MIN_SCALE
 
 from .augment import AugmentConfig
 from .losses import LossWeights
@@ -115,6 +116,9 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to replace
     teacher: dict[str, Any] = field(default_factory=dict)  # TeacherConfig fields (teacher stage)
     teacher_checkpoint: str = ""  # trained teacher for the distillation terms ("" = no KD)
+    # A TDNet teacher_checkpoint runs each clip at these multiples of its size and teaches the
+    # mean of their probabilities (loss.kd_full only); a grouped teacher runs at 1.0.
+    teacher_scales: tuple[float, ...] = (1.0,)
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     optim: OptimConfig = OptimConfig()
@@ -130,6 +134,11 @@ class TrainConfig:
             raise ConfigError(f"data.gaps must be [min, max] with 1 <= min <= max, got {list(self.data.gaps)}")
         if self.optim.iterations < 1 or self.optim.batch_size < 1:
             raise ConfigError("optim.iterations and optim.batch_size must be >= 1")
+        object.__setattr__(self, "teacher_scales", tuple(self.teacher_scales))  # a list from YAML
+        scales = self.teacher_scales
+        if not scales or any(not MIN_SCALE <= s <= MAX_SCALE for s in scales) or len(set(scales)) != len(scales):
+            raise ConfigError(f"teacher_scales must be distinct numbers within {MIN_SCALE}..{MAX_SCALE}, "
+                              f"got {list(scales)}")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -1,5 +1,7 @@
-"""The single-frame teacher: a dilated ResNet + pyramid pooling whose features are split into
-the student's N channel groups, each with its own head ("grouped" outputs), plus a full head.
+"""The distillation teachers. The single-frame teacher: a dilated ResNet + pyramid pooling
+whose features are split into the student's N channel groups, each with its own head
+("grouped" outputs), plus a full head. Or a trained TDNet run at several scales
+(ScaledTDNetTeacher), which teaches the full output only.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdnet_ros.backbone import DilatedResNet
-from tdnet_ros.checkpoint import CheckpointError, check_finite, load_file, save_file
+from tdnet_ros.checkpoint import FORMAT, CheckpointError, check_finite, load_file, model_from_checkpoint, save_file
+from tdnet_ros.model import TDNet
+from tdnet_ros.runtime import scaled_size
 
 TEACHER_FORMAT = "tdnet_ros-teacher/1"
 
@@ -115,3 +119,52 @@ def load_teacher(path: str | Path) -> TeacherNet:
     except ValueError as error:
         raise CheckpointError(f"teacher checkpoint {path}: {error}") from None
     return model.eval()
+
+
+class ScaledTDNetTeacher(nn.Module):
+    """A trained TDNet as the distillation teacher of the full output (loss.kd_full), run over
+    each clip at several multiples of its size: the model itself at the scales of its
+    multi-scale inference (`Segmenter(scales=...)`), say, whose labels beat its one scale.
+
+    Its output for the clip's last frame is the log of the scales' mean softmax
+    probabilities at the student's logit size: as logits, their softmax is that mean.
+    """
+
+    def __init__(self, model: TDNet, scales: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.scales = scales
+
+    @torch.no_grad()
+    def forward(self, clip: list[torch.Tensor], first_path: int, logits_size: tuple[int, int]) -> torch.Tensor:
+        """clip: N x (B, 3, h, w) normalized frames; returns (B, K, *logits_size)."""
+        size = tuple(clip[0].shape[-2:])
+        probabilities = torch.zeros(())
+        for scale in self.scales:
+            scaled = scaled_size(size, scale)
+            frames = clip if scaled == size else [
+                F.interpolate(frame, scaled, mode="bilinear", align_corners=False) for frame in clip]
+            logits = self.model.forward_clip(frames, first_path)[-1].logits.float()  # (B, K, h', w')
+            logits = F.interpolate(logits, logits_size, mode="bilinear",
+                                   align_corners=self.model.config.upsample_align_corners)
+            probabilities = probabilities + torch.softmax(logits, dim=1)
+        return torch.log(probabilities / len(self.scales)).clamp_min(-30.0)  # (B, K, *logits_size)
+
+
+def load_distillation_teacher(path: str | Path, scales: tuple[float, ...]) -> TeacherNet | ScaledTDNetTeacher:
+    """The teacher of `teacher_checkpoint`: a grouped teacher (`tdnet-train` stage teacher),
+    or a TDNet checkpoint run at `scales`, which a grouped teacher does not take.
+
+    Raises:
+        CheckpointError: neither kind of checkpoint, or scales given with a grouped teacher.
+    """
+    content = load_file(path, "teacher checkpoint")
+    if isinstance(content, dict) and content.get("format") == TEACHER_FORMAT:
+        if tuple(scales) != (1.0,):
+            raise CheckpointError(f"teacher_scales {list(scales)} apply to a TDNet teacher_checkpoint; "
+                                  f"{path} is a grouped teacher, which runs at the clip's size")
+        return load_teacher(path)
+    if not isinstance(content, dict) or content.get("format") != FORMAT:
+        raise CheckpointError(f"teacher_checkpoint {path} is neither a grouped teacher nor a TDNet checkpoint "
+                              "written by tdnet-train")
+    return ScaledTDNetTeacher(model_from_checkpoint(content, path), tuple(scales))

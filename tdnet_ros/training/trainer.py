@@ -31,7 +31,8 @@ from .calibrate import without_offsets
 from .config import TrainConfig
 from .datasets import CAMVID_CLASSES, CAMVID_COLORS, CamVidClips, CityscapesClips, ClipDataset, GeneratedClips
 from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy, student_loss
-from .teacher import TeacherConfig, TeacherNet, load_teacher, save_teacher
+from .teacher import (ScaledTDNetTeacher, TeacherConfig, TeacherNet, load_distillation_teacher, load_teacher,
+                      save_teacher)
 from .widen import widen_state
 
 LAST_CHECKPOINT = "last.pt"
@@ -454,7 +455,7 @@ def _train(config: TrainConfig, resume: bool, stop_at: int | None) -> TrainResul
 
     # Models
     student_config = _student_config(config)
-    teacher_kd: TeacherNet | None = None
+    teacher_kd: TeacherNet | ScaledTDNetTeacher | None = None
     if teacher_stage:
         teacher_fields = {"num_groups": student_config.num_paths, "num_classes": num_classes, **config.teacher}
         net: nn.Module = TeacherNet(TeacherConfig.from_dict(teacher_fields))
@@ -470,8 +471,12 @@ def _train(config: TrainConfig, resume: bool, stop_at: int | None) -> TrainResul
         clip_length = student_config.num_paths
         input_size = student_config.input_size
         if config.teacher_checkpoint and (config.loss.kd_full or config.loss.kd_group):
-            teacher_kd = load_teacher(config.teacher_checkpoint).to(device).eval()
-            if teacher_kd.config.num_groups != student_config.num_paths:
+            teacher_kd = load_distillation_teacher(config.teacher_checkpoint, config.teacher_scales).to(device).eval()
+            if isinstance(teacher_kd, ScaledTDNetTeacher) and config.loss.kd_group:
+                raise ValueError(f"loss.kd_group needs a grouped teacher; teacher_checkpoint "
+                                 f"{config.teacher_checkpoint} is a TDNet, which teaches loss.kd_full only: "
+                                 "set loss.kd_group to 0")
+            if isinstance(teacher_kd, TeacherNet) and teacher_kd.config.num_groups != student_config.num_paths:
                 raise ValueError(
                     f"teacher {config.teacher_checkpoint} has {teacher_kd.config.num_groups} groups, "
                     f"the student {student_config.num_paths} sub-networks"
@@ -660,7 +665,7 @@ def autocast_enabled(amp: bool | str, device: torch.device, report: bool = True)
     return amp is True
 
 
-def _student_step_loss(net, teacher: TeacherNet | None, x, y, first_path: int, config: TrainConfig,
+def _student_step_loss(net, teacher: TeacherNet | ScaledTDNetTeacher | None, x, y, first_path: int, config: TrainConfig,
                        memory_format: torch.memory_format = torch.contiguous_format,
                        class_weights: torch.Tensor | None = None, window: torch.Tensor | None = None,
                        align_corners: bool = False):
@@ -671,7 +676,9 @@ def _student_step_loss(net, teacher: TeacherNet | None, x, y, first_path: int, c
     clip = [x[:, j].contiguous(memory_format=memory_format) for j in range(n)]
     logits, aux = net(clip, first_path, window)
     teacher_full, sub_logits, teacher_groups = None, None, None
-    if teacher is not None:
+    if isinstance(teacher, ScaledTDNetTeacher):
+        teacher_full = teacher(clip, first_path, tuple(logits[-1].shape[-2:]))
+    elif teacher is not None:
         with torch.no_grad():
             teacher_out = teacher(x.flatten(0, 1).contiguous(memory_format=memory_format))  # (B*N, 3, h, w)
         b = x.shape[0]
