@@ -9,7 +9,8 @@ import numpy as np
 from tdnet_ros.evaluation.recorder import EvaluationRecorder
 
 
-def _pyplot():
+def headless_pyplot():
+    """matplotlib.pyplot on the Agg backend, which draws PNGs without a display."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -30,7 +31,7 @@ def plot_per_class_iou(recorder: EvaluationRecorder, path: Path, provenance: str
     per_class = recorder.per_class_iou()
     if not per_class:
         return None
-    plt = _pyplot()
+    plt = headless_pyplot()
     names = list(per_class)
     values = [per_class[n] if per_class[n] is not None else 0.0 for n in names]
     figure, axes = plt.subplots(figsize=(7, 0.28 * len(names) + 1.6))
@@ -58,7 +59,7 @@ def plot_latency_histogram(recorder: EvaluationRecorder, path: Path,
     latencies = np.array([f.latency_ms for f in recorder.frames])
     if latencies.size == 0:
         return None
-    plt = _pyplot()
+    plt = headless_pyplot()
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.hist(latencies, bins=min(50, max(5, latencies.size // 2)), color="#5a9e6f")
     for percentile, style in ((50, "-"), (95, "--"), (99, ":")):
@@ -81,7 +82,7 @@ def plot_timeline(recorder: EvaluationRecorder, path: Path, provenance: str) -> 
     """Per-frame mIoU and temporal agreement (top) and latency (bottom) over the frames."""
     if not recorder.frames:
         return None
-    plt = _pyplot()
+    plt = headless_pyplot()
     indices = np.array([f.index for f in recorder.frames])
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
     miou = np.array([np.nan if f.miou is None else f.miou for f in recorder.frames])

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from tdnet_ros.evaluation.plots import headless_pyplot
+
 # The header row that starts the training log's table of the shipped line.
 SHIPPED_TABLE_HEADER = "| sitting | training minutes | `$H` |"
 
@@ -70,11 +72,7 @@ def read_shipped(markdown: Path) -> list[ShippedModel]:
 def draw_shipped(models: Sequence[ShippedModel], out: Path) -> None:
     """Held-out mIoU of each shipped model against the training hours behind it; the models
     that took no training (calibration, averaging, a fix, another input size) hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     hours, total = [], 0.0
     for model in models:
         total += model.minutes
@@ -126,11 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(error))
         print(f"wrote {args.out}")
         return 0
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     labels = args.label or [log.parent.name for log in args.logs]
     if len(labels) != len(args.logs):
         parser.error("give one --label per log")

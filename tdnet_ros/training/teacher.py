@@ -107,7 +107,11 @@ def save_teacher(model: TeacherNet, path: str | Path, **extra: Any) -> Path:
 
 
 def load_teacher(path: str | Path) -> TeacherNet:
-    content = load_file(path, "teacher checkpoint")
+    return _teacher_from_content(load_file(path, "teacher checkpoint"), path)
+
+
+def _teacher_from_content(content: Any, path: str | Path) -> TeacherNet:
+    """The grouped teacher in a file's `content` (as load_file read it); `path` names it in errors."""
     if not isinstance(content, dict) or content.get("format") != TEACHER_FORMAT:
         raise CheckpointError(f"{path} is not a teacher checkpoint written by tdnet-train")
     try:
@@ -163,7 +167,7 @@ def load_distillation_teacher(path: str | Path, scales: tuple[float, ...]) -> Te
         if tuple(scales) != (1.0,):
             raise CheckpointError(f"teacher_scales {list(scales)} apply to a TDNet teacher_checkpoint; "
                                   f"{path} is a grouped teacher, which runs at the clip's size")
-        return load_teacher(path)
+        return _teacher_from_content(content, path)
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CheckpointError(f"teacher_checkpoint {path} is neither a grouped teacher nor a TDNet checkpoint "
                               "written by tdnet-train")

@@ -20,6 +20,7 @@ from torch import nn
 
 from tdnet_ros.checkpoint import CheckpointError, load_file, load_into, read_checkpoint, save_checkpoint, stored_config
 from tdnet_ros.config import ModelConfig
+from tdnet_ros.evaluation.plots import headless_pyplot
 from tdnet_ros.classes import CLASS_COLORS, CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
 from tdnet_ros.model import TDNet, build_model, fit_layer_norms
@@ -250,10 +251,7 @@ class TrainingLog:
             self._plot(columns)
 
     def _plot(self, columns: list[str]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = headless_pyplot()
 
         def series(name: str) -> tuple[list[int], list[float]]:
             points = [(int(r["iteration"]), float(r[name])) for r in self.rows if r.get(name) not in (None, "")]
