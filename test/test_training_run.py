@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from tdnet_ros.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from tdnet_ros.config import ModelConfig
@@ -184,6 +185,13 @@ def test_a_student_distils_a_tdnet_checkpoint_at_two_scales(tmp_path, cache_dir,
     assert float(row["loss_kd_full"]) > 0 and "loss_kd_group" not in row
     with pytest.raises(ValueError, match="loss.kd_group needs a grouped teacher"):
         train(student.replace(loss={"kd_group": 0.5}))
+    # tdnet-train says so in one line
+    (tmp_path / "kd.yaml").write_text(yaml.safe_dump({**TINY, "teacher_checkpoint": str(start),
+                                                      "loss": {"kd_group": 0.5}}))
+    assert train_cli([str(tmp_path / "kd.yaml"), "--set", f"run.out_dir={tmp_path / 'kd'}",
+                      "--set", f"data.cache_dir={cache_dir}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss.kd_group needs a grouped teacher" in err[0], err
     with pytest.raises(ConfigError, match=r"teacher_scales must be distinct numbers within 0.25..4.0, got \[1.0, 1.0\]"):
         student.replace(teacher_scales=[1.0, 1.0])
     with pytest.raises(CheckpointError, match="neither a grouped teacher nor a TDNet checkpoint"):
