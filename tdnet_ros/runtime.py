@@ -66,13 +66,22 @@ def scales_problem(scales: Any, backend: str = AUTO) -> str | None:
         return f"scales must be a non-empty list of numbers, got {scales!r}"
     if scales[0] != 1.0:
         return f"scales must start with 1.0 (the input size itself), got {list(scales)}"
+    spread = scales_spread_problem(scales)
+    if spread:
+        return spread
+    if len(scales) > 1 and backend in ("onnx", "tensorrt"):
+        return (f"scales {list(scales)} need the eager, compile or cuda-graph backend: prebuilt {backend} "
+                "steps are built for one input size")
+    return None
+
+
+def scales_spread_problem(scales: tuple[float, ...]) -> str | None:
+    """A scale outside MIN_SCALE..MAX_SCALE or a repeated one, in one sentence, or None (the
+    part of scales_problem that the trainer's teacher_scales share)."""
     if any(not MIN_SCALE <= s <= MAX_SCALE for s in scales):
         return f"scales {list(scales)}: each must be within {MIN_SCALE}..{MAX_SCALE}"
     if len(set(scales)) != len(scales):
         return f"scales {list(scales)} repeats a scale"
-    if len(scales) > 1 and backend in ("onnx", "tensorrt"):
-        return (f"scales {list(scales)} need the eager, compile or cuda-graph backend: prebuilt {backend} "
-                "steps are built for one input size")
     return None
 
 

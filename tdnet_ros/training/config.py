@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from tdnet_ros.data import rare_object_rate_problem
-from tdnet_ros.runtime import MAX_SCALE, MIN_SCALE
+from tdnet_ros.runtime import MAX_SCALE, MIN_SCALE, scales_spread_problem
 
 from .augment import AugmentConfig
 from .losses import LossWeights
@@ -136,7 +136,7 @@ class TrainConfig:
             raise ConfigError("optim.iterations and optim.batch_size must be >= 1")
         object.__setattr__(self, "teacher_scales", tuple(self.teacher_scales))  # a list from YAML
         scales = self.teacher_scales
-        if not scales or any(not MIN_SCALE <= s <= MAX_SCALE for s in scales) or len(set(scales)) != len(scales):
+        if not scales or scales_spread_problem(scales):
             raise ConfigError(f"teacher_scales must be distinct numbers within {MIN_SCALE}..{MAX_SCALE}, "
                               f"got {list(scales)}")
 
