@@ -123,6 +123,31 @@ def test_aligned_layer_norm_trains_the_parameters_under_each_crop(tmp_path, cach
     assert all(torch.isfinite(v).all() for v in runs[True].values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("batch_norm", ["batch", "running", "pooled"])
+def test_batch_norm_statistics_follow_the_configuration(tmp_path, cache_dir, batch_norm):
+    # optim.batch_norm decides which BatchNorms update their running statistics while training;
+    # their scale and shift learn in every mode. A validation after the first iteration puts the
+    # model in eval mode; the second iteration must train in the configured mode again.
+    start = train(tiny_config(tmp_path / "start", cache_dir))
+    run = train(tiny_config(tmp_path / batch_norm, cache_dir, optim={"batch_norm": batch_norm},
+                            run={"init_checkpoint": str(start.checkpoint), "val_interval": 1}))
+    before = read_checkpoint(start.checkpoint)["state_dict"]
+    after = read_checkpoint(run.checkpoint)["state_dict"]
+    means = [k for k in before if k.endswith(".running_mean")]
+    pooling = {k for k in means if ".pyramid." in k}
+    assert pooling and len(pooling) < len(means)
+    unchanged = {k for k in means if torch.equal(before[k], after[k])}
+    expected = {"batch": set(), "running": set(means), "pooled": pooling}[batch_norm]
+    assert unchanged == expected
+    scales = [k.replace(".running_mean", ".weight") for k in means]
+    assert all(not torch.equal(before[k], after[k]) for k in scales if k.replace(".weight", ".running_mean") in pooling)
+
+
+def test_unknown_batch_norm_mode_is_one_line():
+    with pytest.raises(ValueError, match="optim.batch_norm must be batch, running or pooled, got 'frozen'"):
+        from_dict({**TINY, "optim": {"batch_norm": "frozen"}})
+
+
 def test_teacher_then_distilled_student(tmp_path, cache_dir):
     teacher = train(tiny_config(tmp_path / "teacher", cache_dir).replace(
         stage="teacher", teacher={"layers": [1, 1, 1, 1], "base_width": 8, "feature_channels": 32}

@@ -21,6 +21,8 @@ from tdnet_ros.runtime import MAX_SCALE, MIN_SCALE, scales_spread_problem
 from .augment import AugmentConfig
 from .losses import LossWeights
 
+BATCH_NORM_STATISTICS = ("batch", "running", "pooled")  # optim.batch_norm
+
 
 class ConfigError(ValueError):
     """A training configuration file or value is invalid (names the file and key)."""
@@ -70,10 +72,20 @@ class OptimConfig:
     # The detail refinement's parameters learn at lr times this: added to a trained model with
     # its correction at zero, it learns too slowly at the rate that fine-tunes the rest.
     detail_lr_scale: float = 1.0
+    # What BatchNorm layers normalize with while training: "batch", each step's own statistics
+    # (and their running means updated from them), or "running", the running statistics as at
+    # inference, left unchanged (their scale and shift still learn), or "pooled", the running
+    # statistics in the pyramid-pooling branches only. Each sub-network sees batch_size frames
+    # per step, so under "batch" a pooling branch's 1x1 bin normalizes batch_size values per
+    # channel (two values: always +-1), where inference uses the running statistics.
+    batch_norm: str = "batch"
 
     def __post_init__(self) -> None:
         if not self.detail_lr_scale > 0:
             raise ValueError(f"optim.detail_lr_scale must be above 0, got {self.detail_lr_scale}")
+        if self.batch_norm not in BATCH_NORM_STATISTICS:
+            choices = f"{', '.join(BATCH_NORM_STATISTICS[:-1])} or {BATCH_NORM_STATISTICS[-1]}"
+            raise ValueError(f"optim.batch_norm must be {choices}, got {self.batch_norm!r}")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from tdnet_ros.config import ModelConfig
 from tdnet_ros.evaluation.plots import headless_pyplot
 from tdnet_ros.classes import CLASS_COLORS, CLASS_NAMES
 from tdnet_ros.metrics import SegmentationScores
-from tdnet_ros.model import TDNet, build_model, fit_layer_norms
+from tdnet_ros.model import PyramidPooling, TDNet, build_model, fit_layer_norms
 from tdnet_ros.preprocess import labels_from_logits
 from tdnet_ros.runtime import cpu_computes_bfloat16, usable_cpu_cores
 
@@ -212,8 +212,23 @@ def validate(
         align_corners = False if teacher_stage else model.config.upsample_align_corners
         labels = labels_from_logits(logits.float(), tuple(target.shape), align_corners=align_corners)
         scores.update(labels.cpu().numpy().astype(np.int64), target.astype(np.int64))
-    model.train(was_training)
+    if was_training:
+        enter_training(model, config.optim.batch_norm)
     return scores
+
+
+def enter_training(model: nn.Module, batch_norm: str) -> None:
+    """Training mode, with the BatchNorm layers normalizing as `optim.batch_norm` says: "batch"
+    (train mode), "running" (eval mode: running statistics, left unchanged), or "pooled"
+    (eval mode in the pyramid-pooling branches only)."""
+    model.train()
+    if batch_norm == "batch":
+        return
+    scopes = [model] if batch_norm == "running" else [m for m in model.modules() if isinstance(m, PyramidPooling)]
+    for scope in scopes:
+        for module in scope.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 # -- logging --------------------------------------------------------------------------------
@@ -479,9 +494,10 @@ def _train(config: TrainConfig, resume: bool, stop_at: int | None) -> TrainResul
                     f"teacher {config.teacher_checkpoint} has {teacher_kd.config.num_groups} groups, "
                     f"the student {student_config.num_paths} sub-networks"
                 )
-    net.to(device).train()
+    net.to(device)
     if distributed and device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    enter_training(net, config.optim.batch_norm)
     parameter_groups, lr_scales = _parameter_groups(net, config.optim.detail_lr_scale)
     optimizer = torch.optim.SGD(
         parameter_groups, lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay
