@@ -73,7 +73,7 @@ class OptimConfig:
     # its correction at zero, it learns too slowly at the rate that fine-tunes the rest.
     detail_lr_scale: float = 1.0
     # What BatchNorm layers normalize with while training: "batch", each step's own statistics
-    # (and their running means updated from them), or "running", the running statistics as at
+    # (and their running statistics updated from them), or "running", the running statistics as at
     # inference, left unchanged (their scale and shift still learn), or "pooled", the running
     # statistics in the pyramid-pooling branches only. Each sub-network sees batch_size frames
     # per step, so under "batch" a pooling branch's 1x1 bin normalizes batch_size values per
