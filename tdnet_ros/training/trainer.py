@@ -487,8 +487,8 @@ def _train(config: TrainConfig, resume: bool, stop_at: int | None) -> TrainResul
             teacher_kd = load_distillation_teacher(config.teacher_checkpoint, config.teacher_scales).to(device).eval()
             if isinstance(teacher_kd, ScaledTDNetTeacher) and config.loss.kd_group:
                 raise CheckpointError(f"loss.kd_group needs a grouped teacher; teacher_checkpoint "
-                                 f"{config.teacher_checkpoint} is a TDNet, which teaches loss.kd_full only: "
-                                 "set loss.kd_group to 0")
+                                      f"{config.teacher_checkpoint} is a TDNet, which teaches loss.kd_full only: "
+                                      "set loss.kd_group to 0")
             if isinstance(teacher_kd, TeacherNet) and teacher_kd.config.num_groups != student_config.num_paths:
                 raise CheckpointError(
                     f"teacher {config.teacher_checkpoint} has {teacher_kd.config.num_groups} groups, "
